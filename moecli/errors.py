@@ -1,0 +1,19 @@
+"""Errors that the CLI turns into one line on stderr and an exit code.
+
+Why a dedicated type: the engine must never print or exit, but bad input has to reach the user as
+one readable line (exit 2), not a traceback. Everything the user can fix raises `UserError`.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input the user can fix (file, field, option, model path). The CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class RunError(Exception):
+    """A run that failed for reasons other than bad input. The CLI exits with code 1."""
+
+    exit_code = 1
