@@ -1,0 +1,123 @@
+"""Knowledge anchors: which span of an input names the entity, and its anchor vector.
+
+MEMoE and LEMoE route by the input's named entity ("knowledge anchor"); a record's `subject` is that
+entity at training time, but at inference there is no subject field. moecli therefore keeps a token
+trie of every subject an adapter was trained on and finds anchors in any input by matching token
+sequences (leftmost, then longest), falling back to the whole input. Training, evaluation and
+generation all call the same `AnchorContext.compute`, so an input reaches the same expert in each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class AnchorTrie:
+    """A token trie of known anchor sequences (each subject with and without a leading space)."""
+
+    def __init__(self) -> None:
+        self.root: dict = {}
+        self.sequences: list[list[int]] = []
+
+    def add(self, ids: list[int]) -> None:
+        if not ids or ids in self.sequences:
+            return
+        node = self.root
+        for t in ids:
+            node = node.setdefault(int(t), {})
+        node[-1] = True
+        self.sequences.append([int(t) for t in ids])
+
+    def add_subject(self, tokenizer, subject: str) -> None:
+        """Register a subject as it tokenizes at the start of a text and after a space."""
+        for text in (subject, " " + subject):
+            self.add(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def find(self, ids: list[int]) -> tuple[int, int] | None:
+        """The leftmost, then longest, known anchor span `(start, end)` in `ids`, or None.
+
+        Leftmost: in `prompt + answer`, the subject precedes the answer, so an answer that happens
+        to be another edit's subject never steals the route.
+        """
+        for start in range(len(ids)):
+            node, end = self.root, None
+            for pos in range(start, len(ids)):
+                node = node.get(ids[pos])
+                if node is None:
+                    break
+                if -1 in node:
+                    end = pos + 1
+            if end is not None:
+                return start, end
+        return None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def mean_embedding(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `embeds` [B,T,d] over positions where `mask` [B,T] is set."""
+    m = mask.to(embeds.dtype).unsqueeze(-1)
+    return (embeds * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@dataclass
+class AnchorContext:
+    """Per-forward routing context, filled by a pre-hook on the model and read by the bypass.
+
+    `vectors` [B, d_embed]: anchor vector of each input; `matched` [B]: whether a known anchor was
+    found (False means the fallback, whole-input mean, was used); `spans`: the spans found.
+    During `generate`, later steps (with a non-empty KV cache) keep the prompt's context.
+    """
+
+    trie: AnchorTrie = field(default_factory=AnchorTrie)
+    vectors: torch.Tensor | None = None
+    matched: torch.Tensor | None = None
+    spans: list[tuple[int, int] | None] = field(default_factory=list)
+    skip_token_ids: set[int] = field(default_factory=set)
+
+    @torch.no_grad()
+    def compute(self, embedding: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Find anchor spans in each row and mean-pool the frozen input embeddings over them."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = input_ids.tolist()
+        masks = attention_mask.tolist()
+        span_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        matched, spans = [], []
+        for b, (ids, am) in enumerate(zip(rows, masks)):
+            valid = [i for i, (t, a) in enumerate(zip(ids, am)) if a and t not in self.skip_token_ids]
+            seq = [ids[i] for i in valid]
+            hit = self.trie.find(seq) if len(self.trie) else None
+            if hit is None:
+                for i in valid:
+                    span_mask[b, i] = True
+                matched.append(False)
+                spans.append(None)
+            else:
+                pos = valid[hit[0] : hit[1]]
+                span_mask[b, pos] = True
+                matched.append(True)
+                spans.append((pos[0], pos[-1] + 1))
+        embeds = embedding(input_ids)
+        self.vectors = mean_embedding(embeds.float(), span_mask).to(embeds.dtype)
+        self.matched = torch.tensor(matched, device=input_ids.device)
+        self.spans = spans
+
+
+def record_anchor_vectors(embedding: torch.nn.Module, tokenizer, texts: list[str], ctx: AnchorContext) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    """Anchor vectors (and matched flags) of raw texts, computed exactly as during a forward pass."""
+    device = embedding.weight.device
+    enc = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(e) for e in enc)
+    ids = torch.zeros((len(enc), width), dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    ctx.compute(embedding, ids.to(device), mask.to(device))
+    return ctx.vectors, ctx.matched

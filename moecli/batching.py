@@ -1,0 +1,116 @@
+"""Prompt/answer encoding and padding, shared by training and evaluation.
+
+Why one place: the edit loss (training) and every metric (evaluation) must agree on which tokens
+are "the answer". The convention (EVALUATION.md): the text is `prompt + " " + answer`; the answer
+tokens are the tokens of that text beyond the tokens of `prompt` alone. We pad on the right
+ourselves, whatever the tokenizer's padding side, so positions are the natural ones for every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of `prompt + " " + answer` and the index of the first answer token."""
+
+    ids: list[int]
+    answer_start: int
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return self.ids[self.answer_start :]
+
+
+def _strip_trailing_eos(ids: list[int], eos_id: int | None, bos_id: int | None) -> list[int]:
+    # Some tokenizers append EOS to every encoding; an answer must not end with a stray EOS.
+    if eos_id is not None and eos_id != bos_id and len(ids) > 1 and ids[-1] == eos_id:
+        return ids[:-1]
+    return ids
+
+
+def encode_pair(tokenizer, prompt: str, answer: str) -> EncodedPair:
+    """Encode one (prompt, answer) pair with the answer-token convention above.
+
+    When the tokenizer merges across the prompt/answer boundary, the answer starts at the first
+    token where the two encodings differ (never at position 0, which has no prediction).
+    """
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    p_ids = _strip_trailing_eos(tokenizer(prompt)["input_ids"], eos, bos)
+    full = _strip_trailing_eos(tokenizer(prompt + " " + answer.strip())["input_ids"], eos, bos)
+    start = 0
+    limit = min(len(p_ids), len(full))
+    while start < limit and p_ids[start] == full[start]:
+        start += 1
+    start = max(start, 1)
+    if start >= len(full):  # degenerate (empty answer): score the last token
+        start = len(full) - 1
+    return EncodedPair(ids=full, answer_start=start)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt alone (for generation), without a trailing EOS."""
+    return _strip_trailing_eos(
+        tokenizer(prompt)["input_ids"], tokenizer.eos_token_id, tokenizer.bos_token_id
+    )
+
+
+@dataclass
+class Batch:
+    """A right-padded batch; `labels` hold answer token ids and -100 everywhere else."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(items: list[EncodedPair], pad_id: int) -> Batch:
+    """Right-pad encoded pairs into tensors (labels already aligned to the token positions)."""
+    width = max(len(it.ids) for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it.ids)
+        input_ids[row, :n] = torch.tensor(it.ids, dtype=torch.long)
+        attention[row, :n] = 1
+        labels[row, it.answer_start : n] = torch.tensor(it.answer_ids, dtype=torch.long)
+    return Batch(input_ids, attention, labels)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id used for padding: the pad token, else EOS, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def shifted_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax predictions aligned with `labels` (logits at t-1 predict token t) and the answer mask."""
+    preds = torch.zeros_like(labels)
+    preds[:, 1:] = logits[:, :-1].argmax(-1)
+    return preds, labels != -100
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on answer tokens only (prompt and padding masked with -100).
+
+    `reduction="none"` returns one mean loss per row, which the perplexity metric needs.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=-100, reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    if reduction == "none":
+        return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (tok * mask).sum() / mask.sum().clamp(min=1)

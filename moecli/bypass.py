@@ -1,0 +1,143 @@
+"""The MoE bypass: `h = W0 x + λ Σ_{i∈topk} g_i(x) E_i(x)` beside one frozen FFN output module.
+
+The wrapped module (`W0`) is never modified; experts are zero-initialised deltas, so a fresh
+bypass is exactly the identity. Experts are `dense` (a full d_out × d_in delta, as the papers) or
+`lowrank` (B·A with B = 0 at init, LoRA-style, so thousands of experts stay cheap). The router is
+pluggable (`moecli.routing`): it returns, per token, the top-k expert ids (−1 = no expert, the null
+route) and their gate values. Anchors reach the router through a shared `AnchorContext` that a
+forward pre-hook on the whole model fills from the input ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moecli.anchors import AnchorContext
+
+EXPERT_FORMS = ("dense", "lowrank")
+
+
+class DenseExpert(nn.Module):
+    """A full delta `ΔW x`, zero at init (what MEMoE/LEMoE describe; d_out·d_in parameters)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class LowRankExpert(nn.Module):
+    """`B A x` with rank r; B = 0 at init so the delta is zero, A random so gradients flow to B."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        a = torch.empty(rank, d_in)
+        bound = 1.0 / math.sqrt(d_in)
+        a.uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.t()) @ self.B.t()
+
+
+def make_expert(form: str, d_in: int, d_out: int, rank: int, generator: torch.Generator | None = None) -> nn.Module:
+    if form == "dense":
+        return DenseExpert(d_in, d_out)
+    if form == "lowrank":
+        return LowRankExpert(d_in, d_out, rank, generator)
+    raise ValueError(f"unknown expert form {form!r} (choose from {', '.join(EXPERT_FORMS)})")
+
+
+class MoEBypass(nn.Module):
+    """Wraps the frozen target module; adds the routed sum of expert deltas to its output."""
+
+    def __init__(
+        self, base: nn.Module, d_in: int, d_out: int, router: nn.Module, context: AnchorContext,
+        expert_form: str = "lowrank", rank: int = 16, scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.d_in, self.d_out = d_in, d_out
+        self.expert_form, self.rank, self.scale = expert_form, rank, scale
+        self.experts = nn.ModuleList()
+        self.router = router
+        self.context = context
+        self.enabled = True
+        self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
+
+    def add_expert(self, generator: torch.Generator | None = None) -> int:
+        """Append a fresh (zero-delta) expert; returns its id."""
+        ref = next(self.base.parameters())
+        expert = make_expert(self.expert_form, self.d_in, self.d_out, self.rank, generator)
+        self.experts.append(expert.to(device=ref.device, dtype=torch.float32))
+        return len(self.experts) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled or len(self.experts) == 0:
+            return y
+        gates, idx = self.router(x, self.context)  # [B,T,k] each
+        self.last_routes = idx.detach()
+        xf = x.float()
+        delta = torch.zeros(*x.shape[:-1], self.d_out, device=x.device, dtype=torch.float32)
+        for e in torch.unique(idx[idx >= 0]).tolist():
+            weight = (gates * (idx == e)).sum(-1)  # [B,T]
+            sel = weight != 0
+            if sel.any():
+                delta[sel] += weight[sel].unsqueeze(-1).float() * self.experts[e](xf[sel])
+        return y + (self.scale * delta).to(y.dtype)
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class Injection:
+    """The bypass placed in a model: the module swap and the anchor pre-hook, undoable.
+
+    Removal puts the original module object back, so the base weights are bit-identical (they are
+    never copied or written).
+    """
+
+    def __init__(self, model: nn.Module, target_name: str, bypass: MoEBypass) -> None:
+        self.model, self.target_name, self.bypass = model, target_name, bypass
+        parent, child = _get_parent(model, target_name)
+        setattr(parent, child, bypass)
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return  # a later generation step: keep the prompt's anchors
+        if input_ids is None:
+            return
+        embedding = self.model.get_input_embeddings()
+        self.bypass.context.compute(embedding, input_ids, kwargs.get("attention_mask"))
+
+    def remove(self) -> nn.Module:
+        """Undo the injection; returns the original target module."""
+        self._hook.remove()
+        parent, child = _get_parent(self.model, self.target_name)
+        setattr(parent, child, self.bypass.base)
+        return self.bypass.base
+
+
+@contextmanager
+def bypass_disabled(bypass: MoEBypass) -> Iterator[None]:
+    """Run the base model's own computation (for baselines and retain targets) inside the block."""
+    old = bypass.enabled
+    bypass.enabled = False
+    try:
+        yield
+    finally:
+        bypass.enabled = old

@@ -1,0 +1,451 @@
+"""The moecli command line: parse, call the engine, print. No editing logic lives here.
+
+Exit codes: 0 success, 1 a run that failed, 2 bad input (one line on stderr, no traceback unless
+`--debug`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moecli import __version__
+from moecli.errors import RunError, UserError
+
+try:  # typer >= 0.26 vendors its own click; older versions use click itself
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc
+
+app = typer.Typer(
+    name="moecli",
+    help="Edit the knowledge of a frozen language model with a Mixture-of-Experts bypass.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+# ---------------------------------------------------------------- shared options
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Local Hugging Face model directory. Default: the embedded fact-world model."),
+]
+DataOpt = Annotated[Path, typer.Option("--data", help="Edit records: ZsRE, CounterFact, hallucination or JSONL.")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="Force the record format: zsre, counterfact, counterfact-rome, hallucination, jsonl."
+    ),
+]
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count invalid records instead of stopping.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N valid records.")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Output directory. Default: a new timestamped directory under runs/.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (or cuda:N).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="'auto' hands a model too big for one GPU to accelerate.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the summary as one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed and inputs give the same result.")]
+EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", min=1, help="Batch size for evaluation.")]
+GenerateOpt = Annotated[
+    bool, typer.Option("--generate/--no-generate", help="Also score greedy generation (exact match).")
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"moecli {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Edit the knowledge of a frozen language model with a Mixture-of-Experts bypass."""
+    if debug:
+        os.environ["MOECLI_DEBUG"] = "1"
+
+
+# ---------------------------------------------------------------- helpers
+@contextmanager
+def progress_reporter(enabled: bool):
+    """Yield a `progress(stage, done, total)` callback drawing rich bars on stderr (or a no-op)."""
+    if not enabled:
+        yield lambda *a, **k: None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield report
+
+
+def resolve_model_path(model: str | None, quiet: bool = False) -> Path:
+    """The `--model` directory, or the embedded fact-world model (built on first use if needed)."""
+    if model:
+        return Path(model)
+    from moecli.world import default_model_dir
+
+    with progress_reporter(not quiet) as progress:
+        return default_model_dir(progress=progress)
+
+
+def default_out_dir(command: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{command}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{command}-{stamp}-{n}"
+    return out
+
+
+def print_metrics(columns: dict[str, dict], title: str) -> None:
+    """A rich table: one row per metric, one column per model state (before / after …)."""
+    from moecli.reports import metric_rows
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for label, cells in metric_rows(columns):
+        table.add_row(label, *cells)
+    out_console.print(table)
+
+
+def emit_json(summary: dict) -> None:
+    """Print the public summary as one JSON object on stdout (the contract scripts rely on)."""
+    from moecli.reports import public_summary
+
+    sys.stdout.write(json.dumps(public_summary(summary)) + "\n")
+
+
+# ---------------------------------------------------------------- commands
+@app.command()
+def evaluate(
+    data: DataOpt,
+    model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="An adapter checkpoint directory to load.")] = None,
+    fmt: FormatOpt = None,
+    skip_invalid: SkipOpt = False,
+    limit: LimitOpt = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    eval_batch_size: EvalBatchOpt = 64,
+    generate: GenerateOpt = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Measure a model (optionally with an adapter) on edit records: Known, Rel, Gen, Loc, Port.
+
+    Without --adapter, the model is its own locality baseline (Loc = 1.0) and Known shows how well
+    it states the old facts.
+    """
+    from moecli.evaluation import evaluate_records
+    from moecli.modeling import load_model
+    from moecli.records import read_records
+    from moecli.reports import write_report
+
+    quiet = quiet or as_json
+    if adapter is not None:
+        from moecli.checkpoint import resolve_adapter_dir
+
+        adapter = resolve_adapter_dir(adapter)
+    t0 = time.perf_counter()
+    read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
+    if not read.records:
+        raise UserError(f"{data}: no valid records to evaluate")
+    loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
+    kwargs = dict(batch_size=eval_batch_size, generation=generate, perplexity=read.format == "hallucination")
+    with progress_reporter(not quiet) as progress:
+        if adapter is None:
+            result = evaluate_records(loaded.model, loaded.tokenizer, read.records, progress=progress, **kwargs)
+            columns = {"model": result.summary}
+        else:
+            from moecli.engine import load_edited
+            from moecli.evaluation import compute_baseline
+
+            # The locality baseline is the unedited model's output, taken before the adapter goes in.
+            baseline = compute_baseline(loaded.model, loaded.tokenizer, read.records, eval_batch_size, progress)
+            load_edited(loaded, adapter)
+            result = evaluate_records(loaded.model, loaded.tokenizer, read.records, baseline, progress=progress,
+                                      **kwargs)
+            columns = {"edited": result.summary}
+    out_dir = out or default_out_dir("evaluate")
+    report = {
+        "command": "evaluate", "moecli_version": __version__, "model": str(loaded.path),
+        "data": str(data), "format": read.format, "adapter": str(adapter) if adapter else None,
+        "protocol": "evaluation of the unedited model" if adapter is None else "evaluation of an adapter",
+        "n_edits": len(read.records), "skipped": read.skipped, "seed": seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timings": {"total": time.perf_counter() - t0},
+        "columns": columns, "summary": result.summary, "per_edit": result.per_edit,
+    }
+    json_path, md_path = write_report(out_dir, report)
+    if as_json:
+        emit_json(result.summary)
+        return
+    if not quiet:
+        print_metrics(columns, f"{len(read.records)} records · {loaded.path.name}")
+        if read.skipped:
+            err_console.print(f"skipped {read.skipped} invalid records")
+        err_console.print(f"reports: {json_path}  {md_path}")
+
+
+def _not_yet(name: str) -> None:
+    err_console.print(f"moecli {name}: not implemented yet")
+    raise typer.Exit(1)
+
+
+MethodOpt = Annotated[str, typer.Option("--method", help="Editing method: memoe.")]
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", help="YAML recipe (recipes/<method>.yaml); flags override it.")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one recipe option: --set KEY=VALUE (repeatable).")
+]
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="Decoder layer to edit (default: the method's).")]
+ExpertFormOpt = Annotated[str | None, typer.Option("--expert-form", help="dense | lowrank")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate of the edit training.")]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Maximum training steps per batch.")]
+
+
+def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit: int | None):
+    from moecli.records import read_records
+
+    if data is None:
+        raise UserError("--data FILE is required (or --prompt/--target for one edit)")
+    read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
+    if not read.records:
+        raise UserError(f"{data}: no valid records")
+    if read.skipped:
+        err_console.print(f"skipped {read.skipped} invalid records", markup=False)
+    return read
+
+
+def _run_editing(
+    command: str, records, read_format: str | None, data: Path | None, batch_size: int, method: str,
+    recipe: Path | None, sets: list[str] | None, overrides: dict, model: str | None, out: Path | None,
+    device: str, dtype: str, device_map: str | None, eval_batch_size: int, generate: bool,
+    as_json: bool, quiet: bool, seed: int, adapter: Path | None = None, protocol: str = "batch",
+) -> None:
+    """Shared body of edit / batch-edit / lifelong: build the spec, run it, print and write reports."""
+    from moecli.engine import RunSpec, run_edits
+    from moecli.recipes import build_config, read_recipe
+    from moecli.reports import write_report
+
+    quiet = quiet or as_json
+    recipe_values = read_recipe(recipe) if recipe else {}
+    method = recipe_values.get("method", method) if method == "memoe" and recipe else method
+    config = build_config(method, recipe_values, overrides, sets, source=str(recipe or "options"))
+    spec = RunSpec(
+        command=command, method=method, config=config, records=records, batch_size=batch_size,
+        out_dir=out or default_out_dir(command), model_path=resolve_model_path(model, quiet), device=device,
+        dtype=dtype, device_map=device_map, seed=seed, data=str(data) if data else None, data_format=read_format,
+        recipe=recipe_values, adapter=adapter, eval_batch_size=eval_batch_size, generation=generate,
+        perplexity=read_format == "hallucination", protocol=protocol,
+    )
+    with progress_reporter(not quiet) as progress:
+        report = run_edits(spec, progress)
+    json_path, md_path = write_report(spec.out_dir, report)
+    if as_json:
+        emit_json(report["summary"])
+        return
+    if not quiet:
+        print_metrics(report["columns"], f"{method} · {len(records)} edits · batch {batch_size} · "
+                                         f"{Path(spec.model_path).name}")
+        err_console.print(f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}", markup=False)
+
+
+@app.command()
+def edit(
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The question or sentence prefix to edit.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="The new answer.")] = None,
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="The entity the edit is about (a substring of --prompt).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Edit records instead of --prompt/--target.")] = None,
+    fmt: FormatOpt = None,
+    skip_invalid: SkipOpt = False,
+    limit: LimitOpt = None,
+    method: MethodOpt = "memoe",
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+    layer: LayerOpt = None,
+    expert_form: ExpertFormOpt = None,
+    lr: LrOpt = None,
+    max_steps: StepsOpt = None,
+    model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    eval_batch_size: EvalBatchOpt = 64,
+    generate: GenerateOpt = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Apply one edit (--prompt/--target) or the records of --data in one batch, then evaluate."""
+    from moecli.records import EditRecord, validate_record
+
+    if prompt is not None or target is not None:
+        if data is not None:
+            raise UserError("give either --prompt/--target or --data, not both")
+        if not prompt or target is None:
+            raise UserError("--prompt and --target go together")
+        rec = EditRecord(prompt=prompt, target=target.strip(), subject=subject)
+        problem = validate_record(rec)
+        if problem:
+            raise UserError(f"--prompt/--target: {problem}")
+        records, read_format = [rec], "flags"
+    else:
+        read = _load_records(data, fmt, skip_invalid, limit)
+        records, read_format = read.records, read.format
+    _run_editing(
+        "edit", records, read_format, data, len(records), method, recipe, sets,
+        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
+        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter,
+    )
+
+
+@app.command("batch-edit")
+def batch_edit(
+    data: DataOpt,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Edits per batch.")] = 100,
+    fmt: FormatOpt = None,
+    skip_invalid: SkipOpt = False,
+    limit: LimitOpt = None,
+    method: MethodOpt = "memoe",
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+    layer: LayerOpt = None,
+    expert_form: ExpertFormOpt = None,
+    lr: LrOpt = None,
+    max_steps: StepsOpt = None,
+    model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    eval_batch_size: EvalBatchOpt = 64,
+    generate: GenerateOpt = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Apply all records in batches of --batch-size, each batch continuing the same adapter (MEMoE's
+    sequential batch editing); evaluate every edit before and after."""
+    read = _load_records(data, fmt, skip_invalid, limit)
+    _run_editing(
+        "batch-edit", read.records, read.format, data, batch_size, method, recipe, sets,
+        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
+        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter,
+        protocol="batch" if batch_size >= len(read.records) else "sequential batch",
+    )
+
+
+@app.command()
+def lifelong() -> None:
+    """Feed a stream of edit batches (LEMoE), evaluate every edit on the final model."""
+    _not_yet("lifelong")
+
+
+@app.command("plan-order")
+def plan_order() -> None:
+    """Plan a clustering-based editing order (LEMoE) and write the planned records."""
+    _not_yet("plan-order")
+
+
+def _mount_world() -> None:
+    try:
+        from moecli.world.commands import world_app
+    except ImportError:  # pragma: no cover - only while the world package is being built
+        return
+    app.add_typer(world_app, name="world")
+
+
+_mount_world()
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; turn bad input into one line on stderr and exit 2, no traceback."""
+    debug = os.environ.get("MOECLI_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except (UserError, RunError) as exc:
+        if debug:
+            raise
+        err_console.print(f"moecli: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, getattr(_click_exc, "Exit", typer.Exit)) as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (typer.Abort, getattr(_click_exc, "Abort", typer.Abort)):
+        err_console.print("moecli: interrupted", markup=False)
+        sys.exit(130)
+    except _click_exc.NoArgsIsHelpError as exc:
+        if exc.ctx is not None:
+            sys.stdout.write(exc.ctx.get_help() + "\n")
+        sys.exit(0)
+    except _click_exc.UsageError as exc:
+        if debug:
+            raise
+        name = exc.ctx.command_path if exc.ctx else "moecli"
+        err_console.print(f"moecli: error: {exc.format_message()} (see: {name} --help)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except _click_exc.ClickException as exc:
+        if debug:
+            raise
+        err_console.print(f"moecli: error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("moecli: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # a failed run: one line, the traceback only with --debug
+        if debug:
+            raise
+        err_console.print(f"moecli: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,187 @@
+"""The engine: one path through records → frozen model + bypass → checkpoint → evaluation → report.
+
+The CLI builds a `RunSpec` and calls `run_edits`; nothing here prints. Progress goes through a
+callback. Checkpoints are saved atomically after every batch, with the stream position, so an
+interrupted run resumes where it stopped and ends with the same adapter as an uninterrupted one
+(each batch reseeds from `seed` and its index, so randomness does not depend on where a run
+started).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecli import __version__
+from moecli.checkpoint import Checkpoint, RunLock, load_checkpoint, resolve_adapter_dir, save_checkpoint
+from moecli.errors import UserError
+from moecli.evaluation import Baseline, compute_baseline, evaluate_records
+from moecli.methods import get_method
+from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
+from moecli.modeling import LoadedModel, fingerprint, fingerprints_match, load_model
+from moecli.records import EditRecord
+
+Progress = Callable[[str, int, int], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunSpec:
+    """Everything one editing run needs; the CLI fills it from flags and the recipe."""
+
+    command: str
+    method: str
+    config: MethodConfig
+    records: list[EditRecord]
+    batch_size: int
+    out_dir: Path
+    model_path: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    seed: int = 0
+    data: str | None = None
+    data_format: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    adapter: Path | None = None
+    eval_batch_size: int = 64
+    generation: bool = True
+    perplexity: bool = False
+    evaluate_before: bool = True
+    protocol: str = "batch"
+
+
+def _records_key(records: list[EditRecord]) -> list[str]:
+    return [r.id for r in records]
+
+
+def build_method(loaded: LoadedModel, method: str, config: MethodConfig, seed: int) -> EditMethod:
+    return get_method(method)(loaded, config, seed)
+
+
+def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None) -> tuple[
+    EditMethod, Checkpoint
+]:
+    """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model."""
+    ckpt = load_checkpoint(adapter_dir)
+    saved_fp = ckpt.manifest.get("base_model", {}).get("fingerprint")
+    base_fp = base_fp or fingerprint(loaded.model)
+    if saved_fp is not None and not fingerprints_match(saved_fp, base_fp):
+        raise UserError(
+            f"--adapter {adapter_dir}: made for another base model "
+            f"({ckpt.manifest.get('base_model', {}).get('path', '?')}); load it onto that model"
+        )
+    cfg = dict(ckpt.config)
+    name = cfg.pop("method", None)
+    if name is None:
+        raise UserError(f"--adapter {adapter_dir}: adapter_config.json names no method")
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    config = config_from_dict(cls.config_class, {k: v for k, v in cfg.items() if k in fields}, str(adapter_dir))
+    method = cls(loaded, config, ckpt.manifest.get("seed", 0))
+    method.load_state(ckpt.config, ckpt.tensors, ckpt.files)
+    return method, ckpt
+
+
+def load_edited(model, adapter_dir: str | Path, tokenizer=None) -> EditMethod:
+    """Python API: put a saved adapter onto `model` (a `LoadedModel`, or a HF model + tokenizer).
+
+    Returns the method object; `.remove()` takes the adapter out again.
+    """
+    if not isinstance(model, LoadedModel):
+        if tokenizer is None:
+            raise UserError("load_edited: pass the tokenizer with a plain Hugging Face model")
+        emb = model.get_input_embeddings().weight
+        model = LoadedModel(model=model, tokenizer=tokenizer, path=Path(getattr(model, "name_or_path", "") or "."),
+                            family=model.config.model_type, device=emb.device, dtype=emb.dtype)
+    method, _ = restore_method(model, resolve_adapter_dir(adapter_dir))
+    return method
+
+
+def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict], position: int,
+          n_batches: int, timings: dict) -> Path:
+    config, tensors, files = method.export_state()
+    manifest = {
+        "format_version": 1,
+        "moecli_version": __version__,
+        "base_model": {"path": str(spec.model_path), "fingerprint": loaded_fp},
+        "command": spec.command, "method": spec.method, "seed": spec.seed, "recipe": spec.recipe,
+        "data": spec.data, "data_format": spec.data_format, "batch_size": spec.batch_size,
+        "stream": {"position": position, "n_batches": n_batches, "record_ids": _records_key(spec.records)},
+        "timings": timings,
+        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return save_checkpoint(spec.out_dir / "adapter", Checkpoint(config, tensors, manifest, ledger, files))
+
+
+def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> dict:
+    """Apply `spec.records` in batches, saving after each; evaluate before and after; return the report."""
+    t0 = time.perf_counter()
+    seed_everything(spec.seed)
+    loaded = load_model(spec.model_path, spec.device, spec.dtype, spec.device_map)
+    base_fp = fingerprint(loaded.model)
+    model, tok = loaded.model, loaded.tokenizer
+    batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
+    timings: dict[str, float] = {"load": time.perf_counter() - t0}
+    with RunLock(spec.out_dir):
+        t = time.perf_counter()
+        baseline: Baseline = compute_baseline(model, tok, spec.records, spec.eval_batch_size, progress)
+        before = None
+        if spec.evaluate_before:
+            before = evaluate_records(model, tok, spec.records, baseline, batch_size=spec.eval_batch_size,
+                                      generation=spec.generation, perplexity=spec.perplexity, progress=progress)
+        timings["evaluate_before"] = time.perf_counter() - t
+        ledger: list[dict] = []
+        start = 0
+        continue_from = spec.out_dir / "adapter" if resume else spec.adapter
+        if continue_from is not None:
+            method, ckpt = restore_method(loaded, resolve_adapter_dir(continue_from), base_fp)
+            if resume:
+                stream = ckpt.manifest.get("stream", {})
+                if stream.get("record_ids") != _records_key(spec.records):
+                    raise UserError(f"--resume {spec.out_dir}: the records differ from the interrupted run's")
+                start = int(stream.get("position", 0))
+                ledger = list(ckpt.ledger)
+                timings.update({k: v for k, v in ckpt.manifest.get("timings", {}).items() if k.startswith("edit")})
+        else:
+            method = build_method(loaded, spec.method, spec.config, spec.seed)
+        t = time.perf_counter()
+        for b in range(start, len(batches)):
+            torch.manual_seed(spec.seed * 1_000_003 + b)
+            stats = method.apply_batch(batches[b], b, progress)
+            for i, r in enumerate(batches[b]):
+                ledger.append({"id": r.id, "prompt": r.prompt, "target": r.target, "subject": r.subject,
+                               "batch": b, "expert": method.expert_of(i), **{f"train_{k}": v for k, v in
+                                                                             stats.items()}})
+            timings["edit"] = timings.get("edit", 0.0) + (time.perf_counter() - t)
+            t = time.perf_counter()
+            _save(spec, method, base_fp, ledger, b + 1, len(batches), timings)
+            if progress:
+                progress("batches", b + 1, len(batches))
+        t = time.perf_counter()
+        after = evaluate_records(model, tok, spec.records, baseline, batch_size=spec.eval_batch_size,
+                                 generation=spec.generation, perplexity=spec.perplexity, progress=progress)
+        timings["evaluate_after"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+    columns = {"before": before.summary} if before else {}
+    columns["after"] = after.summary
+    return {
+        "command": spec.command, "moecli_version": __version__, "model": str(spec.model_path),
+        "data": spec.data, "format": spec.data_format, "method": spec.method, "protocol": spec.protocol,
+        "n_edits": len(spec.records), "batch_size": spec.batch_size, "n_batches": len(batches), "seed": spec.seed,
+        "config": dataclasses.asdict(spec.config), "adapter": str(spec.out_dir / "adapter"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
+        "columns": columns, "summary": after.summary, "per_edit": after.per_edit,
+    }

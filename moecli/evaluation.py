@@ -1,0 +1,252 @@
+"""Metrics and protocols of EVALUATION.md: Rel, Gen, Loc, Port, Known, strict and generation forms.
+
+Everything is teacher-forced (`prompt + " " + answer` fed once, argmax at each answer position
+compared with the answer token), batched, and right-padded by `moecli.batching`, so left- and
+right-padding tokenizers score identically. Locality compares against the *unedited* model's argmax
+predictions, computed once before editing and kept in a `Baseline`.
+
+The evaluator knows nothing about adapters: an edited model routes its own inputs (the bypass
+computes anchors from the input ids), so the same code scores a base model and an edited one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moecli.batching import collate, encode_pair, encode_prompt, masked_ce, pad_id_of, shifted_predictions
+from moecli.records import EditRecord
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): the engine reports, the CLI draws."""
+
+SUMMARY_KEYS = ("rel", "gen", "loc", "avg", "n_edits")
+
+
+@dataclass
+class Scored:
+    """Teacher-forced result of one (prompt, answer) pair."""
+
+    preds: list[int]
+    answer: list[int]
+    nll: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p == a for p, a in zip(self.preds, self.answer)) / max(len(self.answer), 1)
+
+
+def _model_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def score_pairs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+    progress: Progress | None = None, stage: str = "scoring",
+) -> list[Scored]:
+    """Teacher-force every pair once; return argmax predictions and NLL on the answer tokens.
+
+    Pairs are sorted by length before batching so little compute goes to padding.
+    """
+    encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    out: list[Scored | None] = [None] * len(encoded)
+    pad = pad_id_of(tokenizer)
+    device = _model_device(model)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([encoded[i] for i in idx], pad).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        preds, mask = shifted_predictions(logits, batch.labels)
+        nll = masked_ce(logits, batch.labels, reduction="none")
+        for row, i in enumerate(idx):
+            m = mask[row]
+            out[i] = Scored(preds[row][m].tolist(), batch.labels[row][m].tolist(), float(nll[row]))
+        if progress:
+            progress(stage, min(start + batch_size, len(order)), len(order))
+    return out  # type: ignore[return-value]
+
+
+def answer_token_accuracy(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 64
+) -> list[float]:
+    """Token accuracy of each (prompt, answer) pair: the metric behind Rel, Gen, Port and Known."""
+    return [s.accuracy for s in score_pairs(model, tokenizer, pairs, batch_size)]
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation for exact match: lower case, no punctuation, articles or extra spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy-decode as many tokens as each reference answer has, after each prompt.
+
+    Prompts are left-padded here (whatever the tokenizer's side) because generation appends on the
+    right. Returns the decoded continuations.
+    """
+    device = _model_device(model)
+    pad = pad_id_of(tokenizer)
+    prompts = [encode_prompt(tokenizer, p) for p, _ in pairs]
+    lengths = [len(encode_pair(tokenizer, p, a).answer_ids) for p, a in pairs]
+    out = [""] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n :] = torch.tensor(prompts[i])
+            mask[row, width - n :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=max(lengths[i] for i in idx), pad_token_id=pad,
+        )
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width : width + lengths[i]], skip_special_tokens=True)
+        if progress:
+            progress("generating", min(start + batch_size, len(order)), len(order))
+    return out
+
+
+@dataclass
+class Baseline:
+    """What the unedited model said: argmax on every locality pair, and its Known accuracy."""
+
+    loc_preds: dict[str, list[list[int]]] = field(default_factory=dict)  # record id -> per pair
+    known: dict[str, float] = field(default_factory=dict)  # record id -> token acc on ground_truth
+
+
+def _loc_pairs(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
+    return [(lp.prompt, lp.answer) for r in records for lp in r.locality]
+
+
+def compute_baseline(
+    model, tokenizer, records: Sequence[EditRecord], batch_size: int = 64,
+    progress: Progress | None = None,
+) -> Baseline:
+    """Run the unedited model once on every locality prompt and ground truth, before editing."""
+    base = Baseline()
+    scored = iter(score_pairs(model, tokenizer, _loc_pairs(records), batch_size, progress, "baseline"))
+    for r in records:
+        base.loc_preds[r.id] = [next(scored).preds for _ in r.locality]
+    known_recs = [r for r in records if r.ground_truth]
+    known = score_pairs(model, tokenizer, [(r.prompt, r.ground_truth) for r in known_recs], batch_size)
+    for r, s in zip(known_recs, known):
+        base.known[r.id] = s.accuracy
+    return base
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+@dataclass
+class EvalReport:
+    """Per-edit metrics and their summary (the keys scripts rely on are in `SUMMARY_KEYS`)."""
+
+    per_edit: list[dict]
+    summary: dict
+
+
+def evaluate_records(
+    model, tokenizer, records: Sequence[EditRecord], baseline: Baseline | None = None, *,
+    batch_size: int = 64, generation: bool = True, perplexity: bool = False,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Score every record: Rel on `prompt`, Gen on rephrases, Loc vs `baseline`, Port, Known.
+
+    With `baseline=None` the model is its own baseline (Loc = 1 by definition; used to evaluate
+    an unedited model). `perplexity=True` adds `rel_ppl`, the perplexity of the target (the
+    hallucination protocol, lower is better).
+    """
+    if baseline is None:
+        baseline = compute_baseline(model, tokenizer, records, batch_size, progress)
+    pairs: list[tuple[str, str]] = []
+    slots: list[tuple[int, str, str]] = []  # (record index, kind, group)
+    for i, r in enumerate(records):
+        pairs.append((r.prompt, r.target))
+        slots.append((i, "rel", ""))
+        for q in r.rephrases:
+            pairs.append((q, r.target))
+            slots.append((i, "gen", ""))
+        for lp in r.locality:
+            pairs.append((lp.prompt, lp.answer))
+            slots.append((i, "loc", lp.group))
+        for pp in r.portability:
+            pairs.append((pp.prompt, pp.answer))
+            slots.append((i, "port", pp.group))
+    scored = score_pairs(model, tokenizer, pairs, batch_size, progress, "evaluating")
+    gen_text: dict[int, str] = {}
+    if generation:
+        gen_idx = [k for k, s in enumerate(slots) if s[1] in ("rel", "gen")]
+        texts = generate_answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress)
+        gen_text = dict(zip(gen_idx, texts))
+
+    per: list[dict] = [defaultdict(list) for _ in records]
+    loc_pos = [0] * len(records)
+    for k, ((i, kind, group), s) in enumerate(zip(slots, scored)):
+        d = per[i]
+        if kind == "loc":
+            before = baseline.loc_preds[records[i].id][loc_pos[i]]
+            loc_pos[i] += 1
+            same = sum(a == b for a, b in zip(s.preds, before)) / max(len(before), 1)
+            d["loc"].append(same)
+            d["loc_strict"].append(float(same == 1.0))
+            d[f"loc:{group}"].append(same)
+            continue
+        d[kind].append(s.accuracy)
+        d[f"{kind}_strict"].append(float(s.accuracy == 1.0))
+        if kind == "rel":
+            d["rel_nll"].append(s.nll)
+        if k in gen_text:
+            em = normalize_answer(gen_text[k]) == normalize_answer(pairs[k][1])
+            d[f"{kind}_em"].append(float(em))
+    per_edit: list[dict] = []
+    for r, d in zip(records, per):
+        row: dict = {"id": r.id, "prompt": r.prompt, "target": r.target}
+        for key, vals in d.items():
+            row[key] = _mean(vals)
+        if r.id in baseline.known:
+            row["known"] = baseline.known[r.id]
+        if perplexity and "rel_nll" in d:
+            row["rel_ppl"] = math.exp(d["rel_nll"][0])
+        row.pop("rel_nll", None)
+        per_edit.append(row)
+    return EvalReport(per_edit, summarize(per_edit))
+
+
+def summarize(per_edit: Sequence[dict]) -> dict:
+    """Mean of each metric over the edits that have it; Avg = mean of Rel, Gen, Loc present."""
+    summary: dict = {}
+    keys = sorted({k for row in per_edit for k in row if k not in ("id", "prompt", "target")})
+    for key in keys:
+        vals = [row[key] for row in per_edit if row.get(key) is not None]
+        if vals:
+            summary[key] = sum(vals) / len(vals)
+    loc_groups = {k.split(":", 1)[1]: summary.pop(k) for k in list(summary) if k.startswith("loc:")}
+    if loc_groups:
+        summary["loc_by_group"] = loc_groups
+    parts = [summary[k] for k in ("rel", "gen", "loc") if k in summary]
+    summary["avg"] = sum(parts) / len(parts) if parts else None
+    for k in ("rel", "gen", "loc"):
+        summary.setdefault(k, None)
+    summary["n_edits"] = len(per_edit)
+    return summary

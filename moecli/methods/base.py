@@ -1,0 +1,205 @@
+"""What every method shares: the interface, and the bypass plumbing of MEMoE, LEMoE and SCEN.
+
+`EditMethod` is the interface the engine drives. `BypassMethod` implements everything a
+MoE-bypass method needs besides its router and its training schedule: picking the layer, injecting
+the bypass, keeping the anchor trie, building retain prompts, and exporting/restoring state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from moecli.anchors import AnchorContext
+from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled
+from moecli.errors import UserError
+from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.records import EditRecord
+from moecli.training import Progress, RetainSet, TrainConfig
+
+
+@dataclass
+class MethodConfig:
+    """Options every method has. Field metadata `help` is shown by recipes and --help."""
+
+    layer: int | None = None  # decoder layer to edit; None = the method's default
+    lr: float = 1e-3
+    max_steps: int = 100
+    weight_decay: float = 0.0
+    early_stop: bool = True
+
+    def train_config(self, **over: Any) -> TrainConfig:
+        cfg = TrainConfig(lr=self.lr, max_steps=self.max_steps, weight_decay=self.weight_decay,
+                          early_stop=self.early_stop)
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    def validate(self) -> None:
+        """Raise UserError for values out of range (called after recipe + flags are merged)."""
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0 (got {self.lr})")
+        if self.max_steps < 1:
+            raise UserError(f"max_steps must be ≥ 1 (got {self.max_steps})")
+
+
+@dataclass
+class BypassConfig(MethodConfig):
+    """Options of the MoE-bypass methods (MEMoE, LEMoE, SCEN)."""
+
+    expert_form: str = "lowrank"  # dense | lowrank
+    rank: int = 16  # rank of low-rank experts
+    scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
+    layer_fraction: float = 0.56  # default layer = round(fraction · num_layers) when layer is None
+    retain: str = "swap"  # none | swap: keep the base model's outputs on subject-swapped prompts
+    retain_per_edit: int = 2  # swapped retain prompts per edit
+    retain_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.expert_form not in EXPERT_FORMS:
+            raise UserError(f"expert_form must be one of {', '.join(EXPERT_FORMS)} (got {self.expert_form!r})")
+        if self.rank < 1:
+            raise UserError(f"rank must be ≥ 1 (got {self.rank})")
+        if self.retain not in ("none", "swap"):
+            raise UserError(f"retain must be 'none' or 'swap' (got {self.retain!r})")
+
+
+class EditMethod:
+    """The interface the engine drives; one subclass per file in `moecli.methods`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, loaded: LoadedModel, config: MethodConfig, seed: int = 0) -> None:
+        self.loaded, self.config, self.seed = loaded, config, seed
+
+    def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
+        """Edit the model so it answers `records`; returns training statistics for the ledger."""
+        raise NotImplementedError
+
+    def expert_of(self, record_index_in_batch: int) -> int | None:
+        """Which expert the last batch's record went to (for the ledger), if the method knows."""
+        return None
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
+        """(adapter config, tensors, extra files) for the checkpoint."""
+        raise NotImplementedError
+
+    def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Take the method out of the model, leaving the base model exactly as loaded."""
+        raise NotImplementedError
+
+
+class BypassMethod(EditMethod):
+    """Shared plumbing of the bypass methods; subclasses provide `make_router` and `apply_batch`."""
+
+    config: BypassConfig
+
+    def __init__(self, loaded: LoadedModel, config: BypassConfig, seed: int = 0) -> None:
+        super().__init__(loaded, config, seed)
+        model = loaded.model
+        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
+        self.target_name, target = find_target_module(model, self.layer)
+        self.d_in, self.d_out = module_dims(target)
+        self.d_anchor = model.get_input_embeddings().weight.shape[1]
+        self.generator = torch.Generator().manual_seed(seed)
+        tok = loaded.tokenizer
+        self.context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+        router = self.make_router().to(loaded.device)
+        self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
+                                config.expert_form, config.rank, config.scale)
+        self.injection = Injection(model, self.target_name, self.bypass)
+
+    # -- to be provided by each method
+    def make_router(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -- shared helpers
+    def register_anchors(self, records: list[EditRecord]) -> None:
+        """Add each record's subject (the knowledge anchor) to the trie used for routing."""
+        for r in records:
+            if r.subject:
+                self.context.trie.add_subject(self.loaded.tokenizer, r.subject)
+
+    def retain_set(self, records: list[EditRecord]) -> RetainSet | None:
+        """Subject-swapped prompts whose base outputs must be kept ([choice] `retain: swap`).
+
+        For edit i, take other edits' prompts that ask something else and put subject i in them:
+        these name the edited entity yet ask another question, the case where subject routing
+        alone would change answers it should not. Built from the batch itself, never from the
+        evaluation's locality prompts.
+        """
+        cfg = self.config
+        if cfg.retain != "swap" or cfg.retain_per_edit < 1:
+            return None
+        rng = random.Random(self.seed * 7919 + len(records))
+        with_subject = [r for r in records if r.subject and r.subject in r.prompt]
+        prompts: list[str] = []
+        for r in with_subject:
+            skeleton = r.prompt.replace(r.subject, "\x00")
+            others = [o for o in with_subject if o.prompt.replace(o.subject, "\x00") != skeleton]
+            for o in rng.sample(others, min(cfg.retain_per_edit, len(others))):
+                prompts.append(o.prompt.replace(o.subject, r.subject))
+        if not prompts:
+            return None
+        model = self.loaded.model
+
+        def base_forward(batch):
+            with bypass_disabled(self.bypass):
+                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+        return RetainSet.from_prompts(model, self.loaded.tokenizer, prompts, base_forward)
+
+    def trainable(self, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def freeze(self, modules: list[torch.nn.Module]) -> None:
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.bypass.state_dict().items()
+                   if not k.startswith("base.")}
+        config = {
+            "method": self.name, **asdict(self.config), "layer": self.layer, "target_module": self.target_name,
+            "d_in": self.d_in, "d_out": self.d_out, "n_experts": len(self.bypass.experts),
+        }
+        files = {"anchors.json": json.dumps(self.context.trie.sequences).encode()}
+        return config, tensors, files
+
+    def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+        while len(self.bypass.experts) < adapter_config.get("n_experts", 0):
+            self.bypass.add_expert(self.generator)
+        state = {k: v.to(self.loaded.device) for k, v in tensors.items()}
+        missing, unexpected = self.bypass.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("base.")]
+        if missing or unexpected:
+            raise UserError(f"adapter tensors do not match {self.name}: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}")
+        for seq in json.loads(files.get("anchors.json", b"[]")):
+            self.context.trie.add(seq)
+        self.freeze([self.bypass])
+
+    def remove(self) -> None:
+        self.injection.remove()
+
+
+def config_from_dict(config_class: type[MethodConfig], values: dict, source: str) -> MethodConfig:
+    """Build a config dataclass from a dict, refusing unknown keys with a one-line error."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return config_class(**values)

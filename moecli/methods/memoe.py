@@ -1,0 +1,69 @@
+"""MEMoE (Wang & Li, arXiv 2405.19086): batch editing with knowledge-anchor routing.
+
+E experts beside the target module, all trainable and trained together on the whole batch; a gate
+over `concat(x_t, anchor)` picks the top-k experts per token (noisy during training). Sequential
+batch editing keeps training the same experts batch after batch (the forgetting LEMoE fixes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moecli.errors import UserError
+from moecli.methods.base import BypassConfig, BypassMethod
+from moecli.records import EditRecord
+from moecli.routing import AnchorGate
+from moecli.training import Progress, train_on_pairs
+
+
+@dataclass
+class MEMoEConfig(BypassConfig):
+    """MEMoE options; defaults are moecli's measured choices where the paper is silent."""
+
+    n_experts: int = 4  # [choice] number of experts
+    top_k: int = 1  # [choice] experts per token
+    noisy_gate: bool = True  # noisy top-k gating during training [paper]
+    null_route: bool = True  # [choice] inputs naming no edited entity get no expert
+    aux_loss_weight: float = 0.0  # [choice] Switch load-balancing loss weight
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_experts < 1:
+            raise UserError(f"n_experts must be ≥ 1 (got {self.n_experts})")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise UserError(f"top_k must be between 1 and n_experts={self.n_experts} (got {self.top_k})")
+
+
+class MEMoE(BypassMethod):
+    name = "memoe"
+    config_class = MEMoEConfig
+    config: MEMoEConfig
+
+    def __init__(self, loaded, config: MEMoEConfig, seed: int = 0) -> None:
+        super().__init__(loaded, config, seed)
+        for _ in range(config.n_experts):
+            self.bypass.add_expert(self.generator)
+
+    def make_router(self) -> AnchorGate:
+        c = self.config
+        return AnchorGate(self.d_in, self.d_anchor, c.n_experts, c.top_k, c.noisy_gate, c.null_route, self.generator)
+
+    def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
+        self.register_anchors(records)
+        retain = self.retain_set(records)
+        params = self.trainable([self.bypass.experts, self.bypass.router])
+        router = self.bypass.router
+        weight = self.config.aux_loss_weight
+
+        def aux():
+            return router.aux_loss * weight if weight > 0 and router.aux_loss is not None else None
+
+        try:
+            stats = train_on_pairs(
+                self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target) for r in records],
+                self.config.train_config(), extra_loss=aux, retain=retain, progress=progress,
+            )
+        finally:
+            self.freeze([self.bypass])
+        return {"steps": stats.steps, "loss": stats.loss, "all_correct": stats.all_correct,
+                "seconds": stats.seconds}

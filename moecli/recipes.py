@@ -1,0 +1,84 @@
+"""YAML recipes → typed method configs. Recipe values are defaults; CLI flags override them.
+
+A recipe is a flat YAML mapping: `method:` plus the fields of that method's config dataclass
+(see `moecli/methods/<method>.py`), and optionally `batch_size` and `seed`. Unknown keys and
+out-of-range values are refused with one line naming the key, so a typo never silently runs a
+different experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from moecli.errors import UserError
+from moecli.methods import get_method
+from moecli.methods.base import MethodConfig, config_from_dict
+
+RUN_KEYS = ("method", "batch_size", "seed")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe file into a dict; a missing file or bad YAML is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--recipe {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--recipe {path}: expected a mapping of option: value")
+    return data
+
+
+def _coerce(config_class: type, key: str, raw: str) -> Any:
+    """Turn a `--set key=value` string into the field's type."""
+    hints = get_type_hints(config_class)
+    if key not in hints:
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(config_class)))
+        raise UserError(f"--set {key}: unknown option (known: {known})")
+    value = yaml.safe_load(raw)
+    return value
+
+
+def build_config(
+    method: str, recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None, source: str = "recipe",
+) -> MethodConfig:
+    """Method config = dataclass defaults ← recipe ← explicit flags (`overrides`) ← `--set k=v`."""
+    cls = get_method(method).config_class
+    values = {k: v for k, v in (recipe or {}).items() if k not in RUN_KEYS}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _coerce(cls, key.strip(), raw)
+    config = config_from_dict(cls, values, source)
+    _check_types(config, source)
+    config.validate()
+    return config
+
+
+def _check_types(config: MethodConfig, source: str) -> None:
+    """Refuse a value of the wrong type (e.g. `lr: fast`) with the key's name."""
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        allowed = getattr(hint, "__args__", (hint,))
+        if value is None and type(None) in allowed:
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+            continue
+        if not any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed
+                   if isinstance(t, type)):
+            names = "/".join(t.__name__ for t in allowed if isinstance(t, type))
+            raise UserError(f"{source}: {f.name} must be {names} (got {value!r})")

@@ -1,0 +1,74 @@
+"""Reports: `report.json` (everything, for scripts) and `report.md` (for people), written atomically.
+
+Every report says which model, which data, how many edits and which protocol (EVALUATION.md), so
+a number never travels without what it was measured on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moecli.fsutil import atomic_write_json, atomic_write_text
+
+METRIC_ROWS = [
+    ("known", "Known"), ("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("port", "Port"),
+    ("avg", "Avg"), ("rel_strict", "Rel strict"), ("gen_strict", "Gen strict"),
+    ("loc_strict", "Loc strict"), ("rel_em", "Rel gen-EM"), ("gen_em", "Gen gen-EM"),
+    ("rel_ppl", "Rel PPL"),
+]
+
+
+def public_summary(summary: dict) -> dict:
+    """The summary keys every command prints with `--json`: rel, gen, loc, avg, n_edits always;
+    port, known, loc_by_group when present; plus the strict and generation forms."""
+    out = {k: summary.get(k) for k in ("rel", "gen", "loc", "avg")}
+    for k in ("port", "known", "loc_by_group"):
+        if summary.get(k) is not None:
+            out[k] = summary[k]
+    for k, _ in METRIC_ROWS:
+        if k not in out and summary.get(k) is not None:
+            out[k] = summary[k]
+    out["n_edits"] = summary.get("n_edits", 0)
+    return out
+
+
+def metric_rows(columns: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """Rows (label, one cell per column) of the metrics present in any column, then Loc per group."""
+    def fmt(v) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    rows = []
+    for key, label in METRIC_ROWS:
+        if any(col.get(key) is not None for col in columns.values()):
+            rows.append((label, [fmt(col.get(key)) for col in columns.values()]))
+    groups = sorted({g for col in columns.values() for g in (col.get("loc_by_group") or {})})
+    for g in groups:
+        rows.append((f"Loc[{g}]", [fmt((col.get("loc_by_group") or {}).get(g)) for col in columns.values()]))
+    return rows
+
+
+def write_report(out_dir: str | Path, report: dict) -> tuple[Path, Path]:
+    """Write report.json and report.md into `out_dir`; `report["columns"]` maps a name to a summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    atomic_write_json(json_path, report)
+    atomic_write_text(md_path, render_markdown(report))
+    return json_path, md_path
+
+
+def render_markdown(report: dict) -> str:
+    """A human report: the context lines, then the metrics table."""
+    lines = [f"# moecli {report.get('command', '')} report", ""]
+    for key in ("model", "data", "method", "protocol", "n_edits", "adapter", "seed", "created"):
+        if report.get(key) is not None:
+            lines.append(f"- **{key}**: {report[key]}")
+    if report.get("timings"):
+        lines.append("- **timings (s)**: " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()))
+    columns = report.get("columns", {})
+    lines += ["", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, cells in metric_rows(columns):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for extra in report.get("notes", []):
+        lines += ["", extra]
+    return "\n".join(lines) + "\n"

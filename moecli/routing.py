@@ -1,0 +1,70 @@
+"""Routers: given the target module's input `x` [B,T,d_in] and the anchor context, pick experts.
+
+Every router returns `(gates, idx)`, both [B,T,k]: expert ids (−1 = null route, no expert) and
+their gate values. The bypass adds `Σ gates · E_idx(x)`.
+
+- `AnchorGate` (MEMoE): `top_k(softmax(W_g · concat(x_t, anchor) + ε))` per token, noisy in training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecli.anchors import AnchorContext
+
+
+def null_route_unmatched(
+    gates: torch.Tensor, idx: torch.Tensor, ctx: AnchorContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send inputs in which no known anchor was found to no expert at all.
+
+    [choice] An input that names none of the edited entities cannot need an edit, so it keeps
+    the base model's output exactly (locality by construction, as GRACE/WISE/SCEN get from their
+    thresholds). Off, every input gets an expert, as in the paper.
+    """
+    if ctx.matched is None:
+        return gates, idx
+    miss = ~ctx.matched.to(idx.device)
+    if miss.any():
+        idx = idx.clone()
+        gates = gates.clone()
+        idx[miss] = -1
+        gates[miss] = 0
+    return gates, idx
+
+
+class AnchorGate(nn.Module):
+    """MEMoE's knowledge-anchor gate over `concat(x_t, anchor)`, with noisy top-k during training."""
+
+    def __init__(
+        self, d_in: int, d_anchor: int, n_experts: int, top_k: int = 1, noisy: bool = True,
+        null_unmatched: bool = True, generator: torch.Generator | None = None, noise_bias: float = -3.0,
+    ) -> None:
+        super().__init__()
+        self.top_k, self.noisy, self.null_unmatched = top_k, noisy, null_unmatched
+        w = torch.empty(n_experts, d_in + d_anchor)
+        w.normal_(0.0, 0.02, generator=generator)
+        self.w_gate = nn.Parameter(w)
+        self.w_noise = nn.Parameter(torch.zeros(n_experts, d_in + d_anchor))
+        # softplus(-3) ≈ 0.05: exploration noise small enough that the expert chosen in training
+        # is the one chosen at inference (a unit-scale noise made routing a coin toss).
+        self.noise_bias = noise_bias
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
+        anchor = ctx.vectors.to(x.device, torch.float32)
+        r = torch.cat([x.float(), anchor.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
+        logits = r @ self.w_gate.t()
+        if self.training and self.noisy:
+            logits = logits + torch.randn_like(logits) * F.softplus(r @ self.w_noise.t() + self.noise_bias)
+        probs = logits.softmax(-1)
+        gates, idx = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        # Switch-style load balancing: fraction routed to each expert × mean probability.
+        n = probs.shape[-1]
+        frac = F.one_hot(idx[..., 0], n).float().mean(dim=(0, 1))
+        self.aux_loss = n * (frac * probs.mean(dim=(0, 1))).sum()
+        if self.null_unmatched:
+            gates, idx = null_route_unmatched(gates, idx, ctx)
+        return gates, idx

@@ -1,0 +1,125 @@
+"""The one edit-training loop every method uses.
+
+Masked cross-entropy on the target tokens only (prompt tokens labelled −100), AdamW, an early stop
+once every target token of the batch is the argmax, and a max-steps bound. Optionally a *retain*
+term: KL divergence to the unedited model's next-token distributions on given prompts, so that the
+bypass learns where not to act. Methods differ only in which parameters they hand to this loop
+and which extra loss (e.g. a router's load-balancing term) they add.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moecli.batching import Batch, collate, encode_pair, masked_ce, pad_id_of, shifted_predictions
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the edit-training loop."""
+
+    lr: float = 1e-3
+    max_steps: int = 100
+    weight_decay: float = 0.0
+    early_stop: bool = True
+    micro_batch: int = 64
+    retain_weight: float = 1.0
+    optimizer: str = "adamw"
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    loss: float
+    all_correct: bool
+    seconds: float
+
+
+@dataclass
+class RetainSet:
+    """Prompts whose next-token distributions must stay as the unedited model's (`log_probs`)."""
+
+    batch: Batch
+    log_probs: torch.Tensor  # [N, T, V] base log-probabilities at every prompt position
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompts(cls, model, tokenizer, prompts: Sequence[str], base_forward: Callable) -> RetainSet:
+        """Encode prompts and record the base model's distributions (`base_forward` runs it unedited)."""
+        items = [encode_pair(tokenizer, p, "") for p in prompts]
+        for it in items:  # no answer: every position is a prompt position
+            it.answer_start = len(it.ids)
+        batch = collate(items, pad_id_of(tokenizer)).to(model.get_input_embeddings().weight.device)
+        logits = base_forward(batch)
+        return cls(batch, logits.float().log_softmax(-1))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_on_pairs(
+    model, tokenizer, params: list[torch.nn.Parameter], pairs: Sequence[tuple[str, str]], cfg: TrainConfig, *,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None, retain: RetainSet | None = None,
+    progress: Progress | None = None, stage: str = "training",
+) -> TrainStats:
+    """Train `params` so that `model` answers each (prompt, target) pair; everything else frozen."""
+    t0 = time.perf_counter()
+    device = model.get_input_embeddings().weight.device
+    pad = pad_id_of(tokenizer)
+    encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
+    batches = [
+        collate(encoded[i : i + cfg.micro_batch], pad).to(device) for i in range(0, len(encoded), cfg.micro_batch)
+    ]
+    opt = make_optimizer(params, cfg)
+    was_training = model.training
+    model.train()
+    loss_value, all_correct, step = float("nan"), False, 0
+    try:
+        for step in range(1, cfg.max_steps + 1):
+            opt.zero_grad(set_to_none=True)
+            correct, total_loss = True, 0.0
+            for batch in batches:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = masked_ce(logits, batch.labels) * (len(batch.input_ids) / len(encoded))
+                extra = extra_loss() if extra_loss else None
+                if extra is not None:
+                    loss = loss + extra
+                preds, mask = shifted_predictions(logits.detach(), batch.labels)
+                correct &= bool((preds[mask] == batch.labels[mask]).all())
+                loss.backward()
+                total_loss += float(loss.detach())
+            if retain is not None and cfg.retain_weight > 0:
+                rl = retain_loss(model, retain) * cfg.retain_weight
+                rl.backward()
+                total_loss += float(rl.detach())
+            loss_value = total_loss
+            if progress:
+                progress(stage, step, cfg.max_steps)
+            if correct and cfg.early_stop:
+                all_correct = True
+                break
+            opt.step()
+    finally:
+        model.train(was_training)
+    if progress:
+        progress(stage, cfg.max_steps, cfg.max_steps)
+    return TrainStats(steps=step, loss=loss_value, all_correct=all_correct, seconds=time.perf_counter() - t0)
+
+
+def retain_loss(model, retain: RetainSet) -> torch.Tensor:
+    """KL(base ‖ edited) over every non-pad position of the retain prompts."""
+    batch = retain.batch
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    kl = F.kl_div(logits.log_softmax(-1), retain.log_probs, log_target=True, reduction="none").sum(-1)
+    mask = batch.attention_mask.float()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
