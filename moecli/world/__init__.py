@@ -1,0 +1,1 @@
+"""The embedded default: a generated fact world and the knowledge-model trainer."""
