@@ -70,9 +70,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 def train_on_pairs(
     model, tokenizer, params: list[torch.nn.Parameter], pairs: Sequence[tuple[str, str]], cfg: TrainConfig, *,
     extra_loss: Callable[[], torch.Tensor | None] | None = None, retain: RetainSet | None = None,
-    progress: Progress | None = None, stage: str = "training",
+    train_modules: Sequence[torch.nn.Module] = (), progress: Progress | None = None, stage: str = "training",
 ) -> TrainStats:
-    """Train `params` so that `model` answers each (prompt, target) pair; everything else frozen."""
+    """Train `params` so that `model` answers each (prompt, target) pair; everything else frozen.
+
+    The base model stays in eval mode (no dropout: the frozen network must behave as at
+    inference); only `train_modules` (e.g. a noisy router) are put in training mode. An early stop
+    is confirmed by an eval-mode pass, so "all targets right" holds for the model as it will be used.
+    """
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
     pad = pad_id_of(tokenizer)
@@ -81,8 +86,9 @@ def train_on_pairs(
         collate(encoded[i : i + cfg.micro_batch], pad).to(device) for i in range(0, len(encoded), cfg.micro_batch)
     ]
     opt = make_optimizer(params, cfg)
-    was_training = model.training
-    model.train()
+    modes = [m.training for m in train_modules]
+    for m in train_modules:
+        m.train()
     loss_value, all_correct, step = float("nan"), False, 0
     try:
         for step in range(1, cfg.max_steps + 1):
@@ -105,15 +111,33 @@ def train_on_pairs(
             loss_value = total_loss
             if progress:
                 progress(stage, step, cfg.max_steps)
-            if correct and cfg.early_stop:
+            if correct and cfg.early_stop and _all_correct_eval(model, batches, train_modules):
                 all_correct = True
                 break
             opt.step()
     finally:
-        model.train(was_training)
+        for m, mode in zip(train_modules, modes):
+            m.train(mode)
     if progress:
         progress(stage, cfg.max_steps, cfg.max_steps)
     return TrainStats(steps=step, loss=loss_value, all_correct=all_correct, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch.nn.Module]) -> bool:
+    """Whether every target token is the argmax with the trainable modules in eval mode."""
+    for m in train_modules:
+        m.eval()
+    try:
+        for batch in batches:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            preds, mask = shifted_predictions(logits, batch.labels)
+            if not bool((preds[mask] == batch.labels[mask]).all()):
+                return False
+        return True
+    finally:
+        for m in train_modules:
+            m.train()
 
 
 def retain_loss(model, retain: RetainSet) -> torch.Tensor:

@@ -116,6 +116,7 @@ class BypassMethod(EditMethod):
         router = self.make_router().to(loaded.device)
         self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
                                 config.expert_form, config.rank, config.scale)
+        self.bypass.eval()  # inference behaviour (no gate noise) unless the training loop says otherwise
         self.injection = Injection(model, self.target_name, self.bypass)
 
     # -- to be provided by each method

@@ -61,7 +61,8 @@ class MEMoE(BypassMethod):
         try:
             stats = train_on_pairs(
                 self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target) for r in records],
-                self.config.train_config(), extra_loss=aux, retain=retain, progress=progress,
+                self.config.train_config(), extra_loss=aux, retain=retain, train_modules=[self.bypass],
+                progress=progress,
             )
         finally:
             self.freeze([self.bypass])

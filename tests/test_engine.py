@@ -1,0 +1,102 @@
+"""The MoE bypass engine and MEMoE on tiny models: no-op at init, clean removal, edits that take,
+checkpoints that reload exactly, seeds that reproduce, and refusal on another base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecli.engine import RunSpec, load_edited, run_edits
+from moecli.errors import UserError
+from moecli.evaluation import compute_baseline, evaluate_records
+from moecli.methods.memoe import MEMoE, MEMoEConfig
+from moecli.modeling import load_model
+from moecli.records import EditRecord, LocalityPair
+from moecli.testing import make_tiny_model
+
+RECORDS = [
+    EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau",
+               rephrases=["Where was Alice Moreau born?"],
+               locality=[LocalityPair("Carl Jung was born in", "Paris", "same_relation")]),
+    EditRecord(prompt="Bruno Keller works for", target="Northwind", subject="Bruno Keller",
+               locality=[LocalityPair("The capital of France is", "Paris", "other")]),
+]
+FAST = {"lr": 0.02, "max_steps": 60, "retain": "none"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _logits(loaded, text: str) -> torch.Tensor:
+    enc = loaded.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**enc).logits.clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("form", ["dense", "lowrank"])
+def test_fresh_adapter_is_exact_noop_and_removal_restores(tmp_path, family, form):
+    loaded = load_model(make_tiny_model(family, tmp_path / family))
+    weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    text = "Alice Moreau was born in Paris"
+    before = _logits(loaded, text)
+    method = MEMoE(loaded, MEMoEConfig(expert_form=form, null_route=False), seed=0)
+    method.register_anchors(RECORDS)
+    assert torch.equal(_logits(loaded, text), before)  # zero-initialised experts: identity
+    method.apply_batch(RECORDS, 0)
+    method.remove()
+    assert torch.equal(_logits(loaded, text), before)
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # base weights bit-identical
+
+
+def test_edit_changes_answer_and_null_route_keeps_unrelated(tiny_dir):
+    loaded = load_model(tiny_dir)
+    base = compute_baseline(loaded.model, loaded.tokenizer, RECORDS)
+    before = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=False).summary
+    method = MEMoE(loaded, MEMoEConfig(**FAST), seed=0)
+    stats = method.apply_batch(RECORDS, 0)
+    after = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=True).summary
+    assert stats["all_correct"]
+    assert before["rel"] < 0.5 and after["rel"] == 1.0
+    assert after["rel_em"] == 1.0  # greedy generation says the new answer too (anchor kept in generate)
+    assert after["loc"] == 1.0  # locality prompts name no edited subject: null route, untouched
+
+
+def _spec(tiny_dir: Path, out: Path, seed: int = 0) -> RunSpec:
+    from moecli.recipes import build_config
+
+    return RunSpec(command="batch-edit", method="memoe", config=build_config("memoe", overrides=FAST),
+                   records=RECORDS, batch_size=2, out_dir=out, model_path=tiny_dir, seed=seed,
+                   generation=False)
+
+
+def test_checkpoint_reload_reproduces_metrics_and_seed_reproduces_adapter(tiny_dir, tmp_path):
+    r1 = run_edits(_spec(tiny_dir, tmp_path / "a"))
+    r2 = run_edits(_spec(tiny_dir, tmp_path / "b"))
+    from moecli.checkpoint import load_checkpoint
+
+    t1 = load_checkpoint(tmp_path / "a" / "adapter").tensors
+    t2 = load_checkpoint(tmp_path / "b" / "adapter").tensors
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert r1["summary"] == r2["summary"]
+    ledger = (tmp_path / "a" / "adapter" / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in ledger] == [r.id for r in RECORDS]
+
+    loaded = load_model(tiny_dir)
+    base = compute_baseline(loaded.model, loaded.tokenizer, RECORDS)
+    load_edited(loaded, tmp_path / "a")
+    again = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=False).summary
+    assert again == r1["summary"]
+
+
+def test_adapter_refused_on_another_base_model(tiny_dir, tmp_path):
+    run_edits(_spec(tiny_dir, tmp_path / "run"))
+    other = load_model(make_tiny_model("llama", tmp_path / "other", seed=1))
+    with pytest.raises(UserError, match="another base model"):
+        load_edited(other, tmp_path / "run" / "adapter")
