@@ -121,3 +121,68 @@ def record_anchor_vectors(embedding: torch.nn.Module, tokenizer, texts: list[str
         mask[i, : len(e)] = 1
     ctx.compute(embedding, ids.to(device), mask.to(device))
     return ctx.vectors, ctx.matched
+
+
+class AnchorStore:
+    """Anchor keys in a FAISS inner-product index: key = normalised anchor vector, value = expert id.
+
+    Routing among thousands of experts costs one index search, and the route is deterministic. `kind`
+    is `flat` (exact; the default) or `hnsw` (approximate, for very many keys of large width).
+    """
+
+    def __init__(self, dim: int, kind: str = "flat") -> None:
+        import faiss
+        import numpy as np
+
+        self.dim, self.kind = dim, kind
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        else:
+            raise ValueError(f"unknown anchor index kind {kind!r} (flat, hnsw)")
+        self.values = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @staticmethod
+    def _normalise(x):
+        import numpy as np
+
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def add(self, keys, values) -> None:
+        """Add keys [n, dim] (any scale; normalised here) routing to expert ids `values` [n]."""
+        import numpy as np
+
+        self.index.add(self._normalise(keys))
+        self.values = np.concatenate([self.values, np.asarray(values, dtype=np.int64)])
+
+    def search(self, queries, k: int = 1):
+        """(cosine similarities [B,k], expert ids [B,k]); id −1 where the store is empty."""
+        import numpy as np
+
+        q = self._normalise(queries)
+        if len(self) == 0:
+            return np.full((len(q), k), -1.0, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+        sims, pos = self.index.search(q, k)
+        ids = np.where(pos >= 0, self.values[np.clip(pos, 0, None)], -1)
+        return sims, ids
+
+    def to_bytes(self) -> bytes:
+        import faiss
+
+        return faiss.serialize_index(self.index).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, values, kind: str = "flat") -> AnchorStore:
+        import faiss
+        import numpy as np
+
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        store = cls(index.d, kind)
+        store.index = index
+        store.values = np.asarray(values, dtype=np.int64)
+        return store

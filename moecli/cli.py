@@ -229,7 +229,9 @@ def _not_yet(name: str) -> None:
     raise typer.Exit(1)
 
 
-MethodOpt = Annotated[str, typer.Option("--method", help="Editing method: memoe.")]
+MethodOpt = Annotated[
+    str | None, typer.Option("--method", help="Editing method: memoe, lemoe (default: the recipe's, else memoe).")
+]
 RecipeOpt = Annotated[
     Path | None, typer.Option("--recipe", help="YAML recipe (recipes/<method>.yaml); flags override it.")
 ]
@@ -256,35 +258,48 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
 
 
 def _run_editing(
-    command: str, records, read_format: str | None, data: Path | None, batch_size: int, method: str,
+    command: str, records, read_format: str | None, data: Path | None, batch_size: int, method: str | None,
     recipe: Path | None, sets: list[str] | None, overrides: dict, model: str | None, out: Path | None,
     device: str, dtype: str, device_map: str | None, eval_batch_size: int, generate: bool,
     as_json: bool, quiet: bool, seed: int, adapter: Path | None = None, protocol: str = "batch",
+    extra: dict | None = None,
 ) -> None:
     """Shared body of edit / batch-edit / lifelong: build the spec, run it, print and write reports."""
-    from moecli.engine import RunSpec, run_edits
+    from moecli.engine import RunSpec
     from moecli.recipes import build_config, read_recipe
-    from moecli.reports import write_report
 
     quiet = quiet or as_json
     recipe_values = read_recipe(recipe) if recipe else {}
-    method = recipe_values.get("method", method) if method == "memoe" and recipe else method
+    method = method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
     config = build_config(method, recipe_values, overrides, sets, source=str(recipe or "options"))
     spec = RunSpec(
         command=command, method=method, config=config, records=records, batch_size=batch_size,
         out_dir=out or default_out_dir(command), model_path=resolve_model_path(model, quiet), device=device,
         dtype=dtype, device_map=device_map, seed=seed, data=str(data) if data else None, data_format=read_format,
         recipe=recipe_values, adapter=adapter, eval_batch_size=eval_batch_size, generation=generate,
-        perplexity=read_format == "hallucination", protocol=protocol,
+        perplexity=read_format == "hallucination", protocol=protocol, **(extra or {}),
     )
+    if (spec.out_dir / "adapter").exists() and adapter is None:
+        raise UserError(f"--out {spec.out_dir} already holds an adapter; finish it with `moecli lifelong --resume "
+                        f"{spec.out_dir}`, continue it with --adapter, or pick another --out")
+    _execute(spec, as_json, quiet)
+
+
+def _execute(spec, as_json: bool, quiet: bool, resume: bool = False) -> None:
+    """Run a spec (fresh or resumed), write report.json/report.md (+ retention.png), print the table."""
+    from moecli.engine import run_edits
+    from moecli.reports import plot_retention, write_report
+
     with progress_reporter(not quiet) as progress:
-        report = run_edits(spec, progress)
+        report = run_edits(spec, progress, resume=resume)
     json_path, md_path = write_report(spec.out_dir, report)
+    if report.get("retention"):
+        plot_retention(report["retention"], spec.out_dir / "retention.png", f"{spec.method} retention")
     if as_json:
         emit_json(report["summary"])
         return
     if not quiet:
-        print_metrics(report["columns"], f"{method} · {len(records)} edits · batch {batch_size} · "
+        print_metrics(report["columns"], f"{spec.method} · {len(spec.records)} edits · batch {spec.batch_size} · "
                                          f"{Path(spec.model_path).name}")
         err_console.print(f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}", markup=False)
 
@@ -300,7 +315,7 @@ def edit(
     fmt: FormatOpt = None,
     skip_invalid: SkipOpt = False,
     limit: LimitOpt = None,
-    method: MethodOpt = "memoe",
+    method: MethodOpt = None,
     recipe: RecipeOpt = None,
     sets: SetOpt = None,
     layer: LayerOpt = None,
@@ -349,7 +364,7 @@ def batch_edit(
     fmt: FormatOpt = None,
     skip_invalid: SkipOpt = False,
     limit: LimitOpt = None,
-    method: MethodOpt = "memoe",
+    method: MethodOpt = None,
     recipe: RecipeOpt = None,
     sets: SetOpt = None,
     layer: LayerOpt = None,
@@ -380,9 +395,69 @@ def batch_edit(
 
 
 @app.command()
-def lifelong() -> None:
-    """Feed a stream of edit batches (LEMoE), evaluate every edit on the final model."""
-    _not_yet("lifelong")
+def lifelong(
+    data: Annotated[Path | None, typer.Option("--data", help="The stream of edit records.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Edits per step (b).")] = 10,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Number of steps T (default: all).")] = None,
+    order: Annotated[str, typer.Option("--order", help="file | random | planned (clustering-based).")] = "file",
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=0, help="Every K steps, evaluate a fixed sample of earlier edits.")
+    ] = 0,
+    eval_sample: Annotated[int, typer.Option("--eval-sample", min=1, help="Size of that sample.")] = 100,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Finish an interrupted run in this directory.")
+    ] = None,
+    fmt: FormatOpt = None,
+    skip_invalid: SkipOpt = False,
+    limit: LimitOpt = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Editing method: lemoe, memoe (default: the recipe's, else lemoe).")
+    ] = None,
+    recipe: RecipeOpt = None,
+    sets: SetOpt = None,
+    layer: LayerOpt = None,
+    expert_form: ExpertFormOpt = None,
+    lr: LrOpt = None,
+    max_steps: StepsOpt = None,
+    model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    eval_batch_size: EvalBatchOpt = 64,
+    generate: GenerateOpt = True,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Feed a stream of edit batches (LEMoE: a new expert per batch, earlier ones frozen), then evaluate
+    every edit of the stream on the final model (the WISE/LEMoE lifelong protocol)."""
+    if resume is not None:
+        from moecli.engine import load_run_spec
+
+        spec = load_run_spec(resume)
+        _execute(spec, as_json, quiet or as_json, resume=True)
+        return
+    if order not in ("file", "random", "planned"):
+        raise UserError(f"--order {order!r}: choose file, random or planned")
+    read = _load_records(data, fmt, skip_invalid, limit)
+    records = read.records[: steps * batch_size] if steps else read.records
+    if order == "random":
+        import random
+
+        records = list(records)
+        random.Random(seed).shuffle(records)
+    elif order == "planned":
+        from moecli.planning import plan_batches
+
+        records = [r for batch in plan_batches(records, batch_size, model=None, seed=seed).batches for r in batch]
+    _run_editing(
+        "lifelong", records, read.format, data, batch_size, method, recipe, sets,
+        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
+        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter, protocol="lifelong",
+        extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order},
+    )
 
 
 @app.command("plan-order")

@@ -10,6 +10,7 @@ started).
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from moecli import __version__
 from moecli.checkpoint import Checkpoint, RunLock, load_checkpoint, resolve_adapter_dir, save_checkpoint
 from moecli.errors import UserError
 from moecli.evaluation import Baseline, compute_baseline, evaluate_records
+from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
 from moecli.modeling import LoadedModel, fingerprint, fingerprints_match, load_model
@@ -61,6 +63,29 @@ class RunSpec:
     perplexity: bool = False
     evaluate_before: bool = True
     protocol: str = "batch"
+    eval_every: int = 0  # lifelong: also evaluate a fixed sample of edited records every K batches
+    eval_sample: int = 100
+    order: str = "file"
+
+    def to_json(self) -> dict:
+        """Everything needed to resume this run (records inline, so the data file may move)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["config"] = dataclasses.asdict(self.config)
+        d["records"] = [r.to_dict() for r in self.records]
+        for k in ("out_dir", "model_path", "adapter"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunSpec:
+        d = dict(d)
+        cls_m = get_method(d["method"])
+        d["config"] = config_from_dict(cls_m.config_class, d["config"], "run.json")
+        d["records"] = [EditRecord.from_dict(r) for r in d["records"]]
+        for k in ("out_dir", "model_path", "adapter"):
+            d[k] = Path(d[k]) if d.get(k) else None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _records_key(records: list[EditRecord]) -> list[str]:
@@ -111,7 +136,7 @@ def load_edited(model, adapter_dir: str | Path, tokenizer=None) -> EditMethod:
 
 
 def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict], position: int,
-          n_batches: int, timings: dict) -> Path:
+          n_batches: int, timings: dict, retention: list[dict]) -> Path:
     config, tensors, files = method.export_state()
     manifest = {
         "format_version": 1,
@@ -120,10 +145,32 @@ def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict]
         "command": spec.command, "method": spec.method, "seed": spec.seed, "recipe": spec.recipe,
         "data": spec.data, "data_format": spec.data_format, "batch_size": spec.batch_size,
         "stream": {"position": position, "n_batches": n_batches, "record_ids": _records_key(spec.records)},
-        "timings": timings,
+        "timings": timings, "retention": retention,
         "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return save_checkpoint(spec.out_dir / "adapter", Checkpoint(config, tensors, manifest, ledger, files))
+
+
+RUN_FILE = "run.json"
+
+
+def load_run_spec(out_dir: str | Path) -> RunSpec:
+    """The spec of an earlier (interrupted) run in `out_dir`, for `--resume`."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"--resume {out_dir}: no {RUN_FILE} here (not a moecli run directory)")
+    try:
+        return RunSpec.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume {out_dir}: {RUN_FILE} is damaged ({exc})") from None
+
+
+def _sample(records: list[EditRecord], n: int, seed: int) -> list[EditRecord]:
+    if len(records) <= n:
+        return list(records)
+    rng = random.Random(seed)
+    keep = sorted(rng.sample(range(len(records)), n))
+    return [records[i] for i in keep]
 
 
 def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> dict:
@@ -136,6 +183,9 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
     batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
     with RunLock(spec.out_dir):
+        if not resume:
+            atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
+        resume = resume and (spec.out_dir / "adapter").exists()
         t = time.perf_counter()
         baseline: Baseline = compute_baseline(model, tok, spec.records, spec.eval_batch_size, progress)
         before = None
@@ -144,6 +194,8 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                                       generation=spec.generation, perplexity=spec.perplexity, progress=progress)
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
+        retention: list[dict] = []
+        sample = _sample(spec.records, spec.eval_sample, spec.seed)
         start = 0
         continue_from = spec.out_dir / "adapter" if resume else spec.adapter
         if continue_from is not None:
@@ -154,6 +206,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                     raise UserError(f"--resume {spec.out_dir}: the records differ from the interrupted run's")
                 start = int(stream.get("position", 0))
                 ledger = list(ckpt.ledger)
+                retention = list(ckpt.manifest.get("retention", []))
                 timings.update({k: v for k, v in ckpt.manifest.get("timings", {}).items() if k.startswith("edit")})
         else:
             method = build_method(loaded, spec.method, spec.config, spec.seed)
@@ -167,7 +220,15 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                                                                              stats.items()}})
             timings["edit"] = timings.get("edit", 0.0) + (time.perf_counter() - t)
             t = time.perf_counter()
-            _save(spec, method, base_fp, ledger, b + 1, len(batches), timings)
+            if spec.eval_every and ((b + 1) % spec.eval_every == 0 or b + 1 == len(batches)):
+                seen = {r.id for batch in batches[: b + 1] for r in batch}
+                part = [r for r in sample if r.id in seen]
+                summ = evaluate_records(model, tok, part, baseline, batch_size=spec.eval_batch_size,
+                                        generation=False).summary
+                retention.append({"step": b + 1, "n_edited": len(seen), **{k: summ.get(k) for k in
+                                                                            ("rel", "gen", "loc", "avg")}})
+                t = time.perf_counter()
+            _save(spec, method, base_fp, ledger, b + 1, len(batches), timings, retention)
             if progress:
                 progress("batches", b + 1, len(batches))
         t = time.perf_counter()
@@ -183,5 +244,6 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         "n_edits": len(spec.records), "batch_size": spec.batch_size, "n_batches": len(batches), "seed": spec.seed,
         "config": dataclasses.asdict(spec.config), "adapter": str(spec.out_dir / "adapter"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
-        "columns": columns, "summary": after.summary, "per_edit": after.per_edit,
+        "columns": columns, "summary": after.summary, "per_edit": after.per_edit, "order": spec.order,
+        "retention": retention,
     }

@@ -72,3 +72,36 @@ def render_markdown(report: dict) -> str:
     for extra in report.get("notes", []):
         lines += ["", extra]
     return "\n".join(lines) + "\n"
+
+
+def plot_retention(retention: list[dict], path: str | Path, title: str = "retention") -> Path | None:
+    """Draw Rel/Gen/Loc of the sampled earlier edits against the number of edits made so far."""
+    if not retention:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moecli.fsutil import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [p["n_edited"] for p in retention]
+    for key in ("rel", "gen", "loc"):
+        ys = [p.get(key) for p in retention]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=key.capitalize())
+    ax.set_xlabel("edits made")
+    ax.set_ylabel("score on earlier edits")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

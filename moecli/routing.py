@@ -68,3 +68,69 @@ class AnchorGate(nn.Module):
         if self.null_unmatched:
             gates, idx = null_route_unmatched(gates, idx, ctx)
         return gates, idx
+
+
+def _per_input(gates: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast one route per input [B,k] to every token [B,T,k] (LEMoE routes whole instances)."""
+    t = x.shape[1]
+    return gates.unsqueeze(1).expand(-1, t, -1), idx.unsqueeze(1).expand(-1, t, -1)
+
+
+class KNNRouter(nn.Module):
+    """moecli's non-parametric router: the nearest anchor key in a FAISS store picks the expert.
+
+    [choice] Deterministic and cheap among thousands of experts; a key below `threshold` cosine
+    similarity (or an input with no known anchor, with `null_unmatched`) gets the null route.
+    """
+
+    def __init__(self, store, threshold: float = 0.8, null_unmatched: bool = True) -> None:
+        super().__init__()
+        self.store, self.threshold, self.null_unmatched = store, threshold, null_unmatched
+
+    def forward(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
+        sims, ids = self.store.search(ctx.vectors.detach().float().cpu().numpy(), 1)
+        idx = torch.as_tensor(ids, device=x.device)
+        sims_t = torch.as_tensor(sims, device=x.device)
+        idx = torch.where(sims_t >= self.threshold, idx, torch.full_like(idx, -1))
+        gates = (idx >= 0).float()
+        gates, idx = _per_input(gates, idx, x)
+        if self.null_unmatched:
+            gates, idx = null_route_unmatched(gates, idx, ctx)
+        return gates, idx
+
+
+class KVAnchorRouter(nn.Module):
+    """LEMoE's KV-anchor router [paper]: `v = W_up SiLU(W_down e)`, `g(i|e) = top_k(softmax_i(k_i · v))`.
+
+    `e` is the instance embedding (the anchor vector); one key per expert, earlier keys frozen when a
+    new expert arrives. The same computation runs in training and inference.
+    """
+
+    def __init__(self, d_anchor: int, d_hidden: int = 64, d_key: int = 64, top_k: int = 1,
+                 null_unmatched: bool = True, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.top_k, self.null_unmatched = top_k, null_unmatched
+        down = torch.empty(d_hidden, d_anchor)
+        down.normal_(0.0, d_anchor ** -0.5, generator=generator)
+        up = torch.empty(d_key, d_hidden)
+        up.normal_(0.0, d_hidden ** -0.5, generator=generator)
+        self.w_down, self.w_up = nn.Parameter(down), nn.Parameter(up)
+        self.keys = nn.ParameterList()
+        self.last_scores: torch.Tensor | None = None
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        return F.silu(e.float() @ self.w_down.t()) @ self.w_up.t()
+
+    def add_key(self, init: torch.Tensor) -> None:
+        self.keys.append(nn.Parameter(init.detach().float().clone()))
+
+    def forward(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.project(ctx.vectors.to(x.device))
+        scores = v @ torch.stack(list(self.keys)).t()  # [B, n_experts]
+        self.last_scores = scores
+        probs = scores.softmax(-1)
+        gates, idx = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        gates, idx = _per_input(gates, idx, x)
+        if self.null_unmatched:
+            gates, idx = null_route_unmatched(gates, idx, ctx)
+        return gates, idx

@@ -11,7 +11,10 @@ import importlib
 
 from moecli.errors import UserError
 
-_MODULES = {"memoe": ("moecli.methods.memoe", "MEMoE")}
+_MODULES = {
+    "memoe": ("moecli.methods.memoe", "MEMoE"),
+    "lemoe": ("moecli.methods.lemoe", "LEMoE"),
+}
 METHOD_NAMES = tuple(_MODULES)
 
 

@@ -1,0 +1,131 @@
+"""LEMoE (Wang & Li, EMNLP 2024): lifelong editing, one new expert per batch, earlier ones frozen.
+
+Per batch t [paper]: add expert E_t and key k_t, freeze every earlier expert and key, train E_t,
+k_t and the router projection. Routing is per instance by the anchor (mean-pooled input embedding
+over the entity span), the same in training and inference. Two routers:
+- `kv` [paper]: `v = W_up SiLU(W_down e)`, `top_1(softmax_i(k_i · v))`, learned;
+- `knn` [choice, moecli's default]: every edit's anchor vector is a key in a FAISS inner-product
+  store pointing to its batch's expert; nearest key wins, below `threshold` nobody does. Nothing
+  learned, so routing of earlier batches never drifts when new ones arrive.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from moecli.anchors import AnchorStore, record_anchor_vectors
+from moecli.errors import UserError
+from moecli.methods.base import BypassConfig, BypassMethod
+from moecli.records import EditRecord
+from moecli.routing import KNNRouter, KVAnchorRouter
+from moecli.training import Progress, train_on_pairs
+
+ROUTERS = ("knn", "kv")
+
+
+@dataclass
+class LEMoEConfig(BypassConfig):
+    """LEMoE options; `recipes/lemoe-paper.yaml` sets the paper's (kv router, dense experts, lr 2e-4)."""
+
+    router: str = "knn"  # knn (moecli) | kv (paper)
+    threshold: float = 0.8  # knn: minimum cosine similarity to route to an expert
+    index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
+    null_route: bool = True  # [choice] inputs naming no edited entity get no expert
+    router_hidden: int = 64  # kv: width of W_down
+    key_dim: int = 64  # kv: width of the keys
+    route_loss_weight: float = 1.0  # kv [choice]: CE pushing batch t's inputs to expert t
+
+    def validate(self) -> None:
+        super().validate()
+        if self.router not in ROUTERS:
+            raise UserError(f"router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise UserError(f"threshold must be a cosine similarity in [-1, 1] (got {self.threshold})")
+        if self.index not in ("flat", "hnsw"):
+            raise UserError(f"index must be flat or hnsw (got {self.index!r})")
+
+
+class LEMoE(BypassMethod):
+    name = "lemoe"
+    config_class = LEMoEConfig
+    config: LEMoEConfig
+
+    def make_router(self) -> torch.nn.Module:
+        c = self.config
+        if c.router == "knn":
+            self.store = AnchorStore(self.d_anchor, c.index)
+            return KNNRouter(self.store, c.threshold, c.null_route)
+        return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
+
+    def _anchors(self, texts: list[str]) -> torch.Tensor:
+        emb = self.loaded.model.get_input_embeddings()
+        vectors, _ = record_anchor_vectors(emb, self.loaded.tokenizer, texts, self.context)
+        return vectors.float()
+
+    def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
+        self.register_anchors(records)
+        self.freeze([self.bypass])
+        expert_id = self.bypass.add_expert(self.generator)
+        router = self.bypass.router
+        anchors = self._anchors([r.prompt for r in records])
+        modules: list[torch.nn.Module] = [self.bypass.experts[expert_id]]
+        extra = None
+        if self.config.router == "knn":
+            self.store.add(anchors.cpu().numpy(), [expert_id] * len(records))
+        else:
+            with torch.no_grad():
+                init = torch.nn.functional.normalize(router.project(anchors).mean(0), dim=0) * 4.0
+            router.add_key(init)
+            params_router = [router.w_down, router.w_up, router.keys[expert_id]]
+            target = torch.full((len(records),), expert_id, dtype=torch.long, device=anchors.device)
+            weight = self.config.route_loss_weight
+
+            def extra():
+                if weight <= 0:
+                    return None
+                scores = router.project(anchors) @ torch.stack(list(router.keys)).t()
+                return weight * torch.nn.functional.cross_entropy(scores, target)
+
+        params = self.trainable(modules)
+        if self.config.router == "kv":
+            for p in params_router:
+                p.requires_grad_(True)
+            params += params_router
+        retain = self.retain_set(records)
+        try:
+            stats = train_on_pairs(
+                self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target) for r in records],
+                self.config.train_config(), extra_loss=extra, retain=retain, train_modules=[self.bypass],
+                progress=progress,
+            )
+        finally:
+            self.freeze([self.bypass])
+        self._last_expert = expert_id
+        return {"steps": stats.steps, "loss": stats.loss, "all_correct": stats.all_correct,
+                "seconds": stats.seconds, "expert": expert_id}
+
+    def expert_of(self, record_index_in_batch: int) -> int | None:
+        return getattr(self, "_last_expert", None)
+
+    def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
+        config, tensors, files = super().export_state()
+        if self.config.router == "knn":
+            files["anchors.faiss"] = self.store.to_bytes()
+            files["anchor_values.json"] = json.dumps(self.store.values.tolist()).encode()
+        return config, tensors, files
+
+    def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+        if self.config.router == "kv":
+            n = adapter_config.get("n_experts", 0)
+            while len(self.bypass.router.keys) < n:
+                self.bypass.router.add_key(torch.zeros(self.config.key_dim))
+        super().load_state(adapter_config, tensors, files)
+        if self.config.router == "knn":
+            if "anchors.faiss" not in files:
+                raise UserError("adapter: missing anchors.faiss (the LEMoE anchor store)")
+            values = json.loads(files.get("anchor_values.json", b"[]"))
+            self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.config.index)
+            self.bypass.router.store = self.store

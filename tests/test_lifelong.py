@@ -1,0 +1,71 @@
+"""LEMoE and the lifelong loop on a tiny model: routing keeps old edits, resume equals no interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecli.checkpoint import load_checkpoint
+from moecli.engine import RunSpec, load_run_spec, run_edits
+from moecli.recipes import build_config
+from moecli.records import EditRecord, LocalityPair
+from moecli.testing import make_tiny_model
+
+NAMES = ["Alice Moreau", "Bruno Keller", "Clara Novak", "Daniel Silva", "Elena Rossi", "Felix Okafor"]
+CITIES = ["Tokyo", "Lima", "Cairo", "Oslo", "Rome", "Kyoto"]
+RECORDS = [
+    EditRecord(prompt=f"{n} was born in", target=c, subject=n, rephrases=[f"Where was {n} born?"],
+               locality=[LocalityPair("The capital of France is", "Paris", "other")])
+    for n, c in zip(NAMES, CITIES)
+]
+FAST = {"lr": 0.02, "max_steps": 60, "retain": "none"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _spec(tiny_dir: Path, out: Path, router: str = "knn", eval_every: int = 0) -> RunSpec:
+    return RunSpec(command="lifelong", method="lemoe", config=build_config("lemoe", overrides={**FAST, "router": router}),
+                   records=RECORDS, batch_size=2, out_dir=out, model_path=tiny_dir, generation=False,
+                   protocol="lifelong", eval_every=eval_every)
+
+
+def test_knn_lemoe_keeps_every_edit(tiny_dir, tmp_path):
+    report = run_edits(_spec(tiny_dir, tmp_path / "run", eval_every=1))
+    assert report["summary"]["rel"] == 1.0  # the knn router never forgets an earlier batch
+    assert report["summary"]["loc"] == 1.0
+    assert [p["step"] for p in report["retention"]] == [1, 2, 3]
+    ckpt = load_checkpoint(tmp_path / "run" / "adapter")
+    assert ckpt.config["n_experts"] == 3
+    assert [e["expert"] for e in ckpt.ledger] == [0, 0, 1, 1, 2, 2]
+
+
+def test_paper_kv_router_runs(tiny_dir, tmp_path):
+    report = run_edits(_spec(tiny_dir, tmp_path / "kv", router="kv"))
+    assert report["summary"]["n_edits"] == len(RECORDS)
+    assert report["columns"]["after"]["rel"] > report["columns"]["before"]["rel"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_dir, tmp_path):
+    full = run_edits(_spec(tiny_dir, tmp_path / "full"))
+
+    def stop_after_two(stage: str, done: int, total: int) -> None:
+        if stage == "batches" and done == 2:
+            raise KeyboardInterrupt  # Ctrl-C right after the second checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        run_edits(_spec(tiny_dir, tmp_path / "cut"), progress=stop_after_two)
+    assert load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"] == 2
+    resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
+    a = load_checkpoint(tmp_path / "full" / "adapter").tensors
+    b = load_checkpoint(tmp_path / "cut" / "adapter").tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["summary"] == full["summary"]
