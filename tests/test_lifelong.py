@@ -29,7 +29,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _spec(tiny_dir: Path, out: Path, router: str = "knn", eval_every: int = 0) -> RunSpec:
-    return RunSpec(command="lifelong", method="lemoe", config=build_config("lemoe", overrides={**FAST, "router": router}),
+    config = build_config("lemoe", overrides={**FAST, "router": router})
+    return RunSpec(command="lifelong", method="lemoe", config=config,
                    records=RECORDS, batch_size=2, out_dir=out, model_path=tiny_dir, generation=False,
                    protocol="lifelong", eval_every=eval_every)
 
