@@ -9,9 +9,15 @@ generation all call the same `AnchorContext.compute`, so an input reaches the sa
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+
+PROMPT_LENGTHS: ContextVar[list[int] | None] = ContextVar("moecli_prompt_lengths", default=None)
+"""Set by code that feeds `prompt + answer` at once (training, teacher-forced scoring): how many
+tokens of each row are the prompt. Routers that decide from the last prompt token (SCEN) read it;
+when unset, the whole (unpadded) input of the first forward is the prompt, as in generation."""
 
 
 class AnchorTrie:
@@ -77,6 +83,8 @@ class AnchorContext:
     matched: torch.Tensor | None = None
     spans: list[tuple[int, int] | None] = field(default_factory=list)
     skip_token_ids: set[int] = field(default_factory=set)
+    prompt_last: torch.Tensor | None = None  # [B] position of each row's last prompt token
+    continuation: bool = False  # a later generation step (KV cache filled): keep earlier routes
 
     @torch.no_grad()
     def compute(self, embedding: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -101,6 +109,13 @@ class AnchorContext:
                 span_mask[b, pos] = True
                 matched.append(True)
                 spans.append((pos[0], pos[-1] + 1))
+        lengths = PROMPT_LENGTHS.get()
+        if lengths is not None and len(lengths) == len(rows):
+            last = [n - 1 for n in lengths]
+        else:
+            last = [max((i for i, a in enumerate(am) if a), default=0) for am in masks]
+        self.prompt_last = torch.tensor(last, device=input_ids.device)
+        self.continuation = False
         embeds = embedding(input_ids)
         self.vectors = mean_embedding(embeds.float(), span_mask).to(embeds.dtype)
         self.matched = torch.tensor(matched, device=input_ids.device)

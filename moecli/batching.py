@@ -65,9 +65,22 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    prompt_lengths: list[int]
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.prompt_lengths)
+
+
+def forward(model, batch: Batch):
+    """Run `model` on a batch, telling prompt-aware routers (SCEN) where each prompt ends."""
+    from moecli.anchors import PROMPT_LENGTHS
+
+    token = PROMPT_LENGTHS.set(batch.prompt_lengths)
+    try:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        PROMPT_LENGTHS.reset(token)
 
 
 def collate(items: list[EncodedPair], pad_id: int) -> Batch:
@@ -81,7 +94,7 @@ def collate(items: list[EncodedPair], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(it.ids, dtype=torch.long)
         attention[row, :n] = 1
         labels[row, it.answer_start : n] = torch.tensor(it.answer_ids, dtype=torch.long)
-    return Batch(input_ids, attention, labels)
+    return Batch(input_ids, attention, labels, [it.answer_start for it in items])
 
 
 def pad_id_of(tokenizer) -> int:

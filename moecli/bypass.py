@@ -118,7 +118,8 @@ class Injection:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return  # a later generation step: keep the prompt's anchors
+            self.bypass.context.continuation = True
+            return  # a later generation step: keep the prompt's anchors and routes
         if input_ids is None:
             return
         embedding = self.model.get_input_embeddings()

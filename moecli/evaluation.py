@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecli.batching import collate, encode_pair, encode_prompt, masked_ce, pad_id_of, shifted_predictions
+from moecli.batching import (
+    collate,
+    encode_pair,
+    encode_prompt,
+    forward,
+    masked_ce,
+    pad_id_of,
+    shifted_predictions,
+)
 from moecli.records import EditRecord
 
 Progress = Callable[[str, int, int], None]
@@ -63,7 +71,7 @@ def score_pairs(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([encoded[i] for i in idx], pad).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = forward(model, batch)
         preds, mask = shifted_predictions(logits, batch.labels)
         nll = masked_ce(logits, batch.labels, reduction="none")
         for row, i in enumerate(idx):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moecli.batching import Batch, collate, encode_pair, masked_ce, pad_id_of, shifted_predictions
+from moecli.batching import Batch, collate, encode_pair, forward, masked_ce, pad_id_of, shifted_predictions
 
 Progress = Callable[[str, int, int], None]
 
@@ -95,7 +95,7 @@ def train_on_pairs(
             opt.zero_grad(set_to_none=True)
             correct, total_loss = True, 0.0
             for batch in batches:
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                logits = forward(model, batch)
                 loss = masked_ce(logits, batch.labels) * (len(batch.input_ids) / len(encoded))
                 extra = extra_loss() if extra_loss else None
                 if extra is not None:
@@ -130,7 +130,7 @@ def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch
         m.eval()
     try:
         for batch in batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = forward(model, batch)
             preds, mask = shifted_predictions(logits, batch.labels)
             if not bool((preds[mask] == batch.labels[mask]).all()):
                 return False
@@ -143,7 +143,7 @@ def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch
 def retain_loss(model, retain: RetainSet) -> torch.Tensor:
     """KL(base ‖ edited) over every non-pad position of the retain prompts."""
     batch = retain.batch
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    logits = forward(model, batch).float()
     kl = F.kl_div(logits.log_softmax(-1), retain.log_probs, log_target=True, reduction="none").sum(-1)
     mask = batch.attention_mask.float()
     return (kl * mask).sum() / mask.sum().clamp(min=1)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from moecli.anchors import AnchorContext
+from moecli.batching import forward
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
@@ -155,7 +156,7 @@ class BypassMethod(EditMethod):
 
         def base_forward(batch):
             with bypass_disabled(self.bypass):
-                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                return forward(model, batch)
 
         return RetainSet.from_prompts(model, self.loaded.tokenizer, prompts, base_forward)
 
