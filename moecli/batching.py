@@ -58,6 +58,12 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     )
 
 
+def prompt_only(tokenizer, prompt: str) -> EncodedPair:
+    """A prompt with no answer (every position is a prompt position), for retain sets and probes."""
+    ids = encode_prompt(tokenizer, prompt)
+    return EncodedPair(ids=ids, answer_start=len(ids))
+
+
 @dataclass
 class Batch:
     """A right-padded batch; `labels` hold answer token ids and -100 everywhere else."""

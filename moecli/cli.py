@@ -131,14 +131,17 @@ def default_out_dir(command: str) -> Path:
 
 def print_metrics(columns: dict[str, dict], title: str) -> None:
     """A rich table: one row per metric, one column per model state (before / after …)."""
+    from rich.markup import escape
+
     from moecli.reports import metric_rows
 
-    table = Table(title=title)
+    # Labels such as "Loc[nq]" and model names are text, not rich markup (which would eat "[nq]").
+    table = Table(title=escape(title))
     table.add_column("metric")
     for name in columns:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for label, cells in metric_rows(columns):
-        table.add_row(label, *cells)
+        table.add_row(escape(label), *cells)
     out_console.print(table)
 
 
@@ -173,8 +176,6 @@ def evaluate(
     Without --adapter, the model is its own locality baseline (Loc = 1.0) and Known shows how well
     it states the old facts.
     """
-    from moecli.evaluation import evaluate_records
-    from moecli.modeling import load_model
     from moecli.records import read_records
     from moecli.reports import write_report
 
@@ -187,6 +188,10 @@ def evaluate(
     read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
     if not read.records:
         raise UserError(f"{data}: no valid records to evaluate")
+    # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
+    from moecli.evaluation import evaluate_records
+    from moecli.modeling import load_model
+
     loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
     kwargs = dict(batch_size=eval_batch_size, generation=generate, perplexity=read.format == "hallucination")
     with progress_reporter(not quiet) as progress:

@@ -134,3 +134,66 @@ class KVAnchorRouter(nn.Module):
         if self.null_unmatched:
             gates, idx = null_route_unmatched(gates, idx, ctx)
         return gates, idx
+
+
+class IndexingNeuronRouter(nn.Module):
+    """SCEN's router [paper]: one indexing neuron per expert, scored once at the last prompt token.
+
+    `s_i = sigmoid(w_i · h)` with `h` the target module's input at the prompt's last token; the best
+    neuron's expert runs at every position if `s > θ`, otherwise none does. The decision is kept for
+    later generation steps. `forced` pins every input to one expert (stage-1 training). With many
+    neurons, a FAISS inner-product index finds the best one (sigmoid is monotonic, so the top inner
+    product is the top score).
+    """
+
+    def __init__(self, d_in: int, threshold: float = 0.65, faiss_above: int = 4096, normalize: bool = True) -> None:
+        super().__init__()
+        self.threshold, self.faiss_above, self.normalize = threshold, faiss_above, normalize
+        self.register_buffer("neurons", torch.zeros(0, d_in))
+        self.forced: int | None = None
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._index = None
+
+    def add_neuron(self, w: torch.Tensor) -> None:
+        self.neurons = torch.cat([self.neurons, w.detach().reshape(1, -1).to(self.neurons)], 0)
+        self._index = None
+
+    def prepare(self, h: torch.Tensor) -> torch.Tensor:
+        """[choice] Scale `h` to unit RMS, so θ and the neuron learning rate mean the same thing on
+        every model (FFN activations differ by orders of magnitude between models)."""
+        h = h.float()
+        return h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6) if self.normalize else h
+
+    def best(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best score [B], its expert id [B]) for last-prompt-token inputs `h` [B, d_in]."""
+        h = self.prepare(h)
+        n = self.neurons.shape[0]
+        if n == 0:
+            return torch.zeros(h.shape[0], device=h.device), torch.full((h.shape[0],), -1, device=h.device)
+        if n > self.faiss_above:
+            import faiss
+
+            if self._index is None:
+                self._index = faiss.IndexFlatIP(self.neurons.shape[1])
+                self._index.add(self.neurons.float().cpu().numpy())
+            ip, ids = self._index.search(h.detach().float().cpu().numpy(), 1)
+            score = torch.sigmoid(torch.as_tensor(ip[:, 0], device=h.device))
+            return score, torch.as_tensor(ids[:, 0], device=h.device)
+        scores = torch.sigmoid(h.float() @ self.neurons.float().t())
+        return scores.max(-1)
+
+    def forward(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        if self.forced is not None:
+            idx = torch.full((b, 1), self.forced, device=x.device)
+            return _per_input(torch.ones(b, 1, device=x.device), idx, x)
+        if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
+            gates, idx = self._cached
+            return _per_input(gates, idx, x)
+        last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
+        h = x[torch.arange(b, device=x.device), last]
+        score, idx = self.best(h)
+        idx = torch.where(score > self.threshold, idx, torch.full_like(idx, -1))
+        gates = (idx >= 0).float()
+        self._cached = (gates.unsqueeze(-1), idx.unsqueeze(-1))
+        return _per_input(gates.unsqueeze(-1), idx.unsqueeze(-1), x)

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moecli.batching import Batch, collate, encode_pair, forward, masked_ce, pad_id_of, shifted_predictions
+from moecli.batching import (
+    Batch,
+    collate,
+    encode_pair,
+    forward,
+    masked_ce,
+    pad_id_of,
+    prompt_only,
+    shifted_predictions,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -53,9 +62,7 @@ class RetainSet:
     @torch.no_grad()
     def from_prompts(cls, model, tokenizer, prompts: Sequence[str], base_forward: Callable) -> RetainSet:
         """Encode prompts and record the base model's distributions (`base_forward` runs it unedited)."""
-        items = [encode_pair(tokenizer, p, "") for p in prompts]
-        for it in items:  # no answer: every position is a prompt position
-            it.answer_start = len(it.ids)
+        items = [prompt_only(tokenizer, p) for p in prompts]
         batch = collate(items, pad_id_of(tokenizer)).to(model.get_input_embeddings().weight.device)
         logits = base_forward(batch)
         return cls(batch, logits.float().log_softmax(-1))

@@ -14,6 +14,7 @@ from moecli.errors import UserError
 _MODULES = {
     "memoe": ("moecli.methods.memoe", "MEMoE"),
     "lemoe": ("moecli.methods.lemoe", "LEMoE"),
+    "scen": ("moecli.methods.scen", "SCEN"),
 }
 METHOD_NAMES = tuple(_MODULES)
 

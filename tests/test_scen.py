@@ -1,0 +1,48 @@
+"""SCEN on a tiny model: stage 1 makes the edit, stage 2's neuron gates it, the router thresholds."""
+
+from __future__ import annotations
+
+import torch
+
+from moecli.anchors import AnchorContext
+from moecli.evaluation import compute_baseline, evaluate_records
+from moecli.methods.scen import SCEN, SCENConfig
+from moecli.modeling import load_model
+from moecli.records import EditRecord
+from moecli.routing import IndexingNeuronRouter
+from moecli.testing import make_tiny_model
+
+
+def test_single_edit_takes_and_is_gated(tmp_path):
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    rec = EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau")
+    base = compute_baseline(loaded.model, loaded.tokenizer, [rec])
+    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200), seed=0)
+    stats = method.apply_batch([rec], 0)
+    assert stats["all_correct"]
+    after = evaluate_records(loaded.model, loaded.tokenizer, [rec], base, generation=True).summary
+    assert after["rel"] == 1.0 and after["rel_em"] == 1.0
+    h = method.last_token_inputs([rec.prompt])
+    score, idx = method.bypass.router.best(h)
+    assert idx.item() == 0 and score.item() > method.config.threshold
+
+
+def test_router_thresholds_and_faiss_agrees_with_matmul():
+    torch.manual_seed(0)
+    router = IndexingNeuronRouter(d_in=8, threshold=0.65, faiss_above=1000)
+    neurons = torch.randn(5, 8) * 3
+    for w in neurons:
+        router.add_neuron(w)
+    h = torch.randn(16, 8)
+    s1, i1 = router.best(h)
+    router.faiss_above = 0
+    s2, i2 = router.best(h)
+    assert torch.equal(i1, i2) and torch.allclose(s1, s2, atol=1e-5)
+    ctx = AnchorContext()
+    ctx.prompt_last = torch.tensor([2] * 16)
+    x = torch.zeros(16, 4, 8)
+    x[:, 2] = h
+    gates, idx = router(x, ctx)
+    expect = torch.where(s1 > 0.65, i1, torch.full_like(i1, -1))
+    assert torch.equal(idx[:, 0, 0], expect)
+    assert torch.equal(gates[:, 0, 0], (expect >= 0).float())
