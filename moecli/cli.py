@@ -453,10 +453,6 @@ def lifelong(
 
         records = list(records)
         random.Random(seed).shuffle(records)
-    elif order == "planned":
-        from moecli.planning import plan_batches
-
-        records = [r for batch in plan_batches(records, batch_size, model=None, seed=seed).batches for r in batch]
     _run_editing(
         "lifelong", records, read.format, data, batch_size, method, recipe, sets,
         {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
@@ -466,9 +462,51 @@ def lifelong(
 
 
 @app.command("plan-order")
-def plan_order() -> None:
-    """Plan a clustering-based editing order (LEMoE) and write the planned records."""
-    _not_yet("plan-order")
+def plan_order(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the planned records (moecli JSONL).")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Edits per batch (b).")] = 10,
+    embedder: Annotated[
+        str, typer.Option("--embedder", help="anchor (the model's input embeddings over the subject) | minilm.")
+    ] = "anchor",
+    fmt: FormatOpt = None,
+    skip_invalid: SkipOpt = False,
+    limit: LimitOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Plan a clustering-based editing order (LEMoE): k-means over edit embeddings, batches of
+    similar edits, consecutive batches dissimilar. Writes the records in planned order with their
+    batch index (read it back with `lifelong --order file`)."""
+    from moecli.planning import EMBEDDERS, plan_batches, write_plan
+
+    if embedder not in EMBEDDERS:
+        raise UserError(f"--embedder {embedder!r}: choose {', '.join(EMBEDDERS)}")
+    read = _load_records(data, fmt, skip_invalid, limit)
+    loaded = None
+    if embedder == "anchor":
+        from moecli.modeling import load_model
+
+        loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
+    plan = plan_batches(read.records, batch_size, loaded=loaded, seed=seed, embedder=embedder)
+    write_plan(plan, out)
+    stats = plan.stats
+    if as_json:
+        sys.stdout.write(json.dumps(stats) + "\n")
+        return
+    table = Table(title=f"{len(read.records)} records · batches of {batch_size} · {embedder} embeddings")
+    table.add_column("order")
+    table.add_column("within batches", justify="right")
+    table.add_column("between consecutive", justify="right")
+    for name in ("planned", "file", "random"):
+        if name in stats:
+            table.add_row(name, f"{stats[name]['within']:.3f}", f"{stats[name]['between_consecutive']:.3f}")
+    out_console.print(table)
+    err_console.print(f"planned records: {out}", markup=False)
 
 
 def _mount_world() -> None:

@@ -183,6 +183,11 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
     batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
     with RunLock(spec.out_dir):
+        if not resume and spec.order == "planned":
+            from moecli.planning import plan_batches
+
+            spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
+            batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
         if not resume:
             atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
         resume = resume and (spec.out_dir / "adapter").exists()

