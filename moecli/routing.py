@@ -41,9 +41,17 @@ class AnchorGate(nn.Module):
     def __init__(
         self, d_in: int, d_anchor: int, n_experts: int, top_k: int = 1, noisy: bool = True,
         null_unmatched: bool = True, generator: torch.Generator | None = None, noise_bias: float = -3.0,
+        null_gate: bool = False,
     ) -> None:
         super().__init__()
         self.top_k, self.noisy, self.null_unmatched = top_k, noisy, null_unmatched
+        # [choice] a per-token "act" gate sigmoid(u · R(x_t) + c) multiplying the chosen expert's gate:
+        # softmax top-k always picks *some* expert, so without it every token of a matched input is
+        # changed; with it the router can learn to leave a token alone (e.g. the subject's tokens,
+        # or the last token of another question about the same entity).
+        self.null_gate = null_gate
+        self.w_act = nn.Parameter(torch.zeros(d_in + d_anchor))
+        self.b_act = nn.Parameter(torch.tensor(2.0))
         w = torch.empty(n_experts, d_in + d_anchor)
         w.normal_(0.0, 0.02, generator=generator)
         self.w_gate = nn.Parameter(w)
@@ -61,6 +69,8 @@ class AnchorGate(nn.Module):
             logits = logits + torch.randn_like(logits) * F.softplus(r @ self.w_noise.t() + self.noise_bias)
         probs = logits.softmax(-1)
         gates, idx = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        if self.null_gate:
+            gates = gates * torch.sigmoid(r @ self.w_act + self.b_act).unsqueeze(-1)
         # Switch-style load balancing: fraction routed to each expert × mean probability.
         n = probs.shape[-1]
         frac = F.one_hot(idx[..., 0], n).float().mean(dim=(0, 1))

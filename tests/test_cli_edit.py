@@ -116,7 +116,7 @@ def test_shipped_recipes_equal_the_defaults():
     from moecli.methods import get_method
 
     root = Path(__file__).resolve().parents[1] / "recipes"
-    for name in ("memoe", "lemoe", "scen"):
+    for name in ("memoe", "lemoe", "scen", "ft", "lora", "grace"):
         recipe = yaml.safe_load((root / f"{name}.yaml").read_text())
         assert recipe.pop("method") == name
         assert recipe == dataclasses.asdict(get_method(name).config_class()), name

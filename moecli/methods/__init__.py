@@ -15,6 +15,9 @@ _MODULES = {
     "memoe": ("moecli.methods.memoe", "MEMoE"),
     "lemoe": ("moecli.methods.lemoe", "LEMoE"),
     "scen": ("moecli.methods.scen", "SCEN"),
+    "ft": ("moecli.methods.finetune", "FineTune"),
+    "lora": ("moecli.methods.lora", "LoRA"),
+    "grace": ("moecli.methods.grace", "GRACE"),
 }
 METHOD_NAMES = tuple(_MODULES)
 

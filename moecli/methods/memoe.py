@@ -25,6 +25,7 @@ class MEMoEConfig(BypassConfig):
     noisy_gate: bool = True  # noisy top-k gating during training [paper]
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     aux_loss_weight: float = 0.0  # [choice] Switch load-balancing loss weight
+    null_gate: bool = True  # [choice] a learned per-token gate that lets the router leave a token alone
 
     def validate(self) -> None:
         super().validate()
@@ -46,7 +47,8 @@ class MEMoE(BypassMethod):
 
     def make_router(self) -> AnchorGate:
         c = self.config
-        return AnchorGate(self.d_in, self.d_anchor, c.n_experts, c.top_k, c.noisy_gate, c.null_route, self.generator)
+        return AnchorGate(self.d_in, self.d_anchor, c.n_experts, c.top_k, c.noisy_gate, c.null_route, self.generator,
+                          null_gate=c.null_gate)
 
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
         self.register_anchors(records)
