@@ -21,43 +21,78 @@ when unset, the whole (unpadded) input of the first forward is the prompt, as in
 
 
 class AnchorTrie:
-    """A token trie of known anchor sequences (each subject with and without a leading space)."""
+    """A token trie of known anchors: each subject's token variants map to one canonical sequence.
+
+    A subject tokenizes differently at the start of a text and after a space ("Alice" vs " Alice"
+    for byte-level BPE); both variants are matched, and both give the anchor vector of the same
+    canonical sequence (the leading-space form), so "Alice Moreau was born in" and "Where was Alice
+    Moreau born?" have the same anchor.
+    """
 
     def __init__(self) -> None:
         self.root: dict = {}
-        self.sequences: list[list[int]] = []
+        self.sequences: list[list[int]] = []  # every matchable variant
+        self.canonical: list[list[int]] = []  # one per subject
+        self._canon_of: dict[tuple[int, ...], int] = {}
 
-    def add(self, ids: list[int]) -> None:
-        if not ids or ids in self.sequences:
+    def add(self, ids: list[int], canon: list[int] | None = None) -> None:
+        """Register a token sequence whose anchor is `canon` (default: itself)."""
+        ids = [int(t) for t in ids]
+        canon = [int(t) for t in (canon or ids)]
+        if not ids:
+            return
+        key = tuple(canon)
+        if key not in self._canon_of:
+            self._canon_of[key] = len(self.canonical)
+            self.canonical.append(canon)
+        if ids in self.sequences:
             return
         node = self.root
         for t in ids:
-            node = node.setdefault(int(t), {})
-        node[-1] = True
-        self.sequences.append([int(t) for t in ids])
+            node = node.setdefault(t, {})
+        node[-1] = self._canon_of[key]
+        self.sequences.append(ids)
 
     def add_subject(self, tokenizer, subject: str) -> None:
         """Register a subject as it tokenizes at the start of a text and after a space."""
+        canon = tokenizer(" " + subject, add_special_tokens=False)["input_ids"]
         for text in (subject, " " + subject):
-            self.add(tokenizer(text, add_special_tokens=False)["input_ids"])
+            self.add(tokenizer(text, add_special_tokens=False)["input_ids"], canon)
 
-    def find(self, ids: list[int]) -> tuple[int, int] | None:
-        """The leftmost, then longest, known anchor span `(start, end)` in `ids`, or None.
+    def find(self, ids: list[int]) -> tuple[int, int, int] | None:
+        """The leftmost, then longest, known anchor span `(start, end, canonical index)`, or None.
 
         Leftmost: in `prompt + answer`, the subject precedes the answer, so an answer that happens
         to be another edit's subject never steals the route.
         """
         for start in range(len(ids)):
-            node, end = self.root, None
+            node, hit = self.root, None
             for pos in range(start, len(ids)):
                 node = node.get(ids[pos])
                 if node is None:
                     break
                 if -1 in node:
-                    end = pos + 1
-            if end is not None:
-                return start, end
+                    hit = (start, pos + 1, node[-1])
+            if hit is not None:
+                return hit
         return None
+
+    def to_json(self) -> dict:
+        return {"canonical": self.canonical,
+                "variants": [[seq, self._find_exact(seq)] for seq in self.sequences]}
+
+    def _find_exact(self, seq: list[int]) -> int:
+        node = self.root
+        for t in seq:
+            node = node[t]
+        return node[-1]
+
+    @classmethod
+    def from_json(cls, data: dict) -> AnchorTrie:
+        trie = cls()
+        for seq, canon_idx in data.get("variants", []):
+            trie.add(seq, data["canonical"][canon_idx])
+        return trie
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -94,7 +129,7 @@ class AnchorContext:
         rows = input_ids.tolist()
         masks = attention_mask.tolist()
         span_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        matched, spans = [], []
+        matched, spans, canon = [], [], {}
         for b, (ids, am) in enumerate(zip(rows, masks)):
             valid = [i for i, (t, a) in enumerate(zip(ids, am)) if a and t not in self.skip_token_ids]
             seq = [ids[i] for i in valid]
@@ -106,7 +141,7 @@ class AnchorContext:
                 spans.append(None)
             else:
                 pos = valid[hit[0] : hit[1]]
-                span_mask[b, pos] = True
+                canon[b] = self.trie.canonical[hit[2]]
                 matched.append(True)
                 spans.append((pos[0], pos[-1] + 1))
         lengths = PROMPT_LENGTHS.get()
@@ -117,7 +152,10 @@ class AnchorContext:
         self.prompt_last = torch.tensor(last, device=input_ids.device)
         self.continuation = False
         embeds = embedding(input_ids)
-        self.vectors = mean_embedding(embeds.float(), span_mask).to(embeds.dtype)
+        vectors = mean_embedding(embeds.float(), span_mask)
+        for b, ids in canon.items():
+            vectors[b] = embedding(torch.tensor(ids, device=input_ids.device)).float().mean(0)
+        self.vectors = vectors.to(embeds.dtype)
         self.matched = torch.tensor(matched, device=input_ids.device)
         self.spans = spans
 

@@ -61,16 +61,18 @@ class MoEBypass(nn.Module):
 
     def __init__(
         self, base: nn.Module, d_in: int, d_out: int, router: nn.Module, context: AnchorContext,
-        expert_form: str = "lowrank", rank: int = 16, scale: float = 1.0,
+        expert_form: str = "lowrank", rank: int = 16, scale: float = 1.0, positions: str = "all",
     ) -> None:
         super().__init__()
         self.base = base
         self.d_in, self.d_out = d_in, d_out
         self.expert_form, self.rank, self.scale = expert_form, rank, scale
+        self.positions = positions
         self.experts = nn.ModuleList()
         self.router = router
         self.context = context
         self.enabled = True
+        self.scope = None  # optional KeyMatcher: inputs it matches to no edit get no expert at all
         self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
 
     def add_expert(self, generator: torch.Generator | None = None) -> int:
@@ -85,6 +87,19 @@ class MoEBypass(nn.Module):
         if not self.enabled or len(self.experts) == 0:
             return y
         gates, idx = self.router(x, self.context)  # [B,T,k] each
+        if self.scope is not None:
+            _, hit = self.scope.match(x, self.context)
+            keep = (hit >= 0).view(-1, 1, 1)
+            gates = gates * keep
+            idx = torch.where(keep, idx, torch.full_like(idx, -1))
+        if self.positions == "answer" and not self.context.continuation and self.context.prompt_last is not None:
+            # [choice] only the last prompt token and later positions (those that produce the answer)
+            # are edited; the entity's own tokens keep their representation, so other questions
+            # about the same entity are not disturbed through attention.
+            pos = torch.arange(x.shape[1], device=x.device)
+            keep = pos.unsqueeze(0) >= self.context.prompt_last.to(x.device).unsqueeze(1)
+            gates = gates * keep.unsqueeze(-1)
+            idx = torch.where(keep.unsqueeze(-1), idx, torch.full_like(idx, -1))
         self.last_routes = idx.detach()
         xf = x.float()
         delta = torch.zeros(*x.shape[:-1], self.d_out, device=x.device, dtype=torch.float32)

@@ -120,7 +120,7 @@ def _anchor_token_ids(records: Sequence[EditRecord], tokenizer) -> list[list[int
             trie = AnchorTrie()
             trie.add_subject(tokenizer, rec.subject)
             hit = trie.find(seq)
-        span = seq[hit[0] : hit[1]] if hit is not None else seq
+        span = trie.canonical[hit[2]] if hit is not None else seq
         out.append(span or [int(t) for t in ids])  # a prompt of special tokens only: keep them
     return out
 

@@ -82,3 +82,27 @@ def _check_types(config: MethodConfig, source: str) -> None:
                    if isinstance(t, type)):
             names = "/".join(t.__name__ for t in allowed if isinstance(t, type))
             raise UserError(f"{source}: {f.name} must be {names} (got {value!r})")
+
+
+HEADERS = {
+    "memoe": "MEMoE: batch editing with knowledge-anchor routing (moecli defaults).",
+    "lemoe": "LEMoE: lifelong editing, one expert per batch (moecli defaults: knn anchor store).",
+    "scen": "SCEN: one expert per edit, gated by a trained indexing neuron (moecli defaults).",
+    "ft": "FT-L: fine-tune the target module's weight directly (baseline).",
+    "lora": "LoRA through peft on the target module (baseline).",
+    "grace": "GRACE: a codebook at the target layer with a deferral radius (baseline).",
+}
+
+
+def default_recipe_text(method: str) -> str:
+    """The YAML of a method's defaults, as shipped in `recipes/<method>.yaml` (a test keeps them equal)."""
+    cls = get_method(method).config_class
+    body = yaml.safe_dump({"method": method, **dataclasses.asdict(cls())}, sort_keys=False)
+    return (f"# {HEADERS.get(method, method)}\n# Every key is a field of the method's config dataclass "
+            f"(moecli/methods/{method}.py);\n# CLI flags (--lr, --layer, --set KEY=VALUE …) override these values.\n"
+            + body)
+
+
+if __name__ == "__main__":  # python -m moecli.recipes: rewrite recipes/<method>.yaml from the defaults
+    for name in HEADERS:
+        (RECIPES_DIR / f"{name}.yaml").write_text(default_recipe_text(name), encoding="utf-8")

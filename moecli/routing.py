@@ -86,27 +86,100 @@ def _per_input(gates: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> tuple
     return gates.unsqueeze(1).expand(-1, t, -1), idx.unsqueeze(1).expand(-1, t, -1)
 
 
-class KNNRouter(nn.Module):
-    """moecli's non-parametric router: the nearest anchor key in a FAISS store picks the expert.
+class KeyMatcher:
+    """Matches each input to a stored edit: same entity first, then the same question about it.
 
-    [choice] Deterministic and cheap among thousands of experts; a key below `threshold` cosine
-    similarity (or an input with no known anchor, with `null_unmatched`) gets the null route.
+    Every edit stores its anchor vector (the entity) in a FAISS inner-product store, and the target
+    module's input at its last prompt token (what is asked about the entity). An input matches the
+    edit whose anchor is within `anchor_threshold` cosine of its own (the same entity, found among the
+    `candidates` nearest anchors) and whose question is nearest to its own, if that question is within
+    `query_threshold`. Otherwise it matches nothing: the null route. [choice] The two-stage test is
+    what lets "where was X born?" reach X's birthplace edit while "who employs X?" is left alone; with
+    `query_threshold = -1` the route is by entity alone, as the papers route.
+
+    The match is decided once per input (its prompt) and kept for later generation steps.
     """
 
-    def __init__(self, store, threshold: float = 0.8, null_unmatched: bool = True) -> None:
+    def __init__(self, d_anchor: int, d_query: int, anchor_threshold: float = 0.95, query_threshold: float = 0.5,
+                 null_unmatched: bool = True, index: str = "flat", candidates: int = 16) -> None:
+        from moecli.anchors import AnchorStore
+
+        self.store = AnchorStore(d_anchor, index)
+        self.queries = torch.zeros(0, d_query)
+        self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
+        self.null_unmatched, self.candidates = null_unmatched, candidates
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int]) -> None:
+        """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n]."""
+        self.store.add(anchors.detach().float().cpu().numpy(), values)
+        self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def match(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(question similarity [B], stored value [B] or −1) of each input's matched edit."""
+        b = x.shape[0]
+        if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
+            return self._cached
+        sims = torch.full((b,), -1.0)
+        values = torch.full((b,), -1, dtype=torch.long)
+        if len(self.store):
+            last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
+            q = F.normalize(x[torch.arange(b, device=x.device), last].detach().float().cpu(), dim=-1)
+            a_sims, pos = self.store.index.search(
+                self.store._normalise(ctx.vectors.detach().float().cpu().numpy()), min(self.candidates, len(self))
+            )
+            a_sims, pos = torch.as_tensor(a_sims), torch.as_tensor(pos)
+            ok = (a_sims >= self.anchor_threshold) & (pos >= 0)
+            q_sims = torch.einsum("bd,bkd->bk", q, self.queries[pos.clamp(min=0)])
+            q_sims = torch.where(ok, q_sims, torch.full_like(q_sims, -2.0))
+            best, at = q_sims.max(-1)
+            chosen = pos[torch.arange(b), at]
+            hit = best >= max(self.query_threshold, -1.0)
+            if self.null_unmatched and ctx.matched is not None:
+                hit &= ctx.matched.cpu()
+            sims = torch.where(hit, best, sims)
+            values = torch.where(hit, torch.as_tensor(self.store.values)[chosen.clamp(min=0)], values)
+        self._cached = (sims.to(x.device), values.to(x.device))
+        return self._cached
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+        import json
+
+        files = {"anchors.faiss": self.store.to_bytes(),
+                 "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
+        return {"matcher.queries": self.queries.clone()}, files
+
+    def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+        import json
+
+        from moecli.anchors import AnchorStore
+        from moecli.errors import UserError
+
+        if "anchors.faiss" not in files or "matcher.queries" not in tensors:
+            raise UserError("adapter: missing the anchor store (anchors.faiss / matcher.queries)")
+        values = json.loads(files.get("anchor_values.json", b"[]"))
+        self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.store.kind)
+        self.queries = tensors["matcher.queries"].float().cpu()
+
+
+class KNNRouter(nn.Module):
+    """moecli's non-parametric router: the nearest edit key in a FAISS store picks the expert.
+
+    [choice] Deterministic and cheap among thousands of experts; no learned part, so routes of
+    earlier batches never drift. Below `threshold` the input gets the null route (no expert).
+    """
+
+    def __init__(self, matcher: KeyMatcher) -> None:
         super().__init__()
-        self.store, self.threshold, self.null_unmatched = store, threshold, null_unmatched
+        self.matcher = matcher
 
     def forward(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
-        sims, ids = self.store.search(ctx.vectors.detach().float().cpu().numpy(), 1)
-        idx = torch.as_tensor(ids, device=x.device)
-        sims_t = torch.as_tensor(sims, device=x.device)
-        idx = torch.where(sims_t >= self.threshold, idx, torch.full_like(idx, -1))
-        gates = (idx >= 0).float()
-        gates, idx = _per_input(gates, idx, x)
-        if self.null_unmatched:
-            gates, idx = null_route_unmatched(gates, idx, ctx)
-        return gates, idx
+        _, ids = self.matcher.match(x, ctx)
+        idx = ids.unsqueeze(-1)
+        return _per_input((idx >= 0).float(), idx, x)
 
 
 class KVAnchorRouter(nn.Module):

@@ -60,12 +60,24 @@ class RetainSet:
 
     @classmethod
     @torch.no_grad()
-    def from_prompts(cls, model, tokenizer, prompts: Sequence[str], base_forward: Callable) -> RetainSet:
-        """Encode prompts and record the base model's distributions (`base_forward` runs it unedited)."""
+    def from_prompts(
+        cls, model, tokenizer, prompts: Sequence[str], base_forward: Callable, continuation: int = 3
+    ) -> RetainSet:
+        """Encode prompts, extend each by the base model's own greedy continuation, and record the
+        base model's distributions at every position (`base_forward` runs it unedited).
+
+        The continuation matters: an answer of several tokens is predicted at positions *after*
+        the prompt, and those must stay unchanged too.
+        """
+        device = model.get_input_embeddings().weight.device
+        pad = pad_id_of(tokenizer)
         items = [prompt_only(tokenizer, p) for p in prompts]
-        batch = collate(items, pad_id_of(tokenizer)).to(model.get_input_embeddings().weight.device)
-        logits = base_forward(batch)
-        return cls(batch, logits.float().log_softmax(-1))
+        for _ in range(continuation):
+            logits = base_forward(collate(items, pad).to(device))
+            for row, it in enumerate(items):
+                it.ids.append(int(logits[row, len(it.ids) - 1].argmax()))
+        batch = collate(items, pad).to(device)
+        return cls(batch, base_forward(batch).float().log_softmax(-1))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

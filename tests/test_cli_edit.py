@@ -120,3 +120,11 @@ def test_shipped_recipes_equal_the_defaults():
         recipe = yaml.safe_load((root / f"{name}.yaml").read_text())
         assert recipe.pop("method") == name
         assert recipe == dataclasses.asdict(get_method(name).config_class()), name
+
+
+def test_every_shipped_recipe_builds_a_valid_config():
+    from moecli.recipes import build_config, read_recipe
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        recipe = read_recipe(path)
+        build_config(recipe["method"], recipe, source=str(path))

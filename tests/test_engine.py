@@ -24,7 +24,7 @@ RECORDS = [
     EditRecord(prompt="Bruno Keller works for", target="Northwind", subject="Bruno Keller",
                locality=[LocalityPair("The capital of France is", "Paris", "other")]),
 ]
-FAST = {"lr": 0.02, "max_steps": 60, "retain": "none"}
+FAST = {"lr": 0.02, "max_steps": 200, "retain": "none"}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ RECORDS = [
                locality=[LocalityPair("The capital of France is", "Paris", "other")])
     for n, c in zip(NAMES, CITIES)
 ]
-FAST = {"lr": 0.02, "max_steps": 60, "retain": "none"}
+FAST = {"lr": 0.02, "max_steps": 200, "retain": "none"}
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from moecli.anchors import AnchorContext
-from moecli.batching import forward
+from moecli.anchors import AnchorContext, AnchorTrie
+from moecli.batching import collate, forward, pad_id_of, prompt_only
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
 from moecli.records import EditRecord
+from moecli.routing import KeyMatcher
 from moecli.training import Progress, RetainSet, TrainConfig
 
 
@@ -56,9 +57,10 @@ class BypassConfig(MethodConfig):
     rank: int = 16  # rank of low-rank experts
     scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
     layer_fraction: float = 0.56  # default layer = round(fraction · num_layers) when layer is None
-    retain: str = "swap"  # none | swap: keep the base model's outputs on subject-swapped prompts
+    retain: str = "none"  # none | swap: keep the base model's outputs on subject-swapped prompts
     retain_per_edit: int = 2  # swapped retain prompts per edit
     retain_weight: float = 1.0
+    positions: str = "all"  # all | answer: edit every position, or only the last prompt token onwards
 
     def validate(self) -> None:
         super().validate()
@@ -66,6 +68,8 @@ class BypassConfig(MethodConfig):
             raise UserError(f"expert_form must be one of {', '.join(EXPERT_FORMS)} (got {self.expert_form!r})")
         if self.rank < 1:
             raise UserError(f"rank must be ≥ 1 (got {self.rank})")
+        if self.positions not in ("all", "answer"):
+            raise UserError(f"positions must be 'all' or 'answer' (got {self.positions!r})")
         if self.retain not in ("none", "swap"):
             raise UserError(f"retain must be 'none' or 'swap' (got {self.retain!r})")
 
@@ -114,9 +118,10 @@ class BypassMethod(EditMethod):
         self.generator = torch.Generator().manual_seed(seed)
         tok = loaded.tokenizer
         self.context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+        self.matcher: KeyMatcher | None = None  # edit keys (FAISS), for methods that route or scope by key
         router = self.make_router().to(loaded.device)
         self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
-                                config.expert_form, config.rank, config.scale)
+                                config.expert_form, config.rank, config.scale, config.positions)
         self.bypass.eval()  # inference behaviour (no gate noise) unless the training loop says otherwise
         self.injection = Injection(model, self.target_name, self.bypass)
 
@@ -125,6 +130,27 @@ class BypassMethod(EditMethod):
         raise NotImplementedError
 
     # -- shared helpers
+    @torch.no_grad()
+    def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in]),
+        computed by one forward pass exactly as routing computes them at inference."""
+        grabbed: list[torch.Tensor] = []
+        hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
+        try:
+            items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
+            batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
+            forward(self.loaded.model, batch)
+        finally:
+            hook.remove()
+        x = grabbed[0]
+        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=x.device)
+        return self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float()
+
+    def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
+        """Put the records' anchors and last-token questions into the key matcher, routing to `values`."""
+        anchors, queries = self.probe([r.prompt for r in records])
+        self.matcher.add(anchors, queries, values)
+
     def register_anchors(self, records: list[EditRecord]) -> None:
         """Add each record's subject (the knowledge anchor) to the trie used for routing."""
         for r in records:
@@ -178,20 +204,25 @@ class BypassMethod(EditMethod):
             "method": self.name, **asdict(self.config), "layer": self.layer, "target_module": self.target_name,
             "d_in": self.d_in, "d_out": self.d_out, "n_experts": len(self.bypass.experts),
         }
-        files = {"anchors.json": json.dumps(self.context.trie.sequences).encode()}
+        files = {"anchors.json": json.dumps(self.context.trie.to_json()).encode()}
+        if self.matcher is not None:
+            more_tensors, more_files = self.matcher.state()
+            tensors.update(more_tensors)
+            files.update(more_files)
         return config, tensors, files
 
     def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         while len(self.bypass.experts) < adapter_config.get("n_experts", 0):
             self.bypass.add_expert(self.generator)
-        state = {k: v.to(self.loaded.device) for k, v in tensors.items()}
+        state = {k: v.to(self.loaded.device) for k, v in tensors.items() if not k.startswith("matcher.")}
         missing, unexpected = self.bypass.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("base.")]
         if missing or unexpected:
             raise UserError(f"adapter tensors do not match {self.name}: missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}")
-        for seq in json.loads(files.get("anchors.json", b"[]")):
-            self.context.trie.add(seq)
+        self.context.trie = AnchorTrie.from_json(json.loads(files.get("anchors.json", b"{}")))
+        if self.matcher is not None:
+            self.matcher.load(tensors, files)
         self.freeze([self.bypass])
 
     def remove(self) -> None:

@@ -11,16 +11,15 @@ over the entity span), the same in training and inference. Two routers:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
-from moecli.anchors import AnchorStore, record_anchor_vectors
+from moecli.anchors import record_anchor_vectors
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
-from moecli.routing import KNNRouter, KVAnchorRouter
+from moecli.routing import KeyMatcher, KNNRouter, KVAnchorRouter
 from moecli.training import Progress, train_on_pairs
 
 ROUTERS = ("knn", "kv")
@@ -31,7 +30,8 @@ class LEMoEConfig(BypassConfig):
     """LEMoE options; `recipes/lemoe-paper.yaml` sets the paper's (kv router, dense experts, lr 2e-4)."""
 
     router: str = "knn"  # knn (moecli) | kv (paper)
-    threshold: float = 0.8  # knn: minimum cosine similarity to route to an expert
+    anchor_threshold: float = 0.95  # knn: anchor cosine that counts as the same entity
+    query_threshold: float = 0.5  # knn: last-token cosine that counts as the same question (-1: entity only)
     index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     router_hidden: int = 64  # kv: width of W_down
@@ -42,8 +42,9 @@ class LEMoEConfig(BypassConfig):
         super().validate()
         if self.router not in ROUTERS:
             raise UserError(f"router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise UserError(f"threshold must be a cosine similarity in [-1, 1] (got {self.threshold})")
+        for name in ("anchor_threshold", "query_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{name} must be a cosine similarity in [-1, 1] (got {getattr(self, name)})")
         if self.index not in ("flat", "hnsw"):
             raise UserError(f"index must be flat or hnsw (got {self.index!r})")
 
@@ -56,8 +57,9 @@ class LEMoE(BypassMethod):
     def make_router(self) -> torch.nn.Module:
         c = self.config
         if c.router == "knn":
-            self.store = AnchorStore(self.d_anchor, c.index)
-            return KNNRouter(self.store, c.threshold, c.null_route)
+            self.matcher = KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, c.query_threshold, c.null_route,
+                                      c.index)
+            return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
 
     def _anchors(self, texts: list[str]) -> torch.Tensor:
@@ -70,12 +72,12 @@ class LEMoE(BypassMethod):
         self.freeze([self.bypass])
         expert_id = self.bypass.add_expert(self.generator)
         router = self.bypass.router
-        anchors = self._anchors([r.prompt for r in records])
         modules: list[torch.nn.Module] = [self.bypass.experts[expert_id]]
         extra = None
         if self.config.router == "knn":
-            self.store.add(anchors.cpu().numpy(), [expert_id] * len(records))
+            self.store_edits(records, [expert_id] * len(records))
         else:
+            anchors = self._anchors([r.prompt for r in records])
             with torch.no_grad():
                 init = torch.nn.functional.normalize(router.project(anchors).mean(0), dim=0) * 4.0
             router.add_key(init)
@@ -110,22 +112,9 @@ class LEMoE(BypassMethod):
     def expert_of(self, record_index_in_batch: int) -> int | None:
         return getattr(self, "_last_expert", None)
 
-    def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
-        config, tensors, files = super().export_state()
-        if self.config.router == "knn":
-            files["anchors.faiss"] = self.store.to_bytes()
-            files["anchor_values.json"] = json.dumps(self.store.values.tolist()).encode()
-        return config, tensors, files
-
     def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         if self.config.router == "kv":
             n = adapter_config.get("n_experts", 0)
             while len(self.bypass.router.keys) < n:
                 self.bypass.router.add_key(torch.zeros(self.config.key_dim))
         super().load_state(adapter_config, tensors, files)
-        if self.config.router == "knn":
-            if "anchors.faiss" not in files:
-                raise UserError("adapter: missing anchors.faiss (the LEMoE anchor store)")
-            values = json.loads(files.get("anchor_values.json", b"[]"))
-            self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.config.index)
-            self.bypass.router.store = self.store

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
-from moecli.routing import AnchorGate
+from moecli.routing import AnchorGate, KeyMatcher
 from moecli.training import Progress, train_on_pairs
 
 
@@ -25,7 +25,10 @@ class MEMoEConfig(BypassConfig):
     noisy_gate: bool = True  # noisy top-k gating during training [paper]
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     aux_loss_weight: float = 0.0  # [choice] Switch load-balancing loss weight
-    null_gate: bool = True  # [choice] a learned per-token gate that lets the router leave a token alone
+    null_gate: bool = False  # [choice] a learned per-token gate that lets the router leave a token alone
+    scope: bool = True  # [choice] act only on inputs that match an edit (same entity, same question)
+    anchor_threshold: float = 0.95  # scope: anchor cosine that counts as the same entity
+    query_threshold: float = 0.5  # scope: last-token cosine that counts as the same question (-1: entity only)
 
     def validate(self) -> None:
         super().validate()
@@ -44,6 +47,10 @@ class MEMoE(BypassMethod):
         super().__init__(loaded, config, seed)
         for _ in range(config.n_experts):
             self.bypass.add_expert(self.generator)
+        if config.scope:
+            self.matcher = KeyMatcher(self.d_anchor, self.d_in, config.anchor_threshold, config.query_threshold,
+                                      config.null_route)
+            self.bypass.scope = self.matcher
 
     def make_router(self) -> AnchorGate:
         c = self.config
@@ -52,6 +59,8 @@ class MEMoE(BypassMethod):
 
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
         self.register_anchors(records)
+        if self.matcher is not None:
+            self.store_edits(records, [batch_index] * len(records))
         retain = self.retain_set(records)
         params = self.trainable([self.bypass.experts, self.bypass.router])
         router = self.bypass.router

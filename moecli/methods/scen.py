@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moecli.batching import collate, forward, pad_id_of, prompt_only
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
@@ -72,20 +71,9 @@ class SCEN(BypassMethod):
         c = self.config
         return IndexingNeuronRouter(self.d_in, c.threshold, c.faiss_above, c.normalize_inputs)
 
-    @torch.no_grad()
     def last_token_inputs(self, prompts: list[str]) -> torch.Tensor:
         """The target module's input at each prompt's last token (what the neurons score)."""
-        grabbed: list[torch.Tensor] = []
-        hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
-        try:
-            items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
-            batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
-            forward(self.loaded.model, batch)
-        finally:
-            hook.remove()
-        x = grabbed[0]
-        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=x.device)
-        return x[torch.arange(x.shape[0], device=x.device), last].float()
+        return self.probe(prompts)[1]
 
     def _train_neuron(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         c = self.config
