@@ -73,6 +73,8 @@ class MoEBypass(nn.Module):
         self.context = context
         self.enabled = True
         self.scope = None  # optional KeyMatcher: inputs it matches to no edit get no expert at all
+        self.matcher = None  # the method's KeyMatcher, when it has one (for key substitution)
+        self.key_substitution = False
         self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
 
     def add_expert(self, generator: torch.Generator | None = None) -> int:
@@ -82,10 +84,15 @@ class MoEBypass(nn.Module):
         self.experts.append(expert.to(device=ref.device, dtype=torch.float32))
         return len(self.experts) - 1
 
+    def _substitute_keys(self, x: torch.Tensor) -> torch.Tensor:
+        return _substitute_keys_impl(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled or len(self.experts) == 0:
             return y
+        if self.key_substitution and self.matcher is not None and not self.context.continuation:
+            x = self._substitute_keys(x)
         gates, idx = self.router(x, self.context)  # [B,T,k] each
         if self.scope is not None:
             _, hit = self.scope.match(x, self.context)
@@ -109,6 +116,21 @@ class MoEBypass(nn.Module):
             if sel.any():
                 delta[sel] += weight[sel].unsqueeze(-1).float() * self.experts[e](xf[sel])
         return y + (self.scale * delta).to(y.dtype)
+
+
+def _substitute_keys_impl(bypass: MoEBypass, x: torch.Tensor) -> torch.Tensor:
+    """[choice] At the last prompt token of an input matched to a stored edit, give the router and the
+    experts that edit's own input vector: a rephrasing then gets exactly the push the edit prompt was
+    trained with (the base module still sees the true input)."""
+    bypass.matcher.match(x, bypass.context)
+    rows = bypass.matcher.rows
+    if rows is None or not bool((rows >= 0).any()):
+        return x
+    x = x.clone()
+    hit = torch.nonzero(rows >= 0).flatten()
+    last = bypass.context.prompt_last.to(x.device)[hit].clamp(max=x.shape[1] - 1)
+    x[hit, last] = bypass.matcher.raw_queries[rows[hit].cpu()].to(x.device, x.dtype)
+    return x
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

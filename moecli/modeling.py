@@ -300,14 +300,16 @@ def num_layers(model: torch.nn.Module) -> int:
 
 
 def default_layer(model: torch.nn.Module, fraction: float = 0.56) -> int:
-    """The layer to edit by default: `round(fraction * num_layers)`, clamped to the valid range.
+    """The layer index to edit by default: `round(fraction * (num_layers - 1))`, clamped to the range.
 
-    0.56 puts it at layer 18 of 32, where LEMoE edits LLaMA2-7B. Rounds half up.
+    The fraction is a position between the first (0) and the last layer (1), so it means the same
+    depth on a 3-layer model and a 32-layer one: 0.56 gives index 17 of 0..31, the 18th layer, where
+    LEMoE edits LLaMA2-7B. Rounds half up.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     n = num_layers(model)
-    return min(max(int(math.floor(fraction * n + 0.5)), 0), n - 1)
+    return min(max(int(math.floor(fraction * (n - 1) + 0.5)), 0), n - 1)
 
 
 def find_target_module(model: torch.nn.Module, layer: int) -> tuple[str, torch.nn.Module]:

@@ -105,7 +105,9 @@ class KeyMatcher:
         from moecli.anchors import AnchorStore
 
         self.store = AnchorStore(d_anchor, index)
-        self.queries = torch.zeros(0, d_query)
+        self.queries = torch.zeros(0, d_query)  # unit-norm, for matching
+        self.raw_queries = torch.zeros(0, d_query)  # as computed, for key substitution
+        self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
         self.null_unmatched, self.candidates = null_unmatched, candidates
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -114,6 +116,7 @@ class KeyMatcher:
         """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n]."""
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
+        self.raw_queries = torch.cat([self.raw_queries, queries.detach().float().cpu()])
 
     def __len__(self) -> int:
         return len(self.store)
@@ -122,9 +125,11 @@ class KeyMatcher:
         """(question similarity [B], stored value [B] or −1) of each input's matched edit."""
         b = x.shape[0]
         if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
+            self.rows = torch.full((b,), -1, dtype=torch.long, device=x.device)  # no prompt token in this step
             return self._cached
         sims = torch.full((b,), -1.0)
         values = torch.full((b,), -1, dtype=torch.long)
+        rows = torch.full((b,), -1, dtype=torch.long)
         if len(self.store):
             last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
             q = F.normalize(x[torch.arange(b, device=x.device), last].detach().float().cpu(), dim=-1)
@@ -142,6 +147,8 @@ class KeyMatcher:
                 hit &= ctx.matched.cpu()
             sims = torch.where(hit, best, sims)
             values = torch.where(hit, torch.as_tensor(self.store.values)[chosen.clamp(min=0)], values)
+            rows = torch.where(hit, chosen, rows)
+        self.rows = rows.to(x.device)
         self._cached = (sims.to(x.device), values.to(x.device))
         return self._cached
 
@@ -150,7 +157,7 @@ class KeyMatcher:
 
         files = {"anchors.faiss": self.store.to_bytes(),
                  "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
-        return {"matcher.queries": self.queries.clone()}, files
+        return {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone()}, files
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         import json
@@ -163,6 +170,7 @@ class KeyMatcher:
         values = json.loads(files.get("anchor_values.json", b"[]"))
         self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.store.kind)
         self.queries = tensors["matcher.queries"].float().cpu()
+        self.raw_queries = tensors.get("matcher.raw_queries", self.queries).float().cpu()
 
 
 class KNNRouter(nn.Module):

@@ -130,7 +130,7 @@ def test_layer_out_of_range(llama_dir: Path) -> None:
 
 def test_default_layer(llama_dir: Path) -> None:
     model = load_model(llama_dir).model
-    assert default_layer(model) == 2  # round(0.56 * 4)
+    assert default_layer(model) == 2  # round(0.56 * 3)
     assert default_layer(model, 1.0) == 3  # clamped to the last layer
     assert default_layer(model, 0.0) == 0
 

@@ -29,8 +29,8 @@ class MethodConfig:
     """Options every method has. Field metadata `help` is shown by recipes and --help."""
 
     layer: int | None = None  # decoder layer to edit; None = the method's default
-    lr: float = 1e-3
-    max_steps: int = 100
+    lr: float = 1e-2
+    max_steps: int = 200
     weight_decay: float = 0.0
     early_stop: bool = True
 
@@ -60,7 +60,8 @@ class BypassConfig(MethodConfig):
     retain: str = "none"  # none | swap: keep the base model's outputs on subject-swapped prompts
     retain_per_edit: int = 2  # swapped retain prompts per edit
     retain_weight: float = 1.0
-    positions: str = "all"  # all | answer: edit every position, or only the last prompt token onwards
+    positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
+    key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
 
     def validate(self) -> None:
         super().validate()

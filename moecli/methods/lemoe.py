@@ -31,7 +31,7 @@ class LEMoEConfig(BypassConfig):
 
     router: str = "knn"  # knn (moecli) | kv (paper)
     anchor_threshold: float = 0.95  # knn: anchor cosine that counts as the same entity
-    query_threshold: float = 0.5  # knn: last-token cosine that counts as the same question (-1: entity only)
+    query_threshold: float = 0.6  # knn: last-token cosine that counts as the same question (-1: entity only)
     index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     router_hidden: int = 64  # kv: width of W_down
@@ -61,6 +61,11 @@ class LEMoE(BypassMethod):
                                       c.index)
             return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
+
+    def __init__(self, loaded, config: LEMoEConfig, seed: int = 0) -> None:
+        super().__init__(loaded, config, seed)
+        if self.matcher is not None:
+            self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 
     def _anchors(self, texts: list[str]) -> torch.Tensor:
         emb = self.loaded.model.get_input_embeddings()
