@@ -107,13 +107,19 @@ class KeyMatcher:
         self.store = AnchorStore(d_anchor, index)
         self.queries = torch.zeros(0, d_query)  # unit-norm, for matching
         self.raw_queries = torch.zeros(0, d_query)  # as computed, for key substitution
+        self.thresholds = torch.zeros(0)  # per stored edit: its own query threshold (≥ query_threshold)
         self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
         self.null_unmatched, self.candidates = null_unmatched, candidates
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int]) -> None:
-        """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n]."""
+    def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
+            thresholds: torch.Tensor | None = None) -> None:
+        """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n],
+        and optionally each edit's own query threshold (default: `query_threshold`)."""
+        if thresholds is None:
+            thresholds = torch.full((len(values),), float(self.query_threshold))
+        self.thresholds = torch.cat([self.thresholds, thresholds.detach().float().cpu()])
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, queries.detach().float().cpu()])
@@ -139,10 +145,11 @@ class KeyMatcher:
             a_sims, pos = torch.as_tensor(a_sims), torch.as_tensor(pos)
             ok = (a_sims >= self.anchor_threshold) & (pos >= 0)
             q_sims = torch.einsum("bd,bkd->bk", q, self.queries[pos.clamp(min=0)])
+            ok &= q_sims >= self.thresholds[pos.clamp(min=0)]
             q_sims = torch.where(ok, q_sims, torch.full_like(q_sims, -2.0))
             best, at = q_sims.max(-1)
             chosen = pos[torch.arange(b), at]
-            hit = best >= max(self.query_threshold, -1.0)
+            hit = ok.any(-1)
             if self.null_unmatched and ctx.matched is not None:
                 hit &= ctx.matched.cpu()
             sims = torch.where(hit, best, sims)
@@ -157,7 +164,8 @@ class KeyMatcher:
 
         files = {"anchors.faiss": self.store.to_bytes(),
                  "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
-        return {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone()}, files
+        return {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone(),
+                "matcher.thresholds": self.thresholds.clone()}, files
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         import json
@@ -171,6 +179,8 @@ class KeyMatcher:
         self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.store.kind)
         self.queries = tensors["matcher.queries"].float().cpu()
         self.raw_queries = tensors.get("matcher.raw_queries", self.queries).float().cpu()
+        default = torch.full((len(self.queries),), float(self.query_threshold))
+        self.thresholds = tensors.get("matcher.thresholds", default).float().cpu()
 
 
 class KNNRouter(nn.Module):

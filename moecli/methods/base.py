@@ -62,6 +62,8 @@ class BypassConfig(MethodConfig):
     retain_weight: float = 1.0
     positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
     key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
+    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity to raise its threshold
+    scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
 
     def validate(self) -> None:
         super().validate()
@@ -120,6 +122,7 @@ class BypassMethod(EditMethod):
         tok = loaded.tokenizer
         self.context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
         self.matcher: KeyMatcher | None = None  # edit keys (FAISS), for methods that route or scope by key
+        self._skeletons: list[str] = []  # question forms seen so far (prompt with the entity blanked)
         router = self.make_router().to(loaded.device)
         self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
                                 config.expert_form, config.rank, config.scale, config.positions)
@@ -148,9 +151,38 @@ class BypassMethod(EditMethod):
         return self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float()
 
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
-        """Put the records' anchors and last-token questions into the key matcher, routing to `values`."""
+        """Put the records' anchors and last-token questions into the key matcher, routing to `values`.
+
+        [choice] Each edit gets its own question threshold: the other question forms seen in the
+        stream so far (other edits' prompts with their entity replaced by this edit's) must not
+        match it, so its threshold is raised above the most similar of them. This is how "X lives
+        in" is kept apart from an edit of "X was born in", using nothing but the edit prompts.
+        """
         anchors, queries = self.probe([r.prompt for r in records])
-        self.matcher.add(anchors, queries, values)
+        for r in records:
+            if r.subject and r.subject in r.prompt:
+                skeleton = r.prompt.replace(r.subject, "\x00", 1)
+                if skeleton not in self._skeletons:
+                    self._skeletons.append(skeleton)
+        base = float(self.matcher.query_threshold)
+        thresholds = torch.full((len(records),), base)
+        k = self.config.scope_negatives
+        if k > 0 and len(self._skeletons) > 1:
+            negs, owner = [], []
+            for i, r in enumerate(records):
+                if not (r.subject and r.subject in r.prompt):
+                    continue
+                own = r.prompt.replace(r.subject, "\x00", 1)
+                forms = [sk for sk in self._skeletons[-(k + 1):] if sk != own][-k:]
+                negs += [sk.replace("\x00", r.subject) for sk in forms]
+                owner += [i] * len(forms)
+            if negs:
+                _, neg_q = self.probe(negs)
+                qn = torch.nn.functional.normalize(queries, dim=-1)
+                sims = (torch.nn.functional.normalize(neg_q, dim=-1) * qn[torch.tensor(owner)]).sum(-1)
+                for i, sim in zip(owner, sims.tolist()):
+                    thresholds[i] = max(thresholds[i].item(), min(sim + self.config.scope_margin, 0.99))
+        self.matcher.add(anchors, queries, values, thresholds)
 
     def register_anchors(self, records: list[EditRecord]) -> None:
         """Add each record's subject (the knowledge anchor) to the trie used for routing."""
@@ -210,6 +242,7 @@ class BypassMethod(EditMethod):
             more_tensors, more_files = self.matcher.state()
             tensors.update(more_tensors)
             files.update(more_files)
+            files["skeletons.json"] = json.dumps(self._skeletons).encode()
         return config, tensors, files
 
     def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
@@ -224,6 +257,7 @@ class BypassMethod(EditMethod):
         self.context.trie = AnchorTrie.from_json(json.loads(files.get("anchors.json", b"{}")))
         if self.matcher is not None:
             self.matcher.load(tensors, files)
+        self._skeletons = json.loads(files.get("skeletons.json", b"[]"))
         self.freeze([self.bypass])
 
     def remove(self) -> None:
