@@ -81,10 +81,17 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
     ] = False,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for torch (small models on a busy CPU: 1).")
+    ] = None,
 ) -> None:
     """Edit the knowledge of a frozen language model with a Mixture-of-Experts bypass."""
     if debug:
         os.environ["MOECLI_DEBUG"] = "1"
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- helpers
