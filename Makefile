@@ -34,5 +34,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --full
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py --full
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,360 @@
+"""Shared helpers of the benchmark scripts: datasets, one-run wrapper, machine and result metadata.
+
+Nothing here is part of moecli; the scripts only drive its public API (`moecli.engine.run_edits`,
+`moecli.recipes.build_config`, the methods, the anchor store). Every result file carries `meta()`:
+model, data, machine, date, moecli commit and whether it was a quick or a full run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python benchmarks/x.py` from a clone, installed or not
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from moecli.records import EditRecord  # noqa: E402
+
+# One intra-op thread by default: on this 2-core machine, shared with other jobs, 2 OpenMP threads made
+# edit runs 3-30x slower (threads spin-waiting on a core another job holds); see benchmarks/README.md.
+THREADS = int(os.environ.get("MOECLI_BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+try:
+    import faiss
+
+    faiss.omp_set_num_threads(THREADS)
+except ImportError:  # faiss is a moecli dependency; the anchor store reports its absence itself
+    pass
+
+RESULTS = REPO / "benchmarks" / "results"
+DATA_DIR = Path(os.environ.get("MOECLI_BENCH_DATA", REPO.parent / "shared" / "data"))
+KNOWLEDGE_N = 1000  # every benchmark knowledge model knows the first 1000 records of its file
+DATA_FILES = {"zsre": "zsre_eval_3k.json", "counterfact": "counterfact_edit.json"}
+DATASETS = ("fact_world", "zsre", "counterfact")
+
+
+class Skip(Exception):
+    """A cell that cannot run here; the message is the reason printed in its place."""
+
+
+def results_dir(quick: bool) -> Path:
+    """Full results in `benchmarks/results/`, quick ones in `benchmarks/results/quick/` (never mixed)."""
+    out = RESULTS / "quick" if quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ metadata
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    import faiss
+    import transformers
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "mem_gib": mem,
+        "load_avg_1m_at_start": load, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "faiss": getattr(faiss, "__version__", "?"),
+        "platform": platform.platform(),
+    }
+
+
+def meta(quick: bool, extra: dict | None = None) -> dict:
+    return {
+        "mode": "quick" if quick else "full",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "moecli_commit": git_commit(),
+        "machine": machine(),
+        **(extra or {}),
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def meta_lines(m: dict) -> list[str]:
+    mc = m["machine"]
+    return [
+        f"- mode: **{m['mode']}**, date {m['date']}, moecli commit `{m['moecli_commit']}`",
+        f"- machine: {mc['cpu']}, {mc['cores']} cores (torch threads {mc['torch_threads']}), "
+        f"{mc['mem_gib']} GiB, load avg {mc['load_avg_1m_at_start']} at start; torch {mc['torch']}, "
+        f"transformers {mc['transformers']}, faiss {mc['faiss']}",
+    ]
+
+
+# ------------------------------------------------------------------ memory
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (VmHWM) in MB."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux `clear_refs` 5); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ datasets and models
+@dataclass
+class Dataset:
+    name: str
+    records: list[EditRecord]
+    model_dir: Path
+    data: str  # what the records are, for the result files
+    model: str  # what the model is, for the result files
+    acquire_s: float = 0.0  # time spent finding or building the model (not part of any figure)
+    notes: list[str] = field(default_factory=list)
+
+
+_MODEL_CACHE: dict[str, tuple[Path, str, float]] = {}
+
+
+def fact_world_model(build: bool = True) -> tuple[Path, str, float]:
+    """The fact-world model: `$MOECLI_BENCH_FACT_MODEL`, else moecli's default model (committed or cached).
+
+    If neither exists it is built now (one-time, cached; about 20 minutes on 2 cores) unless `build`
+    is False, in which case the dataset is skipped with the reason.
+    """
+    if "fact_world" in _MODEL_CACHE:
+        return _MODEL_CACHE["fact_world"]
+    t = time.perf_counter()
+    env = os.environ.get("MOECLI_BENCH_FACT_MODEL")
+    if env:
+        path, how = Path(env), f"{env} ($MOECLI_BENCH_FACT_MODEL)"
+        if not (path / "config.json").is_file():
+            raise Skip(f"$MOECLI_BENCH_FACT_MODEL={env} is not a model directory")
+    else:
+        from moecli.world import store
+
+        committed = store.committed_model_dir()
+        cached = store.fact_world_cache_dir()
+        if committed is not None:
+            path, how = committed, "committed fact-world model (moecli/assets/fact_world)"
+        elif (cached / "config.json").is_file():
+            path, how = cached, f"cached fact-world model ({cached})"
+        elif not build:
+            raise Skip("the fact-world model is neither committed nor cached; build it with `moecli world build` "
+                       "(about 20 min on 2 cores) or point $MOECLI_BENCH_FACT_MODEL at one")
+        else:
+            log("the fact-world model is neither committed nor cached: building it now (one-time, cached; "
+                "about 20 min on 2 cores; not counted in any benchmark figure)")
+            path = store.default_model_dir()
+            how = f"fact-world model built now into {path}"
+    out = (Path(path), how, time.perf_counter() - t)
+    _MODEL_CACHE["fact_world"] = out
+    return out
+
+
+def benchmark_model(name: str, build: bool = True) -> tuple[Path, str, float]:
+    """The knowledge model of the first KNOWLEDGE_N records of a benchmark file (cached, else built)."""
+    if name in _MODEL_CACHE:
+        return _MODEL_CACHE[name]
+    path = DATA_DIR / DATA_FILES[name]
+    if not path.is_file():
+        raise Skip(f"{path} is absent (set $MOECLI_BENCH_DATA to the folder holding {DATA_FILES[name]})")
+    try:
+        from moecli.world import store
+    except ImportError as exc:  # the store is another engineer's work in progress
+        raise Skip(f"moecli.world.store unavailable ({exc})") from None
+    if not hasattr(store, "benchmark_model_dir"):
+        raise Skip("moecli.world.store has no benchmark_model_dir yet: no knowledge model to edit")
+    t = time.perf_counter()
+    try:
+        cached = store.benchmark_cache_dir(path, KNOWLEDGE_N)
+        is_cached = (cached / "config.json").is_file()
+    except Exception:  # noqa: BLE001 - the store's API may still be moving
+        cached, is_cached = None, False
+    if not is_cached and not build:
+        raise Skip(f"the {name} knowledge model (first {KNOWLEDGE_N} records) is not cached; build it with "
+                   f"`moecli world build --from {path} --n {KNOWLEDGE_N}` (one-time, ~10-20 min on 2 cores)")
+    if not is_cached:
+        log(f"building the {name} knowledge model (first {KNOWLEDGE_N} records; one-time, cached; "
+            "not counted in any benchmark figure)")
+    try:
+        model_dir = Path(store.benchmark_model_dir(path, KNOWLEDGE_N))
+    except Exception as exc:  # noqa: BLE001 - report, never crash the whole suite
+        raise Skip(f"cannot get the {name} knowledge model: {type(exc).__name__}: {exc}") from None
+    how = (f"{name} knowledge model of the first {KNOWLEDGE_N} records of {path.name} "
+           f"({'cached' if is_cached else 'built now'}: {model_dir})")
+    out = (model_dir, how, time.perf_counter() - t)
+    _MODEL_CACHE[name] = out
+    return out
+
+
+def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
+    """The first `n` edit records of `name` and the model they edit; raises Skip with the reason."""
+    if name == "fact_world":
+        from moecli.world.generator import build_world
+
+        world = build_world(0)
+        if n > world.max_edits():
+            raise Skip(f"the fact world has {world.max_edits()} editable facts; asked for {n}")
+        model_dir, how, secs = fact_world_model(build)
+        return Dataset(name, world.edit_records(n), model_dir, f"fact world (seed 0), first {n} edit records",
+                       how, secs)
+    if name not in DATA_FILES:
+        raise Skip(f"unknown dataset {name!r}")
+    if n > KNOWLEDGE_N:
+        raise Skip(f"{name}: the knowledge model knows only the first {KNOWLEDGE_N} records; asked for {n}")
+    model_dir, how, secs = benchmark_model(name, build)
+    from moecli.records import read_records
+
+    path = DATA_DIR / DATA_FILES[name]
+    result = read_records(path, limit=n)
+    recs = result.records
+    data = f"{path.name} ({result.format}), first {n} records"
+    if len(recs) < n:
+        data += f" ({len(recs)} usable)"
+    return Dataset(name, recs, model_dir, data, how, secs)
+
+
+# ------------------------------------------------------------------ one run
+@contextlib.contextmanager
+def final_checkpoint_only():
+    """Save the adapter only after the last batch (the engine saves after every batch, which with
+    1000 batches of one edit would measure disk writes, O(T²) bytes, rather than editing)."""
+    import moecli.engine as engine
+
+    real = engine._save
+
+    def save_last(spec, method, fp, ledger, position, n_batches, timings, retention):
+        if position >= n_batches:
+            return real(spec, method, fp, ledger, position, n_batches, timings, retention)
+        return None
+
+    engine._save = save_last
+    try:
+        yield
+    finally:
+        engine._save = real
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def adapter_tensor_bytes(adapter: Path) -> int | None:
+    """Bytes of the adapter's tensors (safetensors files) in a saved checkpoint."""
+    files = list(Path(adapter).rglob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+METRICS = ("rel", "gen", "loc", "avg", "known", "port")
+
+
+def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overrides: dict | None = None,
+        eval_every: int = 0, eval_sample: int = 100, seed: int = 0) -> dict:
+    """One editing run through `moecli.engine.run_edits` (generation off, no before-evaluation).
+
+    Returns a flat row for the result tables: metrics, per-group Loc, seconds, edits/s, adapter bytes.
+    """
+    from moecli.engine import RunSpec, run_edits
+    from moecli.recipes import build_config
+
+    records = ds.records[:n]
+    config = build_config(method, None, overrides or {})
+    with tempfile.TemporaryDirectory(prefix=f"moecli-bench-{method}-") as tmp:
+        spec = RunSpec(command=f"bench-{protocol}", method=method, config=config, records=records,
+                       batch_size=batch_size, out_dir=Path(tmp) / "run", model_path=ds.model_dir, device="cpu",
+                       dtype="float32", seed=seed, data=ds.data, protocol=protocol, generation=False,
+                       evaluate_before=False, eval_every=eval_every, eval_sample=eval_sample)
+        t = time.perf_counter()
+        with final_checkpoint_only():
+            report = run_edits(spec)
+        wall = time.perf_counter() - t
+        adapter = Path(report["adapter"])
+        a_bytes = adapter_tensor_bytes(adapter) if adapter.exists() else None
+        a_dir = dir_bytes(adapter) if adapter.exists() else None
+    s = report["summary"]
+    tm = report["timings"]
+    row = {
+        "method": method, "dataset": ds.name, "protocol": protocol, "n": len(records), "batch_size": batch_size,
+        "n_batches": report["n_batches"], **{k: s.get(k) for k in METRICS},
+        "loc_by_group": s.get("loc_by_group", {}),
+        "strict": {k: s.get(f"{k}_strict") for k in ("rel", "gen", "loc", "port") if s.get(f"{k}_strict") is not None},
+        "seconds": wall, "edit_s": tm.get("edit"), "eval_s": tm.get("evaluate_after"),
+        "edits_per_s": len(records) / tm["edit"] if tm.get("edit") else None,
+        "adapter_tensor_bytes": a_bytes, "adapter_dir_bytes": a_dir,
+        "overrides": overrides or {}, "retention": report.get("retention", []),
+    }
+    return row
+
+
+def fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
