@@ -206,6 +206,8 @@ def test_build_from_prints_dir_last(tmp_path, monkeypatch):
     assert (tmp_path / "cache") in Path(last).parents
     res = CliRunner().invoke(world_app, ["build", "--from", str(tmp_path / "missing.json")])
     assert isinstance(res.exception, UserError)
+    res = CliRunner().invoke(world_app, ["build", "--n", "5"])  # --n needs --from
+    assert isinstance(res.exception, UserError)
 
 
 def test_default_model_dir_prefers_committed(tmp_path, monkeypatch):
