@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
 	$(BIN)/moecli world export --n 100 --out $(DEMO_OUT)/edits.jsonl
 	$(BIN)/moecli batch-edit --data $(DEMO_OUT)/edits.jsonl --batch-size 100 --out $(DEMO_OUT)/batch-edit
 
