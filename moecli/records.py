@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moecli.errors import UserError
+from moecli.fsutil import atomic_write_bytes
 
 
 @dataclass
@@ -511,35 +509,21 @@ def write_jsonl(records: Iterable[EditRecord], path: str | Path) -> None:
     encoded (a lone surrogate read from a `\\ud800` escape) falls back to `\\u` escapes.
     """
     target = Path(path)
-    parent = target.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)  # like moecli.fsutil: `--out new/dir/x.jsonl` works
+        target.parent.mkdir(parents=True, exist_ok=True)  # `--out new/dir/x.jsonl` works
     except OSError as e:
-        raise UserError(f"{path}: cannot create directory {str(parent)!r}: {e.strerror or e}") from None
-    tmp = parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # Mode "xb" creates the file with the user's umask (unlike mkstemp's 0600).
-        with open(tmp, "xb") as f:
-            for rec in records:
-                d = rec.to_dict()
-                try:
-                    line = json.dumps(d, ensure_ascii=False).encode("utf-8")
-                except UnicodeEncodeError:
-                    line = json.dumps(d).encode("ascii")
-                f.write(line + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if target.exists():
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(tmp, target)
-    except BaseException as e:
+        raise UserError(f"{path}: cannot create directory {str(target.parent)!r}: {e.strerror or e}") from None
+    lines = []
+    for rec in records:
+        d = rec.to_dict()
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
-        raise
+            lines.append(json.dumps(d, ensure_ascii=False).encode("utf-8"))
+        except UnicodeEncodeError:
+            lines.append(json.dumps(d).encode("ascii"))
+    try:
+        atomic_write_bytes(target, b"".join(line + b"\n" for line in lines))
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------------------------
