@@ -133,6 +133,12 @@ def _substitute_keys_impl(bypass: MoEBypass, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def signature_of(logits: torch.Tensor) -> torch.Tensor:
+    """sqrt of softmax(logits) [.., vocab]: the dot product of two signatures is the Bhattacharyya
+    coefficient of the two next-token distributions (1 = the model would answer both the same way)."""
+    return logits.float().softmax(-1).sqrt()
+
+
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -149,9 +155,13 @@ class Injection:
         self.model, self.target_name, self.bypass = model, target_name, bypass
         parent, child = _get_parent(model, target_name)
         setattr(parent, child, bypass)
+        self._inner = False
+        self._sig_cache: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._inner:
+            return  # the base pass below, run from inside this hook
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
@@ -160,7 +170,42 @@ class Injection:
         if input_ids is None:
             return
         embedding = self.model.get_input_embeddings()
-        self.bypass.context.compute(embedding, input_ids, kwargs.get("attention_mask"))
+        ctx = self.bypass.context
+        ctx.compute(embedding, input_ids, kwargs.get("attention_mask"))
+        matcher = getattr(self.bypass, "matcher", None)  # GRACE injects a module of its own, without one
+        if getattr(self.bypass, "enabled", True) and matcher is not None and matcher.feature == "output":
+            ctx.signature = self._signature(input_ids, kwargs, matcher.null_unmatched)
+
+    @torch.no_grad()
+    def _signature(self, input_ids: torch.Tensor, kwargs: dict, only_matched: bool) -> torch.Tensor | None:
+        """sqrt of the base model's next-token distribution after each prompt, by one extra forward pass
+        with the bypass off, for the rows that name an edited entity (the only ones that can route).
+
+        The last result is kept: a training loop feeds the same batch at every step."""
+        ctx = self.bypass.context
+        rows = torch.nonzero(ctx.matched).flatten() if only_matched else torch.arange(input_ids.shape[0])
+        if len(rows) == 0:
+            return None
+        rows = rows.to(input_ids.device)
+        key = (input_ids[rows], ctx.prompt_last[rows].to(input_ids.device))
+        if self._sig_cache is not None and all(a.shape == b.shape and torch.equal(a, b)
+                                               for a, b in zip(self._sig_cache[0], key)):
+            part = self._sig_cache[1]
+        else:
+            extra = {k: v[rows] for k, v in kwargs.items()
+                     if k in ("attention_mask", "position_ids", "token_type_ids") and torch.is_tensor(v)}
+            self._inner = True
+            try:
+                with bypass_disabled(self.bypass):
+                    logits = self.model(input_ids=key[0], use_cache=False, **extra).logits
+            finally:
+                self._inner = False
+            last = key[1].clamp(max=logits.shape[1] - 1)
+            part = signature_of(logits[torch.arange(len(rows), device=logits.device), last])
+            self._sig_cache = (key, part)
+        out = torch.zeros(input_ids.shape[0], part.shape[-1], device=part.device)
+        out[rows.to(part.device)] = part
+        return out
 
     def remove(self) -> nn.Module:
         """Undo the injection; returns the original target module."""

@@ -86,6 +86,9 @@ def _per_input(gates: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> tuple
     return gates.unsqueeze(1).expand(-1, t, -1), idx.unsqueeze(1).expand(-1, t, -1)
 
 
+QUERY_FEATURES = ("input", "output")
+
+
 class KeyMatcher:
     """Matches each input to a stored edit: same entity first, then the same question about it.
 
@@ -101,12 +104,19 @@ class KeyMatcher:
     """
 
     def __init__(self, d_anchor: int, d_query: int, anchor_threshold: float = 0.95, query_threshold: float = 0.5,
-                 null_unmatched: bool = True, index: str = "flat", candidates: int = 16) -> None:
+                 null_unmatched: bool = True, index: str = "flat", candidates: int = 16, feature: str = "input",
+                 topk: int = 64) -> None:
         from moecli.anchors import AnchorStore
 
+        if feature not in QUERY_FEATURES:
+            raise ValueError(f"unknown query feature {feature!r} (choose from {', '.join(QUERY_FEATURES)})")
         self.store = AnchorStore(d_anchor, index)
-        self.queries = torch.zeros(0, d_query)  # unit-norm, for matching
+        self.feature, self.topk = feature, topk
+        self.queries = torch.zeros(0, d_query)  # unit-norm last-token inputs, for matching (feature "input")
         self.raw_queries = torch.zeros(0, d_query)  # as computed, for key substitution
+        self.sig_ids = torch.zeros(0, topk, dtype=torch.long)  # feature "output": top-k token ids ...
+        self.sig_vals = torch.zeros(0, topk)  # ... and their sqrt-probabilities under the base model
+        self.sig_rest = torch.zeros(0)  # ... and the probability mass outside those top-k tokens
         self.thresholds = torch.zeros(0)  # per stored edit: its own query threshold (≥ query_threshold)
         self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
@@ -114,15 +124,58 @@ class KeyMatcher:
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
-            thresholds: torch.Tensor | None = None) -> None:
+            thresholds: torch.Tensor | None = None, signatures: torch.Tensor | None = None) -> None:
         """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n],
-        and optionally each edit's own query threshold (default: `query_threshold`)."""
+        optionally each edit's own query threshold (default: `query_threshold`), and with feature
+        "output" the base model's signatures after each edit prompt [n, vocab] (kept as top-k)."""
         if thresholds is None:
             thresholds = torch.full((len(values),), float(self.query_threshold))
+        if self.feature == "output":
+            if signatures is None:
+                raise ValueError("a KeyMatcher on the model's output needs the edits' signatures")
+            vals, ids = signatures.detach().float().cpu().topk(min(self.topk, signatures.shape[-1]), dim=-1)
+            pad = self.topk - ids.shape[1]
+            self.sig_ids = torch.cat([self.sig_ids, F.pad(ids, (0, pad))])
+            self.sig_vals = torch.cat([self.sig_vals, F.pad(vals, (0, pad))])
+            self.sig_rest = torch.cat([self.sig_rest, (1.0 - vals.pow(2).sum(-1)).clamp(min=0.0)])
         self.thresholds = torch.cat([self.thresholds, thresholds.detach().float().cpu()])
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, queries.detach().float().cpu()])
+
+    def pair_similarity(self, q_a: torch.Tensor, s_a: torch.Tensor | None, q_b: torch.Tensor,
+                        s_b: torch.Tensor | None) -> torch.Tensor:
+        """Question similarity of paired inputs a[i], b[i] (the same measure as `similarity`, untruncated)."""
+        if self.feature == "input":
+            return (F.normalize(q_a.float(), dim=-1) * F.normalize(q_b.float(), dim=-1)).sum(-1).cpu()
+        if s_a is None or s_b is None:
+            return torch.full((len(q_a),), -1.0)
+        return (s_a.float() * s_b.float()).sum(-1).cpu()
+
+    def similarity(self, queries: torch.Tensor, signatures: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """Question similarity of inputs to stored edits: `queries` [B, d_query] last-token inputs,
+        `signatures` [B, vocab] (feature "output"), `rows` [B, K] stored rows → [B, K].
+
+        "input": cosine of the target module's inputs at the last prompt token. "output" [choice]: the
+        Bhattacharyya coefficient of the base model's next-token distributions: a rephrasing of an
+        edited question is one the unedited model answers the same way, another question about the
+        same entity is answered differently (measured on the fact world: balanced accuracy 0.985
+        against 0.87 for the input cosine).
+        """
+        rows = rows.clamp(min=0)
+        if self.feature == "input":
+            q = F.normalize(queries.detach().float().cpu(), dim=-1)
+            return torch.einsum("bd,bkd->bk", q, self.queries[rows])
+        if signatures is None:
+            return torch.full(rows.shape, -1.0)
+        sig = signatures.detach().float().cpu()
+        ids, vals = self.sig_ids[rows], self.sig_vals[rows]  # [B, K, topk]
+        got = sig.gather(1, ids.reshape(len(sig), -1)).reshape(ids.shape) * (vals > 0)
+        # Beyond the stored top-k, Cauchy-Schwarz bounds the rest of the coefficient by
+        # sqrt(P_rest · Q_rest); adding that bound makes identical distributions score exactly 1 even
+        # when they are flat (an untrained or unsure model), and costs nothing when they are peaked.
+        rest = (1.0 - got.pow(2).sum(-1)).clamp(min=0.0)
+        return (got * vals).sum(-1) + (rest * self.sig_rest[rows]).sqrt()
 
     def __len__(self) -> int:
         return len(self.store)
@@ -138,13 +191,13 @@ class KeyMatcher:
         rows = torch.full((b,), -1, dtype=torch.long)
         if len(self.store):
             last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
-            q = F.normalize(x[torch.arange(b, device=x.device), last].detach().float().cpu(), dim=-1)
+            q = x[torch.arange(b, device=x.device), last]
             a_sims, pos = self.store.index.search(
                 self.store._normalise(ctx.vectors.detach().float().cpu().numpy()), min(self.candidates, len(self))
             )
             a_sims, pos = torch.as_tensor(a_sims), torch.as_tensor(pos)
             ok = (a_sims >= self.anchor_threshold) & (pos >= 0)
-            q_sims = torch.einsum("bd,bkd->bk", q, self.queries[pos.clamp(min=0)])
+            q_sims = self.similarity(q, ctx.signature, pos)
             ok &= q_sims >= self.thresholds[pos.clamp(min=0)]
             q_sims = torch.where(ok, q_sims, torch.full_like(q_sims, -2.0))
             best, at = q_sims.max(-1)
@@ -164,8 +217,11 @@ class KeyMatcher:
 
         files = {"anchors.faiss": self.store.to_bytes(),
                  "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
-        return {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone(),
-                "matcher.thresholds": self.thresholds.clone()}, files
+        tensors = {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone(),
+                   "matcher.thresholds": self.thresholds.clone()}
+        if self.feature == "output":
+            tensors.update({"matcher.sig_ids": self.sig_ids.clone(), "matcher.sig_vals": self.sig_vals.clone()})
+        return tensors, files
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         import json
@@ -181,6 +237,13 @@ class KeyMatcher:
         self.raw_queries = tensors.get("matcher.raw_queries", self.queries).float().cpu()
         default = torch.full((len(self.queries),), float(self.query_threshold))
         self.thresholds = tensors.get("matcher.thresholds", default).float().cpu()
+        if self.feature == "output":
+            if "matcher.sig_ids" not in tensors:
+                raise UserError("adapter: missing the edits' output signatures (matcher.sig_ids)")
+            self.sig_ids = tensors["matcher.sig_ids"].long().cpu()
+            self.sig_vals = tensors["matcher.sig_vals"].float().cpu()
+            self.sig_rest = (1.0 - self.sig_vals.pow(2).sum(-1)).clamp(min=0.0)
+            self.topk = self.sig_ids.shape[1]
 
 
 class KNNRouter(nn.Module):

@@ -20,7 +20,7 @@ from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
 from moecli.records import EditRecord
-from moecli.routing import KeyMatcher
+from moecli.routing import QUERY_FEATURES, KeyMatcher
 from moecli.training import Progress, RetainSet, TrainConfig
 
 
@@ -56,14 +56,16 @@ class BypassConfig(MethodConfig):
     expert_form: str = "lowrank"  # dense | lowrank
     rank: int = 16  # rank of low-rank experts
     scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
-    layer_fraction: float = 0.56  # default layer = round(fraction · num_layers) when layer is None
+    layer_fraction: float = 0.85  # [choice] default layer = round(fraction · (num_layers − 1)) when layer is None
     retain: str = "none"  # none | swap: keep the base model's outputs on subject-swapped prompts
     retain_per_edit: int = 2  # swapped retain prompts per edit
     retain_weight: float = 1.0
     positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
     key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
-    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity to raise its threshold
+    scope_negatives: int = 0  # [choice] other question forms put on each edit's entity to raise its threshold
     scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
+    query_feature: str = "output"  # [choice] same-question test on: input (target-module input) | output (base answer)
+    signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 
     def validate(self) -> None:
         super().validate()
@@ -75,6 +77,10 @@ class BypassConfig(MethodConfig):
             raise UserError(f"positions must be 'all' or 'answer' (got {self.positions!r})")
         if self.retain not in ("none", "swap"):
             raise UserError(f"retain must be 'none' or 'swap' (got {self.retain!r})")
+        if self.query_feature not in QUERY_FEATURES:
+            raise UserError(f"query_feature must be one of {', '.join(QUERY_FEATURES)} (got {self.query_feature!r})")
+        if self.signature_topk < 1:
+            raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
 
 class EditMethod:
@@ -135,9 +141,9 @@ class BypassMethod(EditMethod):
 
     # -- shared helpers
     @torch.no_grad()
-    def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in]),
-        computed by one forward pass exactly as routing computes them at inference."""
+    def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in], base
+        output signatures [N, vocab] or None), computed exactly as routing computes them at inference."""
         grabbed: list[torch.Tensor] = []
         hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
         try:
@@ -146,9 +152,11 @@ class BypassMethod(EditMethod):
             forward(self.loaded.model, batch)
         finally:
             hook.remove()
-        x = grabbed[0]
+        x = grabbed[-1]  # the last call is the real pass (a signature pass runs the bypass first, disabled)
         last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=x.device)
-        return self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float()
+        sig = self.context.signature
+        return (self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float(),
+                None if sig is None else sig.float())
 
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
         """Put the records' anchors and last-token questions into the key matcher, routing to `values`.
@@ -158,7 +166,7 @@ class BypassMethod(EditMethod):
         match it, so its threshold is raised above the most similar of them. This is how "X lives
         in" is kept apart from an edit of "X was born in", using nothing but the edit prompts.
         """
-        anchors, queries = self.probe([r.prompt for r in records])
+        anchors, queries, sigs = self.probe([r.prompt for r in records])
         for r in records:
             if r.subject and r.subject in r.prompt:
                 skeleton = r.prompt.replace(r.subject, "\x00", 1)
@@ -177,12 +185,19 @@ class BypassMethod(EditMethod):
                 negs += [sk.replace("\x00", r.subject) for sk in forms]
                 owner += [i] * len(forms)
             if negs:
-                _, neg_q = self.probe(negs)
-                qn = torch.nn.functional.normalize(queries, dim=-1)
-                sims = (torch.nn.functional.normalize(neg_q, dim=-1) * qn[torch.tensor(owner)]).sum(-1)
+                _, neg_q, neg_s = self.probe(negs)
+                sims = self.matcher.pair_similarity(neg_q, neg_s, queries[torch.tensor(owner)],
+                                                    None if sigs is None else sigs[torch.tensor(owner)])
                 for i, sim in zip(owner, sims.tolist()):
                     thresholds[i] = max(thresholds[i].item(), min(sim + self.config.scope_margin, 0.99))
-        self.matcher.add(anchors, queries, values, thresholds)
+        self.matcher.add(anchors, queries, values, thresholds, sigs)
+
+    def make_matcher(self, anchor_threshold: float, query_threshold: float, null_route: bool,
+                     index: str = "flat") -> KeyMatcher:
+        """The key matcher of the methods that route or scope by (entity, question)."""
+        c = self.config
+        return KeyMatcher(self.d_anchor, self.d_in, anchor_threshold, query_threshold, null_route, index,
+                          feature=c.query_feature, topk=c.signature_topk)
 
     def register_anchors(self, records: list[EditRecord]) -> None:
         """Add each record's subject (the knowledge anchor) to the trie used for routing."""

@@ -19,7 +19,7 @@ from moecli.anchors import record_anchor_vectors
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
-from moecli.routing import KeyMatcher, KNNRouter, KVAnchorRouter
+from moecli.routing import KNNRouter, KVAnchorRouter
 from moecli.training import Progress, train_on_pairs
 
 ROUTERS = ("knn", "kv")
@@ -31,7 +31,7 @@ class LEMoEConfig(BypassConfig):
 
     router: str = "knn"  # knn (moecli) | kv (paper)
     anchor_threshold: float = 0.95  # knn: anchor cosine that counts as the same entity
-    query_threshold: float = 0.6  # knn: last-token cosine that counts as the same question (-1: entity only)
+    query_threshold: float = 0.5  # knn: question similarity that counts as the same question (-1: entity only)
     index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     router_hidden: int = 64  # kv: width of W_down
@@ -57,8 +57,7 @@ class LEMoE(BypassMethod):
     def make_router(self) -> torch.nn.Module:
         c = self.config
         if c.router == "knn":
-            self.matcher = KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, c.query_threshold, c.null_route,
-                                      c.index)
+            self.matcher = self.make_matcher(c.anchor_threshold, c.query_threshold, c.null_route, c.index)
             return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
-from moecli.routing import AnchorGate, KeyMatcher
+from moecli.routing import AnchorGate
 from moecli.training import Progress, train_on_pairs
 
 
@@ -28,7 +28,7 @@ class MEMoEConfig(BypassConfig):
     null_gate: bool = False  # [choice] a learned per-token gate that lets the router leave a token alone
     scope: bool = True  # [choice] act only on inputs that match an edit (same entity, same question)
     anchor_threshold: float = 0.95  # scope: anchor cosine that counts as the same entity
-    query_threshold: float = 0.6  # scope: last-token cosine that counts as the same question (-1: entity only)
+    query_threshold: float = 0.5  # scope: question similarity that counts as the same question (-1: entity only)
 
     def validate(self) -> None:
         super().validate()
@@ -48,8 +48,7 @@ class MEMoE(BypassMethod):
         for _ in range(config.n_experts):
             self.bypass.add_expert(self.generator)
         if config.scope:
-            self.matcher = KeyMatcher(self.d_anchor, self.d_in, config.anchor_threshold, config.query_threshold,
-                                      config.null_route)
+            self.matcher = self.make_matcher(config.anchor_threshold, config.query_threshold, config.null_route)
             self.bypass.scope = self.matcher
             self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 
