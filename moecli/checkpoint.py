@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -56,6 +57,9 @@ RUN_ADAPTER_SUBDIR = "adapter"
 _CONTENTS_KEY = "contents"
 """Manifest key holding {file name: {"size", "sha256"}} for every file except the manifest itself.
 Reserved: written by `save_checkpoint`, checked and removed by `load_checkpoint`."""
+
+DAMAGED_HINT = "; the checkpoint is damaged: restore it from a copy or redo the edits"
+"""Appended to every message about a missing or corrupt checkpoint file: what the user can do."""
 
 _STALE_EMPTY_LOCK_S = 10.0
 """An unreadable lock younger than this is a run still writing it; older, a run that died doing so."""
@@ -185,7 +189,15 @@ def _write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
         if t.numel():
             seen_storages.add(ptr)
         prepared[name] = t
-    save_file(prepared, str(target), metadata={"format": "pt"})
+    try:
+        save_file(prepared, str(target), metadata={"format": "pt"})
+    except Exception as exc:
+        # safetensors reports a full disk as its own SafetensorError "... (os error 28)": make it the
+        # OSError it is, so that callers handle every failed write the same way.
+        code = re.search(r"os error (\d+)", str(exc))
+        if isinstance(exc, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
     fd = os.open(target, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -224,6 +236,12 @@ def resolve_adapter_dir(path: str | Path, option: str = "--adapter") -> Path:
     )
 
 
+def checkpoint_exists(path: str | Path) -> bool:
+    """Whether a checkpoint is at `path`, counting one a killed save left at `.<name>.old`."""
+    path = Path(path)
+    return path.exists() or _recoverable(path)
+
+
 def load_checkpoint(path: str | Path, option: str = "--adapter") -> Checkpoint:
     """Read and validate the checkpoint at `path` (an adapter dir or a run dir containing one).
 
@@ -242,7 +260,8 @@ def load_checkpoint(path: str | Path, option: str = "--adapter") -> Checkpoint:
         except (UserError, FileNotFoundError) as exc:
             if _dir_identity(where) == before:
                 if isinstance(exc, FileNotFoundError):
-                    raise UserError(f"{option} {path}: missing {Path(exc.filename or '?').name}") from None
+                    name = Path(exc.filename or "?").name
+                    raise UserError(f"{option} {path}: missing {name}{DAMAGED_HINT}") from None
                 raise
             if attempt == 2:
                 raise UserError(
@@ -264,6 +283,8 @@ def _load_dir(path: Path, where: Path, option: str) -> Checkpoint:
     """One read of the checkpoint files in `where` (`path` itself, or its `.old` during recovery)."""
 
     def fail(msg: str) -> UserError:
+        if msg.startswith("missing ") or " corrupt" in msg:
+            msg += DAMAGED_HINT
         return UserError(f"{option} {path}: {msg}")
 
     if not where.is_dir():
@@ -500,9 +521,7 @@ class RunLock:
                     continue  # released between our attempt and the read: try again
                 holder = self._live_holder(raw)
                 if holder is not None:
-                    raise UserError(
-                        f"{self.out} is in use by another moecli run ({holder}); wait for it or pick another --out"
-                    ) from None
+                    raise UserError(busy_message(self.out, holder)) from None
                 self._take_over(raw)
                 continue
             try:
@@ -512,7 +531,7 @@ class RunLock:
                 os.close(fd)
             self._token = token
             return
-        raise UserError(f"{self.out} is in use by another moecli run (pid unknown); wait for it or pick another --out")
+        raise UserError(busy_message(self.out, "pid unknown"))
 
     def release(self) -> None:
         """Remove the lock if it is still ours (never someone else's that took over)."""
@@ -563,6 +582,22 @@ class RunLock:
         finally:
             with contextlib.suppress(OSError):
                 grave.unlink()
+
+
+def busy_message(out: str | Path, holder: str) -> str:
+    """The one line shown when `out` is locked by another run (`holder` says which)."""
+    return f"{out} is in use by another moecli run ({holder}); wait for it to finish or pick another --out"
+
+
+def lock_holder(out: str | Path) -> str | None:
+    """Who holds the run lock of `out` ("pid 123", ...), or None when no live run does.
+
+    For a check before the real `RunLock.acquire` (which alone is race-free): it lets a second run
+    be told "in use" rather than misleading advice about the first run's half-written output.
+    """
+    lock = RunLock(out)
+    raw = lock._read_lock()
+    return None if raw is None else lock._live_holder(raw)
 
 
 def _parse_lock(raw: bytes) -> dict[str, Any]:

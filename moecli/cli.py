@@ -38,6 +38,12 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 out_console = Console()
 
+
+class Interrupted(RunError):
+    """Ctrl-C during a run; the message says what is saved and how to finish. Exit code 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
 # ---------------------------------------------------------------- shared options
 ModelOpt = Annotated[
     str | None,
@@ -98,7 +104,7 @@ def _root(
 @contextmanager
 def progress_reporter(enabled: bool):
     """Yield a `progress(stage, done, total)` callback drawing rich bars on stderr (or a no-op)."""
-    if not enabled:
+    if not enabled or not err_console.is_terminal:  # bars in a log file would only add blank lines
         yield lambda *a, **k: None
         return
     bars = Progress(
@@ -194,24 +200,30 @@ def evaluate(
     t0 = time.perf_counter()
     read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
     if not read.records:
-        raise UserError(f"{data}: no valid records to evaluate")
+        raise UserError(f"{data}: no valid records to evaluate{_skipped_note(read)}")
+    if read.skipped:
+        err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
+    from moecli.engine import check_lengths
     from moecli.evaluation import evaluate_records
     from moecli.modeling import load_model
 
     loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
+    check_lengths(loaded, read.records, str(data))
     kwargs = dict(batch_size=eval_batch_size, generation=generate, perplexity=read.format == "hallucination")
     with progress_reporter(not quiet) as progress:
         if adapter is None:
             result = evaluate_records(loaded.model, loaded.tokenizer, read.records, progress=progress, **kwargs)
             columns = {"model": result.summary}
         else:
-            from moecli.engine import load_edited
+            from moecli.engine import checked_checkpoint, load_edited
             from moecli.evaluation import compute_baseline
+            from moecli.modeling import fingerprint
 
+            ckpt = checked_checkpoint(adapter, fingerprint(loaded.model))  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
             baseline = compute_baseline(loaded.model, loaded.tokenizer, read.records, eval_batch_size, progress)
-            load_edited(loaded, adapter)
+            load_edited(loaded, adapter, checkpoint=ckpt)
             result = evaluate_records(loaded.model, loaded.tokenizer, read.records, baseline, progress=progress,
                                       **kwargs)
             columns = {"edited": result.summary}
@@ -231,9 +243,7 @@ def evaluate(
         return
     if not quiet:
         print_metrics(columns, f"{len(read.records)} records · {loaded.path.name}")
-        if read.skipped:
-            err_console.print(f"skipped {read.skipped} invalid records")
-        err_console.print(f"reports: {json_path}  {md_path}")
+        err_console.print(f"reports: {json_path}  {md_path}", markup=False)
 
 
 def _not_yet(name: str) -> None:
@@ -263,10 +273,19 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
         raise UserError("--data FILE is required (or --prompt/--target for one edit)")
     read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
     if not read.records:
-        raise UserError(f"{data}: no valid records")
+        raise UserError(f"{data}: no valid records{_skipped_note(read)}")
     if read.skipped:
-        err_console.print(f"skipped {read.skipped} invalid records", markup=False)
+        err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
     return read
+
+
+def _skipped_note(read) -> str:
+    return f" ({read.skipped} skipped, the first: {read.problems[0]})" if read.problems else ""
+
+
+def _skipped_line(read) -> str:
+    """One stderr line for --skip-invalid: how many records were left out, and the first reason."""
+    return f"moecli: skipped {read.skipped} invalid records (the first: {read.problems[0]})"
 
 
 def _run_editing(
@@ -291,6 +310,11 @@ def _run_editing(
         recipe=recipe_values, adapter=adapter, eval_batch_size=eval_batch_size, generation=generate,
         perplexity=read_format == "hallucination", protocol=protocol, **(extra or {}),
     )
+    from moecli.checkpoint import busy_message, lock_holder
+
+    holder = lock_holder(spec.out_dir)
+    if holder is not None:  # a run is writing there now: say so, not "already holds an adapter"
+        raise UserError(busy_message(spec.out_dir, holder))
     if (spec.out_dir / "adapter").exists() and adapter is None:
         raise UserError(f"--out {spec.out_dir} already holds an adapter; finish it with `moecli lifelong --resume "
                         f"{spec.out_dir}`, continue it with --adapter, or pick another --out")
@@ -302,9 +326,16 @@ def _execute(spec, as_json: bool, quiet: bool, resume: bool = False) -> None:
     from moecli.engine import run_edits
     from moecli.reports import plot_retention, write_report
 
-    with progress_reporter(not quiet) as progress:
-        report = run_edits(spec, progress, resume=resume)
-    json_path, md_path = write_report(spec.out_dir, report)
+    try:
+        with progress_reporter(not quiet) as progress:
+            report = run_edits(spec, progress, resume=resume)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(spec.out_dir)) from None
+    try:
+        json_path, md_path = write_report(spec.out_dir, report)
+    except OSError as exc:
+        raise RunError(f"cannot write the report in {spec.out_dir}: {exc.strerror or exc}; the adapter is complete; "
+                       f"once there is room, `moecli lifelong --resume {spec.out_dir}` writes the report") from exc
     if report.get("retention"):
         plot_retention(report["retention"], spec.out_dir / "retention.png", f"{spec.method} retention")
     if as_json:
@@ -314,6 +345,15 @@ def _execute(spec, as_json: bool, quiet: bool, resume: bool = False) -> None:
         print_metrics(report["columns"], f"{spec.method} · {len(spec.records)} edits · batch {spec.batch_size} · "
                                          f"{Path(spec.model_path).name}")
         err_console.print(f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}", markup=False)
+
+
+def _interrupted_message(out_dir: Path) -> str:
+    """What Ctrl-C left in `out_dir` and the command that finishes the run."""
+    from moecli.engine import RUN_FILE, saved_so_far
+
+    if not (out_dir / RUN_FILE).is_file():
+        return "interrupted before anything was saved; run the command again"
+    return f"interrupted; {saved_so_far(out_dir)}; finish with: moecli lifelong --resume {out_dir}"
 
 
 @app.command()
@@ -408,6 +448,7 @@ def batch_edit(
 
 @app.command()
 def lifelong(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Option("--data", help="The stream of edit records.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Edits per step (b).")] = 10,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Number of steps T (default: all).")] = None,
@@ -446,6 +487,11 @@ def lifelong(
     """Feed a stream of edit batches (LEMoE: a new expert per batch, earlier ones frozen), then evaluate
     every edit of the stream on the final model (the WISE/LEMoE lifelong protocol)."""
     if resume is not None:
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "quiet", "as_json")
+                 and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
+        if given:
+            raise UserError(f"--resume {resume} finishes the run with the options it was started with; "
+                            f"drop {', '.join(given)} (they are in {resume / 'run.json'})")
         from moecli.engine import load_run_spec
 
         spec = load_run_spec(resume)
@@ -532,13 +578,20 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn bad input into one line on stderr and exit 2, no traceback."""
     debug = os.environ.get("MOECLI_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv)
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="moecli", standalone_mode=False)
         if isinstance(rc, int) and rc:
+            if rc == 130:  # typer turns a Ctrl-C outside a run into a silent exit code 130
+                err_console.print("moecli: interrupted", markup=False)
             sys.exit(rc)
+    except Interrupted as exc:
+        if debug:
+            raise
+        err_console.print(f"moecli: {_one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except (UserError, RunError) as exc:
         if debug:
             raise
-        err_console.print(f"moecli: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"moecli: error: {_one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Exit, getattr(_click_exc, "Exit", typer.Exit)) as exc:
         sys.exit(getattr(exc, "exit_code", 0))
@@ -567,9 +620,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a failed run: one line, the traceback only with --debug
         if debug:
             raise
-        err_console.print(f"moecli: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                          markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"moecli: error: {type(exc).__name__}: {_one_line(exc)} "
+                          "(rerun with --debug for the traceback)", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line, whatever it quotes (a file's text may hold newlines)."""
+    return " ".join(str(exc).splitlines())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ started).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import random
 import time
@@ -22,13 +23,20 @@ from typing import Any
 import torch
 
 from moecli import __version__
-from moecli.checkpoint import Checkpoint, RunLock, load_checkpoint, resolve_adapter_dir, save_checkpoint
-from moecli.errors import UserError
+from moecli.checkpoint import (
+    Checkpoint,
+    RunLock,
+    checkpoint_exists,
+    load_checkpoint,
+    resolve_adapter_dir,
+    save_checkpoint,
+)
+from moecli.errors import RunError, UserError
 from moecli.evaluation import Baseline, compute_baseline, evaluate_records
 from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
-from moecli.modeling import LoadedModel, fingerprint, fingerprints_match, load_model
+from moecli.modeling import LoadedModel, find_target_module, fingerprint, fingerprints_match, load_model
 from moecli.records import EditRecord
 
 Progress = Callable[[str, int, int], None]
@@ -72,8 +80,9 @@ class RunSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["config"] = dataclasses.asdict(self.config)
         d["records"] = [r.to_dict() for r in self.records]
+        # Absolute paths: `--resume` may be run from another directory than the interrupted run.
         for k in ("out_dir", "model_path", "adapter"):
-            d[k] = str(d[k]) if d[k] is not None else None
+            d[k] = str(Path(d[k]).absolute()) if d[k] is not None else None
         return d
 
     @classmethod
@@ -96,22 +105,34 @@ def build_method(loaded: LoadedModel, method: str, config: MethodConfig, seed: i
     return get_method(method)(loaded, config, seed)
 
 
-def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None) -> tuple[
-    EditMethod, Checkpoint
-]:
-    """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model."""
-    ckpt = load_checkpoint(adapter_dir)
+def checked_checkpoint(adapter_dir: str | Path, base_fp: dict, option: str = "--adapter") -> Checkpoint:
+    """Load the checkpoint at `adapter_dir`, refusing one made for another base model than `base_fp`.
+
+    Called before any evaluation starts, so a wrong adapter is reported at once, not after the
+    minutes a baseline takes on a large model. `option` names the flag that gave the checkpoint.
+    """
+    ckpt = load_checkpoint(adapter_dir, option)
     saved_fp = ckpt.manifest.get("base_model", {}).get("fingerprint")
-    base_fp = base_fp or fingerprint(loaded.model)
     if saved_fp is not None and not fingerprints_match(saved_fp, base_fp):
         raise UserError(
-            f"--adapter {adapter_dir}: made for another base model "
+            f"{option} {adapter_dir}: made for another base model "
             f"({ckpt.manifest.get('base_model', {}).get('path', '?')}); load it onto that model"
         )
+    return ckpt
+
+
+def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None,
+                   option: str = "--adapter", ckpt: Checkpoint | None = None) -> tuple[EditMethod, Checkpoint]:
+    """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model.
+
+    `ckpt`: the checkpoint already read by `checked_checkpoint` (else it is read here).
+    """
+    if ckpt is None:
+        ckpt = checked_checkpoint(adapter_dir, base_fp or fingerprint(loaded.model), option)
     cfg = dict(ckpt.config)
     name = cfg.pop("method", None)
     if name is None:
-        raise UserError(f"--adapter {adapter_dir}: adapter_config.json names no method")
+        raise UserError(f"{option} {adapter_dir}: adapter_config.json names no method")
     cls = get_method(name)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     config = config_from_dict(cls.config_class, {k: v for k, v in cfg.items() if k in fields}, str(adapter_dir))
@@ -120,10 +141,43 @@ def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict |
     return method, ckpt
 
 
-def load_edited(model, adapter_dir: str | Path, tokenizer=None) -> EditMethod:
+def check_lengths(loaded: LoadedModel, records: list[EditRecord], data: str | None) -> None:
+    """Refuse a record longer than the model can run at all (GPT-2 and OPT have a position table).
+
+    Without this, such a record ends the run deep inside torch ("index out of range in self").
+    Only texts that could be too long are tokenized: a token covers at least one UTF-8 byte.
+    """
+    from moecli.batching import encode_pair
+    from moecli.modeling import position_limit
+
+    limit = position_limit(loaded.model)
+    if limit is None:
+        return
+    for n, rec in enumerate(records, 1):
+        pairs = [("prompt + target", rec.prompt, rec.target)]
+        pairs += [(f"rephrase {i} + target", r, rec.target) for i, r in enumerate(rec.rephrases, 1)]
+        pairs += [(f"locality item {i}", p.prompt, p.answer) for i, p in enumerate(rec.locality, 1)]
+        pairs += [(f"portability item {i}", p.prompt, p.answer) for i, p in enumerate(rec.portability, 1)]
+        for what, prompt, answer in pairs:
+            if _utf8_len(prompt) + _utf8_len(answer) + 8 <= limit:
+                continue
+            tokens = len(encode_pair(loaded.tokenizer, prompt, answer).ids)
+            if tokens > limit:
+                raise UserError(
+                    f"{data or 'records'}: edit {n} (id {rec.id}): {what} is {tokens} tokens, longer than the "
+                    f"{limit} positions this {loaded.family} model can read; shorten it or leave it out"
+                )
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def load_edited(model, adapter_dir: str | Path, tokenizer=None, checkpoint: Checkpoint | None = None) -> EditMethod:
     """Python API: put a saved adapter onto `model` (a `LoadedModel`, or a HF model + tokenizer).
 
-    Returns the method object; `.remove()` takes the adapter out again.
+    Returns the method object; `.remove()` takes the adapter out again. `checkpoint`: the adapter
+    already read and checked with `checked_checkpoint` (else it is read here).
     """
     if not isinstance(model, LoadedModel):
         if tokenizer is None:
@@ -131,7 +185,7 @@ def load_edited(model, adapter_dir: str | Path, tokenizer=None) -> EditMethod:
         emb = model.get_input_embeddings().weight
         model = LoadedModel(model=model, tokenizer=tokenizer, path=Path(getattr(model, "name_or_path", "") or "."),
                             family=model.config.model_type, device=emb.device, dtype=emb.dtype)
-    method, _ = restore_method(model, resolve_adapter_dir(adapter_dir))
+    method, _ = restore_method(model, resolve_adapter_dir(adapter_dir), ckpt=checkpoint)
     return method
 
 
@@ -148,7 +202,24 @@ def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict]
         "timings": timings, "retention": retention,
         "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return save_checkpoint(spec.out_dir / "adapter", Checkpoint(config, tensors, manifest, ledger, files))
+    try:
+        return save_checkpoint(spec.out_dir / "adapter", Checkpoint(config, tensors, manifest, ledger, files))
+    except OSError as exc:  # a full disk, a quota, a read-only mount: the previous checkpoint is intact
+        fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        raise RunError(
+            f"cannot save the checkpoint {spec.out_dir / 'adapter'}: {exc.strerror or exc}; "
+            f"{saved_so_far(spec.out_dir)}; {fix}, then run `moecli lifelong --resume {spec.out_dir}`"
+        ) from exc
+
+
+def saved_so_far(out_dir: Path) -> str:
+    """What the last good checkpoint in `out_dir` holds, in words, for messages after a failure."""
+    try:
+        manifest = json.loads((Path(out_dir) / "adapter" / "manifest.json").read_text(encoding="utf-8"))
+        stream = manifest["stream"]
+        return f"the last checkpoint (batch {int(stream['position'])} of {int(stream['n_batches'])}) is intact"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint is saved yet"
 
 
 RUN_FILE = "run.json"
@@ -160,9 +231,11 @@ def load_run_spec(out_dir: str | Path) -> RunSpec:
     if not path.is_file():
         raise UserError(f"--resume {out_dir}: no {RUN_FILE} here (not a moecli run directory)")
     try:
-        return RunSpec.from_json(json.loads(path.read_text(encoding="utf-8")))
+        spec = RunSpec.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--resume {out_dir}: {RUN_FILE} is damaged ({exc})") from None
+    spec.out_dir = Path(out_dir)  # the directory as it is now: a run directory may have been moved
+    return spec
 
 
 def _sample(records: list[EditRecord], n: int, seed: int) -> list[EditRecord]:
@@ -182,15 +255,32 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
     model, tok = loaded.model, loaded.tokenizer
     batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
+    check_lengths(loaded, spec.records, spec.data)
+    layer = getattr(spec.config, "layer", None)
+    if not resume and spec.adapter is None and layer is not None:
+        find_target_module(model, layer)  # a bad --layer is refused before anything is written
+    # The checkpoint to continue is read and checked before minutes of evaluation, not after them;
+    # the run's own checkpoint (--resume) under the lock, so that no other run is writing it.
+    resuming = resume and checkpoint_exists(spec.out_dir / "adapter")
+    continue_from = spec.out_dir / "adapter" if resuming else spec.adapter
+    option = "--resume" if resuming else "--adapter"
+    ckpt = None
+    if continue_from is not None and not resuming:
+        continue_from = resolve_adapter_dir(continue_from, option)
+        ckpt = checked_checkpoint(continue_from, base_fp, option)
     with RunLock(spec.out_dir):
+        if resuming:
+            ckpt = checked_checkpoint(continue_from, base_fp, option)
         if not resume and spec.order == "planned":
             from moecli.planning import plan_batches
 
             spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
             batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
         if not resume:
-            atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
-        resume = resume and (spec.out_dir / "adapter").exists()
+            try:
+                atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
+            except OSError as exc:
+                raise RunError(f"cannot write {spec.out_dir / RUN_FILE}: {exc.strerror or exc}") from exc
         t = time.perf_counter()
         baseline: Baseline = compute_baseline(model, tok, spec.records, spec.eval_batch_size, progress)
         before = None
@@ -202,10 +292,9 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         retention: list[dict] = []
         sample = _sample(spec.records, spec.eval_sample, spec.seed)
         start = 0
-        continue_from = spec.out_dir / "adapter" if resume else spec.adapter
         if continue_from is not None:
-            method, ckpt = restore_method(loaded, resolve_adapter_dir(continue_from), base_fp)
-            if resume:
+            method, ckpt = restore_method(loaded, continue_from, base_fp, option, ckpt)
+            if resuming:
                 stream = ckpt.manifest.get("stream", {})
                 if stream.get("record_ids") != _records_key(spec.records):
                     raise UserError(f"--resume {spec.out_dir}: the records differ from the interrupted run's")

@@ -57,6 +57,11 @@ _LAYER_PATHS: dict[str, str] = {
     "opt": "model.decoder.layers",
 }
 
+# model_type -> config key of a learned table of position embeddings. These families cannot run an
+# input longer than the table at all (an IndexError deep inside torch); the others (rotary, ALiBi)
+# run any length, only less well beyond what they were trained on.
+_POSITION_TABLES: dict[str, str] = {"gpt2": "n_positions", "opt": "max_position_embeddings"}
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -198,7 +203,10 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     elif tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
     else:
-        raise UserError(f"--model {path}: the tokenizer has no pad, eos or unk token to pad batches with")
+        raise UserError(
+            f"--model {path}: the tokenizer has no pad, eos or unk token to pad batches with; "
+            "set \"pad_token\" in its tokenizer_config.json to a token of its vocabulary"
+        )
 
 
 def load_model(
@@ -255,6 +263,14 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
     )
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest input (in tokens) `model` can run at all, or None when it has no hard limit."""
+    config = getattr(model, "config", None)
+    key = _POSITION_TABLES.get(getattr(config, "model_type", None))
+    value = getattr(config, key, None) if key else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _model_type(model: torch.nn.Module) -> str:

@@ -9,6 +9,7 @@ different experiment.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -42,10 +43,19 @@ def _coerce(config_class: type, key: str, raw: str) -> Any:
     """Turn a `--set key=value` string into the field's type."""
     hints = get_type_hints(config_class)
     if key not in hints:
-        known = ", ".join(sorted(f.name for f in dataclasses.fields(config_class)))
-        raise UserError(f"--set {key}: unknown option (known: {known})")
-    value = yaml.safe_load(raw)
-    return value
+        raise UserError(f"--set {key}: unknown option ({_known_keys(config_class, key)})")
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # not YAML: keep the text; the type check names the key if a string is wrong here
+
+
+def _known_keys(config_class: type, key: str) -> str:
+    """'did you mean ...; known: ...' for an unknown option `key`."""
+    names = sorted(f.name for f in dataclasses.fields(config_class))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}known: {', '.join(names)}"
 
 
 def build_config(
@@ -55,19 +65,31 @@ def build_config(
     """Method config = dataclass defaults ← recipe ← explicit flags (`overrides`) ← `--set k=v`."""
     cls = get_method(method).config_class
     values = {k: v for k, v in (recipe or {}).items() if k not in RUN_KEYS}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise UserError(f"{source}: unknown key {key!r} ({_known_keys(cls, str(key))})")
+    origin = dict.fromkeys(values, source)  # where each value came from, for error messages
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k], origin[k] = v, "--" + k.replace("_", "-")
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         values[key.strip()] = _coerce(cls, key.strip(), raw)
+        origin[key.strip()] = f"--set {item}"
     config = config_from_dict(cls, values, source)
-    _check_types(config, source)
-    config.validate()
+    _check_types(config, origin, source)
+    try:
+        config.validate()
+    except UserError as exc:  # "lr must be > 0 (got -1.0)": say which flag or file set it
+        key = str(exc).split(" ", 1)[0]
+        raise UserError(f"{origin.get(key, source)}: {exc}") from None
     return config
 
 
-def _check_types(config: MethodConfig, source: str) -> None:
+def _check_types(config: MethodConfig, origin: dict[str, str], source: str) -> None:
     """Refuse a value of the wrong type (e.g. `lr: fast`) with the key's name."""
     hints = get_type_hints(type(config))
     for f in dataclasses.fields(config):
@@ -81,7 +103,7 @@ def _check_types(config: MethodConfig, source: str) -> None:
         if not any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed
                    if isinstance(t, type)):
             names = "/".join(t.__name__ for t in allowed if isinstance(t, type))
-            raise UserError(f"{source}: {f.name} must be {names} (got {value!r})")
+            raise UserError(f"{origin.get(f.name, source)}: {f.name} must be {names} (got {value!r})")
 
 
 HEADERS = {

@@ -108,6 +108,13 @@ class EditRecord:
 
 FORMATS = ("zsre", "counterfact", "counterfact-rome", "hallucination", "jsonl")
 
+MAX_TEXT_CHARS = 10_000
+"""Longest text of one field (prompt, target, a rephrase, a locality prompt, ...). The longest in the
+five shared benchmark files is 678 characters; an edit is one fact, and a field of millions of
+characters (a paste gone wrong) would otherwise reach the model and ask it for terabytes."""
+MAX_RECORD_CHARS = 100_000
+"""Most text of one record in all its fields together (e.g. thousands of rephrases)."""
+
 # The fields that identify each format, in the order detection tries them. Shown to the user when
 # detection fails, so they can see what a file of each format looks like.
 _SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -434,7 +441,29 @@ def validate_record(rec: EditRecord) -> str | None:
             if not p.prompt.strip():
                 return f"{name} item {i} has an empty prompt"
             # An empty answer is allowed: 12 real WISE hallucination records have one.
-    return None
+    return _size_problem(rec)
+
+
+def _size_problem(rec: EditRecord) -> str | None:
+    """A field over MAX_TEXT_CHARS, or a record over MAX_RECORD_CHARS in all (types already checked)."""
+    lengths = [len(rec.prompt), len(rec.target), len(rec.subject or ""), len(rec.ground_truth or "")]
+    lengths += map(len, rec.rephrases)
+    for pairs in (rec.locality, rec.portability):
+        for p in pairs:
+            lengths += (len(p.prompt), len(p.answer))
+    total = sum(lengths)
+    if max(lengths) <= MAX_TEXT_CHARS and total <= MAX_RECORD_CHARS:
+        return None
+    named = [("prompt", rec.prompt), ("target", rec.target), ("subject", rec.subject or ""),
+             ("ground_truth", rec.ground_truth or "")]
+    named += [(f"rephrase {i}", r) for i, r in enumerate(rec.rephrases, 1)]
+    for kind, pairs in (("locality", rec.locality), ("portability", rec.portability)):
+        for i, p in enumerate(pairs, 1):
+            named += [(f"{kind} item {i} prompt", p.prompt), (f"{kind} item {i} answer", p.answer)]
+    for name, text in named:
+        if len(text) > MAX_TEXT_CHARS:
+            return f"{name} is {len(text):,} characters long, over the limit of {MAX_TEXT_CHARS:,}; shorten it"
+    return f"{total:,} characters of text in all, over the limit of {MAX_RECORD_CHARS:,} per record; shorten it"
 
 
 def read_records(
@@ -627,7 +656,7 @@ def _detect_failure(name: str, n: int, obj: Any) -> str:
     """Say which fields were seen, which formats exist, and what the closest one lacks."""
     if type(obj) is not dict:
         return f"{name}:record {n}: expected a JSON object, got {_json_type(obj)}"
-    seen = ", ".join(sorted(obj)) or "none"
+    seen = ", ".join(repr(k)[1:-1] for k in sorted(obj)) or "none"  # repr: a key with a newline stays one line
     closest = max(_SIGNATURES, key=lambda f: sum(k in obj for k in _SIGNATURES[f]))
     missing = [k for k in _SIGNATURES[closest] if k not in obj]
     hint = ""
