@@ -62,8 +62,10 @@ class BypassConfig(MethodConfig):
     retain_weight: float = 1.0
     positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
     key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
-    scope_negatives: int = 0  # [choice] other question forms put on each edit's entity to raise its threshold
+    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity to raise its threshold
     scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
+    anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
+    query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)
     query_feature: str = "output"  # [choice] same-question test on: input (target-module input) | output (base answer)
     signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 
@@ -79,6 +81,9 @@ class BypassConfig(MethodConfig):
             raise UserError(f"retain must be 'none' or 'swap' (got {self.retain!r})")
         if self.query_feature not in QUERY_FEATURES:
             raise UserError(f"query_feature must be one of {', '.join(QUERY_FEATURES)} (got {self.query_feature!r})")
+        for name in ("anchor_threshold", "query_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{name} must be a similarity in [-1, 1] (got {getattr(self, name)})")
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
@@ -161,10 +166,13 @@ class BypassMethod(EditMethod):
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
         """Put the records' anchors and last-token questions into the key matcher, routing to `values`.
 
-        [choice] Each edit gets its own question threshold: the other question forms seen in the
-        stream so far (other edits' prompts with their entity replaced by this edit's) must not
-        match it, so its threshold is raised above the most similar of them. This is how "X lives
-        in" is kept apart from an edit of "X was born in", using nothing but the edit prompts.
+        [choice] Each edit gets its own thresholds from the other question forms seen in the stream so
+        far (other edits' prompts with their entity replaced by this edit's), which must not match it.
+        With `query_feature: input` its question threshold is raised above the most similar of them.
+        With `output`, a form the base model answers the same way (say "X lives in" and "X was born in",
+        both "Kazan") cannot be told apart by the answer, so it is kept beside the edit and an input
+        must be nearer the edit than it by target-module input: this is how such a pair is kept apart,
+        using nothing but the edit prompts.
         """
         anchors, queries, sigs = self.probe([r.prompt for r in records])
         for r in records:
@@ -174,7 +182,8 @@ class BypassMethod(EditMethod):
                     self._skeletons.append(skeleton)
         base = float(self.matcher.query_threshold)
         thresholds = torch.full((len(records),), base)
-        k = self.config.scope_negatives
+        confusable: list[tuple[int, torch.Tensor]] = []
+        k, margin = self.config.scope_negatives, self.config.scope_margin
         if k > 0 and len(self._skeletons) > 1:
             negs, owner = [], []
             for i, r in enumerate(records):
@@ -186,17 +195,20 @@ class BypassMethod(EditMethod):
                 owner += [i] * len(forms)
             if negs:
                 _, neg_q, neg_s = self.probe(negs)
-                sims = self.matcher.pair_similarity(neg_q, neg_s, queries[torch.tensor(owner)],
-                                                    None if sigs is None else sigs[torch.tensor(owner)])
-                for i, sim in zip(owner, sims.tolist()):
-                    thresholds[i] = max(thresholds[i].item(), min(sim + self.config.scope_margin, 0.99))
-        self.matcher.add(anchors, queries, values, thresholds, sigs)
+                own_idx = torch.tensor(owner)
+                sims = self.matcher.pair_similarity(neg_q, neg_s, queries[own_idx],
+                                                    None if sigs is None else sigs[own_idx])
+                for j, (i, sim) in enumerate(zip(owner, sims.tolist())):
+                    if self.matcher.feature == "input":
+                        thresholds[i] = max(thresholds[i].item(), min(sim + margin, 0.99))
+                    elif sim >= base:  # answered the same way: only the input can tell them apart
+                        confusable.append((i, neg_q[j]))
+        self.matcher.add(anchors, queries, values, thresholds, sigs, confusable)
 
-    def make_matcher(self, anchor_threshold: float, query_threshold: float, null_route: bool,
-                     index: str = "flat") -> KeyMatcher:
+    def make_matcher(self, null_route: bool = True, index: str = "flat") -> KeyMatcher:
         """The key matcher of the methods that route or scope by (entity, question)."""
         c = self.config
-        return KeyMatcher(self.d_anchor, self.d_in, anchor_threshold, query_threshold, null_route, index,
+        return KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, c.query_threshold, null_route, index,
                           feature=c.query_feature, topk=c.signature_topk)
 
     def register_anchors(self, records: list[EditRecord]) -> None:

@@ -30,8 +30,6 @@ class LEMoEConfig(BypassConfig):
     """LEMoE options; `recipes/lemoe-paper.yaml` sets the paper's (kv router, dense experts, lr 2e-4)."""
 
     router: str = "knn"  # knn (moecli) | kv (paper)
-    anchor_threshold: float = 0.95  # knn: anchor cosine that counts as the same entity
-    query_threshold: float = 0.5  # knn: question similarity that counts as the same question (-1: entity only)
     index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     router_hidden: int = 64  # kv: width of W_down
@@ -42,9 +40,6 @@ class LEMoEConfig(BypassConfig):
         super().validate()
         if self.router not in ROUTERS:
             raise UserError(f"router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
-        for name in ("anchor_threshold", "query_threshold"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"{name} must be a cosine similarity in [-1, 1] (got {getattr(self, name)})")
         if self.index not in ("flat", "hnsw"):
             raise UserError(f"index must be flat or hnsw (got {self.index!r})")
 
@@ -57,7 +52,7 @@ class LEMoE(BypassMethod):
     def make_router(self) -> torch.nn.Module:
         c = self.config
         if c.router == "knn":
-            self.matcher = self.make_matcher(c.anchor_threshold, c.query_threshold, c.null_route, c.index)
+            self.matcher = self.make_matcher(c.null_route, c.index)
             return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
 

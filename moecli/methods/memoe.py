@@ -27,8 +27,6 @@ class MEMoEConfig(BypassConfig):
     aux_loss_weight: float = 0.0  # [choice] Switch load-balancing loss weight
     null_gate: bool = False  # [choice] a learned per-token gate that lets the router leave a token alone
     scope: bool = True  # [choice] act only on inputs that match an edit (same entity, same question)
-    anchor_threshold: float = 0.95  # scope: anchor cosine that counts as the same entity
-    query_threshold: float = 0.5  # scope: question similarity that counts as the same question (-1: entity only)
 
     def validate(self) -> None:
         super().validate()
@@ -48,7 +46,7 @@ class MEMoE(BypassMethod):
         for _ in range(config.n_experts):
             self.bypass.add_expert(self.generator)
         if config.scope:
-            self.matcher = self.make_matcher(config.anchor_threshold, config.query_threshold, config.null_route)
+            self.matcher = self.make_matcher(config.null_route)
             self.bypass.scope = self.matcher
             self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 

@@ -45,6 +45,7 @@ class SCENConfig(BypassConfig):
     locality_negatives: bool = False  # [choice] also push the records' locality prompts below θ
     faiss_above: int = 4096  # search neurons with FAISS once there are more than this
     normalize_inputs: bool = True  # [choice] neurons score h scaled to unit RMS (paper: raw h)
+    scope: bool = True  # [choice] neurons compete only among edits the key matcher accepts (paper: all neurons)
 
     def validate(self) -> None:
         super().validate()
@@ -66,6 +67,10 @@ class SCEN(BypassMethod):
         self.keys: list[torch.Tensor] = []  # h of each edit's last prompt token (negatives for later neurons)
         self._rng = random.Random(seed)
         self._experts_of_last: list[int] = []
+        if config.scope:
+            self.matcher = self.make_matcher()
+            self.bypass.router.scope = self.matcher
+            self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 
     def make_router(self) -> IndexingNeuronRouter:
         c = self.config
@@ -109,6 +114,9 @@ class SCEN(BypassMethod):
         self._experts_of_last = []
         for k, r in enumerate(records):
             expert_id = self.bypass.add_expert(self.generator)
+            if self.matcher is not None:
+                self.register_anchors([r])
+                self.store_edits([r], [expert_id])
             router.forced = expert_id
             try:
                 params = self.trainable([self.bypass.experts[expert_id]])
