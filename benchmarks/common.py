@@ -305,8 +305,11 @@ METRICS = ("rel", "gen", "loc", "avg", "known", "port")
 
 
 def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overrides: dict | None = None,
-        eval_every: int = 0, eval_sample: int = 100, seed: int = 0) -> dict:
+        eval_every: int = 0, eval_sample: int = 100, seed: int = 0, order: str = "file") -> dict:
     """One editing run through `moecli.engine.run_edits` (generation off, no before-evaluation).
+
+    `order`: file (as given), random (shuffled with `seed`, as `lifelong --order random`) or planned
+    (the engine runs the planner, as `lifelong --order planned`).
 
     Returns a flat row for the result tables: metrics, per-group Loc, seconds, edits/s, adapter bytes.
     """
@@ -314,12 +317,17 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
     from moecli.recipes import build_config
 
     records = ds.records[:n]
+    if order == "random":
+        import random
+
+        records = list(records)
+        random.Random(seed).shuffle(records)
     config = build_config(method, None, overrides or {})
     with tempfile.TemporaryDirectory(prefix=f"moecli-bench-{method}-") as tmp:
         spec = RunSpec(command=f"bench-{protocol}", method=method, config=config, records=records,
                        batch_size=batch_size, out_dir=Path(tmp) / "run", model_path=ds.model_dir, device="cpu",
                        dtype="float32", seed=seed, data=ds.data, protocol=protocol, generation=False,
-                       evaluate_before=False, eval_every=eval_every, eval_sample=eval_sample)
+                       evaluate_before=False, eval_every=eval_every, eval_sample=eval_sample, order=order)
         t = time.perf_counter()
         with final_checkpoint_only():
             report = run_edits(spec)
@@ -330,7 +338,8 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
     s = report["summary"]
     tm = report["timings"]
     row = {
-        "method": method, "dataset": ds.name, "protocol": protocol, "n": len(records), "batch_size": batch_size,
+        "method": method, "dataset": ds.name, "protocol": protocol, "order": order, "n": len(records),
+        "batch_size": batch_size,
         "n_batches": report["n_batches"], **{k: s.get(k) for k in METRICS},
         "loc_by_group": s.get("loc_by_group", {}),
         "strict": {k: s.get(f"{k}_strict") for k in ("rel", "gen", "loc", "port") if s.get(f"{k}_strict") is not None},

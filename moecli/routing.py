@@ -104,7 +104,7 @@ class KeyMatcher:
     """
 
     def __init__(self, d_anchor: int, d_query: int, anchor_threshold: float = 0.95, query_threshold: float = 0.5,
-                 null_unmatched: bool = True, index: str = "flat", candidates: int = 16, feature: str = "input",
+                 null_unmatched: bool = True, index: str = "auto", candidates: int = 16, feature: str = "input",
                  topk: int = 64) -> None:
         from moecli.anchors import AnchorStore
 

@@ -205,7 +205,7 @@ class BypassMethod(EditMethod):
                         confusable.append((i, neg_q[j]))
         self.matcher.add(anchors, queries, values, thresholds, sigs, confusable)
 
-    def make_matcher(self, null_route: bool = True, index: str = "flat") -> KeyMatcher:
+    def make_matcher(self, null_route: bool = True, index: str = "auto") -> KeyMatcher:
         """The key matcher of the methods that route or scope by (entity, question)."""
         c = self.config
         return KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, c.query_threshold, null_route, index,

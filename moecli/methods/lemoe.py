@@ -30,7 +30,7 @@ class LEMoEConfig(BypassConfig):
     """LEMoE options; `recipes/lemoe-paper.yaml` sets the paper's (kv router, dense experts, lr 2e-4)."""
 
     router: str = "knn"  # knn (moecli) | kv (paper)
-    index: str = "flat"  # knn: flat (exact) | hnsw (approximate) FAISS index
+    index: str = "auto"  # knn: FAISS index, flat (exact) | hnsw (approximate) | auto (flat, HNSW above 10k keys)
     null_route: bool = True  # [choice] inputs naming no edited entity get no expert
     router_hidden: int = 64  # kv: width of W_down
     key_dim: int = 64  # kv: width of the keys
@@ -40,8 +40,8 @@ class LEMoEConfig(BypassConfig):
         super().validate()
         if self.router not in ROUTERS:
             raise UserError(f"router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
-        if self.index not in ("flat", "hnsw"):
-            raise UserError(f"index must be flat or hnsw (got {self.index!r})")
+        if self.index not in ("flat", "hnsw", "auto"):
+            raise UserError(f"index must be flat, hnsw or auto (got {self.index!r})")
 
 
 class LEMoE(BypassMethod):
