@@ -391,6 +391,8 @@ class IndexingNeuronRouter(nn.Module):
         h = self.prepare(h)
         if self.neurons.shape[0] == 0:
             return torch.zeros(h.shape[0], device=h.device), torch.full((h.shape[0],), -1, device=h.device)
+        candidates = torch.where(candidates < self.neurons.shape[0], candidates, -1)  # an edit whose neuron is
+        # still being trained (its own stage 2 probes the model) cannot be chosen yet
         w = self.neurons.float()[candidates.clamp(min=0)]  # [B, K, d]
         scores = torch.sigmoid(torch.einsum("bd,bkd->bk", h.float(), w))
         scores = torch.where(candidates >= 0, scores, torch.full_like(scores, -1.0))

@@ -46,3 +46,20 @@ def test_router_thresholds_and_faiss_agrees_with_matmul():
     expect = torch.where(s1 > 0.65, i1, torch.full_like(i1, -1))
     assert torch.equal(idx[:, 0, 0], expect)
     assert torch.equal(gates[:, 0, 0], (expect >= 0).float())
+
+
+def test_scoped_edits_one_at_a_time_each_reach_their_own_expert(tmp_path):
+    """Several edits in one batch (each its own expert and neuron), routed through the key matcher."""
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    recs = [EditRecord(prompt=f"{s} was born in", target=t, subject=s)
+            for s, t in (("Alice Moreau", "Tokyo"), ("Bruno Silva", "Lima"), ("Chen Wei", "Oslo"))]
+    unrelated = EditRecord(prompt="Dora Blum was born in", target="Rome", subject="Dora Blum")
+    base = compute_baseline(loaded.model, loaded.tokenizer, recs + [unrelated])
+    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200), seed=0)
+    assert method.config.scope and method.matcher is not None
+    method.apply_batch(recs, 0)
+    assert method.expert_of(2) == 2
+    after = evaluate_records(loaded.model, loaded.tokenizer, recs, base).summary
+    assert after["rel"] == 1.0
+    method.probe([unrelated.prompt])
+    assert int(method.matcher.rows[0]) == -1  # names no edited entity: null route

@@ -34,7 +34,6 @@ from moecli.training import Progress, TrainConfig, train_on_pairs
 class SCENConfig(BypassConfig):
     """SCEN options. `recipes/scen-paper.yaml` holds the authors' values (Adam 1e-4, 10/20 steps)."""
 
-    layer_fraction: float = 0.645  # [paper] model.layers.20 of LLaMA2-7B's 0..31
     retain: str = "none"
     threshold: float = 0.65  # θ [paper: 0.65 ZsRE, 0.6 hallucination]
     neuron_lr: float = 1e-2
