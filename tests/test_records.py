@@ -501,14 +501,20 @@ _text = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())
 _pair = st.tuples(_text, st.text(max_size=10), st.sampled_from(["nq", "web", "neighborhood"]))
 
 
-@st.composite
-def edit_records(draw) -> EditRecord:
-    prompt = draw(_text)
+def draw_prompt_and_subject(draw, text) -> tuple[str, str | None]:
+    """A prompt, and sometimes a non-blank slice of it as the subject (shared by the reader properties)."""
+    prompt = draw(text)
     subject = None
     if draw(st.booleans()):
         i = draw(st.integers(0, len(prompt) - 1))
         j = draw(st.integers(i + 1, len(prompt)))
         subject = prompt[i:j] if prompt[i:j].strip() else None
+    return prompt, subject
+
+
+@st.composite
+def edit_records(draw) -> EditRecord:
+    prompt, subject = draw_prompt_and_subject(draw, _text)
     return EditRecord(
         prompt=prompt,
         target=draw(_text),

@@ -31,6 +31,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_records import draw_prompt_and_subject
 
 from moecli.checkpoint import RunLock, load_checkpoint
 from moecli.cli import main
@@ -490,12 +491,7 @@ _text = st.text(min_size=1, max_size=20).filter(lambda s: s.strip() == s)  # rea
 
 @st.composite
 def valid_records(draw) -> EditRecord:
-    prompt = draw(_text)
-    subject = None
-    if draw(st.booleans()):
-        i = draw(st.integers(0, len(prompt) - 1))
-        j = draw(st.integers(i + 1, len(prompt)))
-        subject = prompt[i:j] if prompt[i:j].strip() else None
+    prompt, subject = draw_prompt_and_subject(draw, _text)
     return EditRecord(prompt=prompt, target=draw(_text), subject=subject,
                       rephrases=draw(st.lists(_text, max_size=2)),
                       locality=[LocalityPair(p, a, "nq") for p, a in draw(st.lists(st.tuples(_text, _text),
