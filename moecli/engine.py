@@ -121,6 +121,14 @@ def checked_checkpoint(adapter_dir: str | Path, base_fp: dict, option: str = "--
     return ckpt
 
 
+# What an adapter that does not name an option was made with (the option came later, with another default).
+_LEGACY_DEFAULTS: dict[str, dict] = {
+    "memoe": {"query_feature": "input"},
+    "lemoe": {"query_feature": "input"},
+    "scen": {"query_feature": "input", "scope": False},
+}
+
+
 def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None,
                    option: str = "--adapter", ckpt: Checkpoint | None = None) -> tuple[EditMethod, Checkpoint]:
     """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model.
@@ -135,6 +143,9 @@ def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict |
         raise UserError(f"{option} {adapter_dir}: adapter_config.json names no method")
     cls = get_method(name)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    for key, value in _LEGACY_DEFAULTS.get(name, {}).items():  # adapters written before the key existed
+        if key in fields:
+            cfg.setdefault(key, value)
     config = config_from_dict(cls.config_class, {k: v for k, v in cfg.items() if k in fields}, str(adapter_dir))
     method = cls(loaded, config, ckpt.manifest.get("seed", 0))
     method.load_state(ckpt.config, ckpt.tensors, ckpt.files)

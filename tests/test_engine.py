@@ -100,3 +100,22 @@ def test_adapter_refused_on_another_base_model(tiny_dir, tmp_path):
     other = load_model(make_tiny_model("llama", tmp_path / "other", seed=1))
     with pytest.raises(UserError, match="another base model"):
         load_edited(other, tmp_path / "run" / "adapter")
+
+
+def test_adapter_written_before_query_feature_loads_as_input_matching(tiny_dir, tmp_path):
+    """An adapter whose config does not name `query_feature` was made when matching was on inputs."""
+    from moecli.engine import checked_checkpoint, restore_method
+    from moecli.modeling import fingerprint
+    from moecli.recipes import build_config
+
+    spec = _spec(tiny_dir, tmp_path / "run")
+    spec.config = build_config("memoe", overrides={**FAST, "query_feature": "input"})
+    report = run_edits(spec)
+    loaded = load_model(tiny_dir)
+    base = compute_baseline(loaded.model, loaded.tokenizer, RECORDS)
+    ckpt = checked_checkpoint(tmp_path / "run" / "adapter", fingerprint(loaded.model))
+    del ckpt.config["query_feature"]  # as written by moecli before the option existed
+    method, _ = restore_method(loaded, tmp_path / "run" / "adapter", ckpt=ckpt)
+    assert method.matcher.feature == "input"
+    again = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=False).summary
+    assert again == report["summary"]
