@@ -238,7 +238,9 @@ class KeyMatcher:
         to_neg = qn @ self.neg_queries.t()  # [B, m]
         owned = self.neg_owner.view(1, 1, -1) == pos.unsqueeze(-1)  # [B, K, m]
         rival = torch.where(owned, to_neg.unsqueeze(1), torch.full_like(owned, -2.0, dtype=torch.float32))
-        return own > rival.max(-1).values
+        # ties go to the edit (a form whose input equals the edit's cannot be told apart; the edit's own
+        # prompt must still reach it), up to float rounding of the unit vectors
+        return own >= rival.max(-1).values - 1e-4
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
         import json

@@ -121,11 +121,13 @@ def train_on_pairs(
                     loss = loss + extra
                 preds, mask = shifted_predictions(logits.detach(), batch.labels)
                 correct &= bool((preds[mask] == batch.labels[mask]).all())
-                loss.backward()
+                if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
+                    loss.backward()
                 total_loss += float(loss.detach())
             if retain is not None and cfg.retain_weight > 0:
                 rl = retain_loss(model, retain) * cfg.retain_weight
-                rl.backward()
+                if rl.requires_grad:
+                    rl.backward()
                 total_loss += float(rl.detach())
             loss_value = total_loss
             if progress:

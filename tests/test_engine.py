@@ -119,3 +119,15 @@ def test_adapter_written_before_query_feature_loads_as_input_matching(tiny_dir, 
     assert method.matcher.feature == "input"
     again = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=False).summary
     assert again == report["summary"]
+
+
+def test_an_edit_that_routes_nowhere_trains_nothing_and_does_not_crash(tiny_dir):
+    """A batch of one edit whose input reaches no expert (say, its entity is not found) gives a loss
+    without a gradient: training must report it not learned, not stop the stream with a torch error."""
+    from moecli.training import TrainConfig, train_on_pairs
+
+    loaded = load_model(tiny_dir)
+    loose = torch.nn.Parameter(torch.zeros(3))  # on no path of the model
+    stats = train_on_pairs(loaded.model, loaded.tokenizer, [loose], [("Alice Moreau was born in", "Tokyo")],
+                           TrainConfig(lr=0.1, max_steps=3))
+    assert stats.steps == 3 and not stats.all_correct and torch.equal(loose, torch.zeros(3))
