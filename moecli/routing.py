@@ -89,6 +89,13 @@ def _per_input(gates: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> tuple
 QUERY_FEATURES = ("input", "output")
 
 
+def _rest_mass(vals: torch.Tensor) -> torch.Tensor:
+    """Probability mass outside the stored top-k sqrt-probabilities `vals` [n, k]; 0 for an edit without
+    a signature (its entity was not found in its own prompt), so nothing matches it by question."""
+    mass = vals.pow(2).sum(-1)
+    return torch.where(mass > 0, (1.0 - mass).clamp(min=0.0), torch.zeros_like(mass))
+
+
 class KeyMatcher:
     """Matches each input to a stored edit: same entity first, then the same question about it.
 
@@ -137,13 +144,13 @@ class KeyMatcher:
         if thresholds is None:
             thresholds = torch.full((len(values),), float(self.query_threshold))
         if self.feature == "output":
-            if signatures is None:
-                raise ValueError("a KeyMatcher on the model's output needs the edits' signatures")
+            if signatures is None:  # no edit of these named a known entity: no signature was computed
+                signatures = torch.zeros(len(values), self.topk)
             vals, ids = signatures.detach().float().cpu().topk(min(self.topk, signatures.shape[-1]), dim=-1)
             pad = self.topk - ids.shape[1]
             self.sig_ids = torch.cat([self.sig_ids, F.pad(ids, (0, pad))])
             self.sig_vals = torch.cat([self.sig_vals, F.pad(vals, (0, pad))])
-            self.sig_rest = torch.cat([self.sig_rest, (1.0 - vals.pow(2).sum(-1)).clamp(min=0.0)])
+            self.sig_rest = torch.cat([self.sig_rest, _rest_mass(vals)])
         self.thresholds = torch.cat([self.thresholds, thresholds.detach().float().cpu()])
         if confusable:
             first = len(self.thresholds) - len(values)
@@ -275,7 +282,7 @@ class KeyMatcher:
                 raise UserError("adapter: missing the edits' output signatures (matcher.sig_ids)")
             self.sig_ids = tensors["matcher.sig_ids"].long().cpu()
             self.sig_vals = tensors["matcher.sig_vals"].float().cpu()
-            self.sig_rest = (1.0 - self.sig_vals.pow(2).sum(-1)).clamp(min=0.0)
+            self.sig_rest = _rest_mass(self.sig_vals)
             self.topk = self.sig_ids.shape[1]
 
 

@@ -131,3 +131,20 @@ def test_an_edit_that_routes_nowhere_trains_nothing_and_does_not_crash(tiny_dir)
     stats = train_on_pairs(loaded.model, loaded.tokenizer, [loose], [("Alice Moreau was born in", "Tokyo")],
                            TrainConfig(lr=0.1, max_steps=3))
     assert stats.steps == 3 and not stats.all_correct and torch.equal(loose, torch.zeros(3))
+
+
+@pytest.mark.parametrize("method", ["memoe", "lemoe", "scen"])
+def test_a_batch_whose_entity_is_never_found_is_stored_without_a_signature(tiny_dir, method):
+    """One edit whose subject the anchor trie does not find in its prompt: no output signature exists
+    (the unedited pass runs only for inputs naming an edited entity); the stream must go on."""
+    from moecli.methods import get_method
+    from moecli.recipes import build_config
+
+    loaded = load_model(tiny_dir)
+    m = get_method(method)(loaded, build_config(method, overrides={"max_steps": 2}), seed=0)
+    m.apply_batch([EditRecord(prompt="What is the capital of Atlantis?", target="Poseidonia",
+                              subject="Atlantis City")], 0)
+    assert len(m.matcher) == 1 and float(m.matcher.sig_rest[0]) == 0.0
+    m.apply_batch(RECORDS[:1], 1)  # the next edit is stored and reachable as usual
+    m.probe([RECORDS[0].prompt])
+    assert int(m.matcher.rows[0]) == 1
