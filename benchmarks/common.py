@@ -74,6 +74,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+COMMIT_AT_START = git_commit()  # the code a run imported: a commit made while it runs must not be credited
+
+
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -105,7 +108,7 @@ def meta(quick: bool, extra: dict | None = None) -> dict:
     return {
         "mode": "quick" if quick else "full",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "moecli_commit": git_commit(),
+        "moecli_commit": COMMIT_AT_START,
         "machine": machine(),
         **(extra or {}),
     }
