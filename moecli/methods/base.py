@@ -62,7 +62,7 @@ class BypassConfig(MethodConfig):
     retain_weight: float = 1.0
     positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
     key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
-    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity to raise its threshold
+    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity, kept apart from it
     scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
     anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
     query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)

@@ -43,7 +43,7 @@ class FTConfig(MethodConfig):
     weight_decay: float = 0.0  # [EasyEdit] AdamW weight decay (0 = Adam)
     early_stop: bool = True  # [choice] stop once every target token is the argmax (the shared loop)
     norm_constraint: float | None = None  # [EasyEdit, off by default] clamp each weight to W0 ± this
-    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · num_layers), as the MoE methods
+    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · (num_layers − 1)), LEMoE's depth
 
     def validate(self) -> None:
         super().validate()

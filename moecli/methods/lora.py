@@ -44,7 +44,7 @@ class LoRAConfig(MethodConfig):
     early_stop: bool = True  # [choice] stop once every target token is the argmax (the shared loop)
     rank: int = 8  # [EasyEdit] LoRA rank r
     alpha: float = 32.0  # [EasyEdit lora_alpha] the update is scaled by alpha / rank
-    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · num_layers), as the MoE methods
+    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · (num_layers − 1)), LEMoE's depth
     # [choice] lora_dropout is fixed at 0 (EasyEdit: 0.1): the frozen model runs in eval mode during
     # editing, and a deterministic adapter is what makes checkpoints reproduce metrics exactly.
 
