@@ -120,6 +120,14 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out_dir: Path, name: str, result: dict, markdown: str, t0: float) -> None:
+    """`name.json` and `name.md` into `out_dir` (created), and a log line with the run's seconds."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{name}.json", result)
+    (out_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
+    log(f"{name}: wrote {out_dir / (name + '.json')} and {name}.md ({time.perf_counter() - t0:.0f} s)")
+
+
 def meta_lines(m: dict) -> list[str]:
     mc = m["machine"]
     return [

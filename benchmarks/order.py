@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Skip, fmt, load_dataset, log, meta, meta_lines, results_dir, run, write_json  # noqa: E402
+from common import Skip, fmt, load_dataset, log, meta, meta_lines, results_dir, run, write_results  # noqa: E402
 
 ORDERS = ("file", "random", "planned")
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="write under results/quick/")
     args = ap.parse_args(argv)
+    t0 = time.perf_counter()
     rows, absent = [], []
     for name in args.datasets.split(","):
         try:
@@ -41,8 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(run(args.method, ds, "lifelong", args.n, args.batch_size, order=order))
     result = {"meta": meta(args.quick, {"method": args.method, "n": args.n, "batch_size": args.batch_size}),
               "rows": rows, "absent": absent}
-    out = results_dir(args.quick)
-    write_json(out / "order.json", result)
     lines = ["# moecli editing order (lifelong, same seed; only the order of the stream changes)", "",
              *meta_lines(result["meta"]), "",
              "| dataset | order | T | batch | Rel | Gen | Loc | Loc per group | edit s |",
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {r['dataset']} | {r['order']} | {r['n']} | {r['batch_size']} | {fmt(r['rel'])} | "
                      f"{fmt(r['gen'])} | {fmt(r['loc'])} | {groups} | {fmt(r['edit_s'], 1)} |")
     lines += [f"- {a['dataset']} absent: {a['reason']}" for a in absent]
-    (out / "order.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log(f"wrote {out / 'order.md'}")
+    write_results(results_dir(args.quick), "order", result, "\n".join(lines) + "\n", t0)
     return result
 
 

@@ -48,7 +48,7 @@ from common import (  # noqa: E402
     meta_lines,
     results_dir,
     run,
-    write_json,
+    write_results,
 )
 
 from moecli.methods import METHOD_NAMES  # noqa: E402
@@ -340,9 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "protocols": [p.__dict__ | {"title": p.title} for p in protocols],
         "seconds": time.perf_counter() - t0,
     })
-    write_json(out_dir / "quality.json", result)
-    (out_dir / "quality.md").write_text(render_markdown(result), encoding="utf-8")
-    log(f"quality: wrote {out_dir / 'quality.json'} and quality.md ({time.perf_counter() - t0:.0f} s)")
+    write_results(out_dir, "quality", result, render_markdown(result), t0)
     return result
 
 

@@ -44,7 +44,7 @@ from common import (  # noqa: E402
     reset_peak_rss,
     results_dir,
     rss_mb,
-    write_json,
+    write_results,
 )
 
 from moecli.methods import METHOD_NAMES  # noqa: E402
@@ -461,11 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                             {str(a): b for a, b in v.items()})
                                                         for k, v in cfg.items()},
                                "seconds": time.perf_counter() - t0})
-    out_dir = args.out or results_dir(quick)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "speed.json", res)
-    (out_dir / "speed.md").write_text(render_markdown(res), encoding="utf-8")
-    log(f"speed: wrote {out_dir / 'speed.json'} and speed.md ({time.perf_counter() - t0:.0f} s)")
+    write_results(args.out or results_dir(quick), "speed", res, render_markdown(res), t0)
     return res
 
 

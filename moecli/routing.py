@@ -182,8 +182,7 @@ class KeyMatcher:
         """
         rows = rows.clamp(min=0)
         if self.feature == "input":
-            q = F.normalize(queries.detach().float().cpu(), dim=-1)
-            return torch.einsum("bd,bkd->bk", q, self.queries[rows])
+            return self._input_cosine(queries, rows)
         if signatures is None:
             return torch.full(rows.shape, -1.0)
         sig = signatures.detach().float().cpu()
@@ -237,12 +236,15 @@ class KeyMatcher:
         self._cached = (sims.to(x.device), values.to(x.device))
         return self._cached
 
+    def _input_cosine(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Cosine of last-token inputs `queries` [B, d_query] with the stored edits' at `rows` [B, K] → [B, K]."""
+        return torch.einsum("bd,bkd->bk", F.normalize(queries.detach().float().cpu(), dim=-1), self.queries[rows])
+
     def _nearer_than_confusable(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """[B, K]: is each input nearer (target-module input cosine) to candidate edit `pos` than to every
         question the base model answers like that edit's? A 1-nearest-neighbour test between the two."""
-        qn = F.normalize(q.detach().float().cpu(), dim=-1)
-        own = torch.einsum("bd,bkd->bk", qn, self.queries[pos.clamp(min=0)])
-        to_neg = qn @ self.neg_queries.t()  # [B, m]
+        own = self._input_cosine(q, pos.clamp(min=0))
+        to_neg = F.normalize(q.detach().float().cpu(), dim=-1) @ self.neg_queries.t()  # [B, m]
         owned = self.neg_owner.view(1, 1, -1) == pos.unsqueeze(-1)  # [B, K, m]
         rival = torch.where(owned, to_neg.unsqueeze(1), torch.full_like(owned, -2.0, dtype=torch.float32))
         # ties go to the edit (a form whose input equals the edit's cannot be told apart; the edit's own
