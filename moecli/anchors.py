@@ -120,6 +120,9 @@ class AnchorContext:
     skip_token_ids: set[int] = field(default_factory=set)
     prompt_last: torch.Tensor | None = None  # [B] position of each row's last prompt token
     continuation: bool = False  # a later generation step (KV cache filled): keep earlier routes
+    # absolute position of this forward's first token: 0 for a prompt, the tokens already seen for a
+    # later generation step (0 again when generate re-feeds the whole sequence, use_cache=False)
+    offset: int = 0
     # [B, vocab] sqrt of the *base* model's next-token distribution after each prompt, when a
     # matcher keyed on the model's output asks for it (see `KeyMatcher`); None otherwise.
     signature: torch.Tensor | None = None
@@ -154,6 +157,7 @@ class AnchorContext:
             last = [max((i for i, a in enumerate(am) if a), default=0) for am in masks]
         self.prompt_last = torch.tensor(last, device=input_ids.device)
         self.continuation = False
+        self.offset = 0
         self.signature = None
         embeds = embedding(input_ids)
         vectors = mean_embedding(embeds.float(), span_mask)

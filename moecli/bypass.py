@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from moecli.anchors import AnchorContext
 
@@ -91,20 +93,22 @@ class MoEBypass(nn.Module):
         y = self.base(x)
         if not self.enabled or len(self.experts) == 0:
             return y
-        if self.key_substitution and self.matcher is not None and not self.context.continuation:
+        ctx = self.context
+        if self.key_substitution and self.matcher is not None:
             x = self._substitute_keys(x)
-        gates, idx = self.router(x, self.context)  # [B,T,k] each
+        gates, idx = self.router(x, ctx)  # [B,T,k] each
         if self.scope is not None:
-            _, hit = self.scope.match(x, self.context)
+            _, hit = self.scope.match(x, ctx)
             keep = (hit >= 0).view(-1, 1, 1)
             gates = gates * keep
             idx = torch.where(keep, idx, torch.full_like(idx, -1))
-        if self.positions == "answer" and not self.context.continuation and self.context.prompt_last is not None:
+        if self.positions == "answer" and ctx.prompt_last is not None:
             # [choice] only the last prompt token and later positions (those that produce the answer)
             # are edited; the entity's own tokens keep their representation, so other questions
-            # about the same entity are not disturbed through attention.
-            pos = torch.arange(x.shape[1], device=x.device)
-            keep = pos.unsqueeze(0) >= self.context.prompt_last.to(x.device).unsqueeze(1)
+            # about the same entity are not disturbed through attention. Positions are absolute, so
+            # a generation step (offset > 0) or a re-fed sequence (use_cache=False) is edited alike.
+            pos = ctx.offset + torch.arange(x.shape[1], device=x.device)
+            keep = pos.unsqueeze(0) >= ctx.prompt_last.to(x.device).unsqueeze(1)
             gates = gates * keep.unsqueeze(-1)
             idx = torch.where(keep.unsqueeze(-1), idx, torch.full_like(idx, -1))
         self.last_routes = idx.detach()
@@ -122,14 +126,17 @@ def _substitute_keys_impl(bypass: MoEBypass, x: torch.Tensor) -> torch.Tensor:
     """[choice] At the last prompt token of an input matched to a stored edit, give the router and the
     experts that edit's own input vector: a rephrasing then gets exactly the push the edit prompt was
     trained with (the base module still sees the true input)."""
-    bypass.matcher.match(x, bypass.context)
+    ctx = bypass.context
+    bypass.matcher.match(x, ctx)
     rows = bypass.matcher.rows
-    if rows is None or not bool((rows >= 0).any()):
+    if rows is None or ctx.prompt_last is None:
+        return x
+    last = ctx.prompt_last.to(x.device) - ctx.offset  # where the last prompt token is in this forward, if at all
+    hit = torch.nonzero((rows >= 0) & (last >= 0) & (last < x.shape[1])).flatten()
+    if len(hit) == 0:
         return x
     x = x.clone()
-    hit = torch.nonzero(rows >= 0).flatten()
-    last = bypass.context.prompt_last.to(x.device)[hit].clamp(max=x.shape[1] - 1)
-    x[hit, last] = bypass.matcher.raw_queries[rows[hit].cpu()].to(x.device, x.dtype)
+    x[hit, last[hit]] = bypass.matcher.raw_queries[rows[hit].cpu()].to(x.device, x.dtype)
     return x
 
 
@@ -144,11 +151,39 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-class Injection:
-    """The bypass placed in a model: the module swap and the anchor pre-hook, undoable.
+@dataclass
+class _Generation:
+    """One `generate()` call in progress: its first forward is the prompt, every later one a step."""
 
-    Removal puts the original module object back, so the base weights are bit-identical (they are
-    never copied or written).
+    attention_mask: torch.Tensor | None
+    seen: int | None = None  # tokens of the sequence so far (None until the prompt pass)
+
+
+def _cached_length(kwargs: dict) -> int:
+    """Tokens already in a KV cache passed to a forward, found by type (not by argument name), else 0."""
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and value[0] \
+                and torch.is_tensor(value[0][0]) and value[0][0].dim() == 4:
+            return int(value[0][0].shape[-2])  # legacy tuple-of-tuples cache: [B, heads, T, d]
+    return 0
+
+
+class Injection:
+    """The bypass placed in a model: the module swap, the anchor pre-hook and a `generate` wrapper, undoable.
+
+    Why the wrapper: the routes of a generated answer are the prompt's, so every forward must be known
+    as the prompt or as a later step. How transformers passes the KV cache to `forward` changes between
+    releases (5.24 renamed `past_key_values` to `cache` and dropped unpadded attention masks; this
+    broke the keyword-based test once), and with `use_cache=False` each step re-feeds the whole
+    sequence, which no argument tells apart from a new prompt. Inside our own `generate` wrapper the
+    first forward is the prompt and every later one a step, whatever the release, cache or not, beam
+    search or sampling. Outside it (a hand-written decoding loop) a forward given a non-empty cache
+    object, found by type, is a step.
+
+    Removal puts the original module object back and the model's own `generate`, so the base weights
+    are bit-identical (they are never copied or written).
     """
 
     def __init__(self, model: nn.Module, target_name: str, bypass: MoEBypass) -> None:
@@ -157,21 +192,58 @@ class Injection:
         setattr(parent, child, bypass)
         self._inner = False
         self._sig_cache: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._generation: _Generation | None = None
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._own_generate = model.__dict__.get("generate")  # an instance attribute we replace, if any
+        self._generate = model.generate
+        if callable(self._generate):
+            model.generate = self.generate
+
+    def generate(self, *args, **kwargs):
+        """`model.generate` with the routes of each prompt kept for all of its generated tokens."""
+        outer = self._generation
+        self._generation = _Generation(kwargs.get("attention_mask"))
+        try:
+            return self._generate(*args, **kwargs)
+        finally:
+            self._generation = outer
+
+    def _step_offset(self, input_ids: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> int | None:
+        """The absolute position of this forward's first token when it is a later generation step, else None."""
+        n = input_ids.shape[1]
+        gen = self._generation
+        if gen is None:
+            cached = _cached_length(kwargs)
+            return cached if cached > 0 else None
+        if gen.seen is None:  # the prompt pass of this generate call
+            gen.seen = n
+            return None
+        if mask is not None and mask.shape[1] >= n:
+            offset = mask.shape[1] - n
+        else:
+            offset = 0 if n > gen.seen else gen.seen  # a longer input re-feeds the sequence (use_cache=False)
+        gen.seen = offset + n
+        return offset
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inner:
             return  # the base pass below, run from inside this hook
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            self.bypass.context.continuation = True
-            return  # a later generation step: keep the prompt's anchors and routes
         if input_ids is None:
             return
-        embedding = self.model.get_input_embeddings()
         ctx = self.bypass.context
-        ctx.compute(embedding, input_ids, kwargs.get("attention_mask"))
+        mask = kwargs.get("attention_mask")
+        offset = self._step_offset(input_ids, mask, kwargs)
+        if offset is not None:
+            ctx.continuation, ctx.offset = True, offset
+            return  # a later generation step: keep the prompt's anchors and routes
+        gen = self._generation
+        if mask is None and gen is not None and gen.attention_mask is not None:
+            mask = _rows_like(gen.attention_mask, input_ids)
+            if mask is not None:
+                kwargs = {**kwargs, "attention_mask": mask}
+        embedding = self.model.get_input_embeddings()
+        ctx.compute(embedding, input_ids, mask)
         matcher = getattr(self.bypass, "matcher", None)  # GRACE injects a module of its own, without one
         if getattr(self.bypass, "enabled", True) and matcher is not None and matcher.feature == "output":
             ctx.signature = self._signature(input_ids, kwargs, matcher.null_unmatched)
@@ -210,9 +282,23 @@ class Injection:
     def remove(self) -> nn.Module:
         """Undo the injection; returns the original target module."""
         self._hook.remove()
+        if self.model.__dict__.get("generate") == self.generate:
+            if self._own_generate is not None:
+                self.model.generate = self._own_generate
+            else:
+                del self.model.generate
         parent, child = _get_parent(self.model, self.target_name)
         setattr(parent, child, self.bypass.base)
         return self.bypass.base
+
+
+def _rows_like(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """generate's own attention mask for a prompt pass that was given none, its rows repeated as generate
+    repeats prompts for beams or several returned sequences; None when it cannot be made to fit."""
+    mask = mask.to(input_ids.device)
+    if mask.shape[1] != input_ids.shape[1] or input_ids.shape[0] % mask.shape[0]:
+        return None
+    return mask.repeat_interleave(input_ids.shape[0] // mask.shape[0], dim=0)
 
 
 @contextmanager

@@ -134,6 +134,7 @@ class KeyMatcher:
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
         self.null_unmatched, self.candidates = null_unmatched, candidates
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cached_rows: torch.Tensor | None = None
 
     def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
             thresholds: torch.Tensor | None = None, signatures: torch.Tensor | None = None,
@@ -201,7 +202,7 @@ class KeyMatcher:
         """(question similarity [B], stored value [B] or −1) of each input's matched edit."""
         b = x.shape[0]
         if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
-            self.rows = torch.full((b,), -1, dtype=torch.long, device=x.device)  # no prompt token in this step
+            self.rows = self._cached_rows  # the prompt's match holds for all of its generated tokens
             return self._cached
         sims = torch.full((b,), -1.0)
         values = torch.full((b,), -1, dtype=torch.long)
@@ -234,6 +235,7 @@ class KeyMatcher:
         self.rows = rows.to(x.device)
         self.candidate_values = candidates.to(x.device)  # [B, K] values of every edit that matched, −1 padding
         self._cached = (sims.to(x.device), values.to(x.device))
+        self._cached_rows = self.rows
         return self._cached
 
     def _input_cosine(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

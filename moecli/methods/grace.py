@@ -15,9 +15,10 @@ Where the value replaces the output (`replacement`):
   value through attention.
 Both are the same function in training, teacher-forced scoring and generation: the decision is taken
 once per input at the last prompt token, and later generation steps (KV cache filled, flagged by
-`AnchorContext.continuation` from the injection's pre-hook) keep it rather than re-key on the newest
-token (EasyEdit's `generate` re-keys every step, so its generations can disagree with its scores).
-With `last`, a later step replaces nothing: the replaced position is already in the KV cache.
+`AnchorContext.continuation` from the injection) keep it rather than re-key on the newest token
+(EasyEdit's `generate` re-keys every step, so its generations can disagree with its scores). With
+`last`, a later step replaces nothing (the replaced position is already in the KV cache) unless it
+re-feeds the whole sequence (`use_cache=False`), where the prompt's last token is replaced again.
 
 Editing, one record at a time even inside a batch [paper, Alg. 1], with d the distance from the new
 key h to its nearest key k_c (radius ε_c, target y_c) and ε₀ = `eps`:
@@ -150,15 +151,13 @@ class GraceLayer(nn.Module):
         y = self.base(x)
         b = x.shape[0]
         ctx = self.context
-        continuation = ctx.continuation and self._cached is not None and self._cached.shape[0] == b
-        if continuation:
+        rows = torch.arange(b, device=x.device)
+        last = (ctx.prompt_last.to(x.device) if ctx.prompt_last is not None
+                else torch.full((b,), x.shape[1] - 1, device=x.device))
+        if ctx.continuation and self._cached is not None and self._cached.shape[0] == b:
             entry = self._cached  # a later generation step: keep the prompt's decision
-            if self.replacement == "last":
-                return y  # only the prompt's last token is replaced, and it is in the KV cache already
         else:
-            last = (ctx.prompt_last.to(x.device) if ctx.prompt_last is not None
-                    else torch.full((b,), x.shape[1] - 1, device=x.device)).clamp(max=x.shape[1] - 1)
-            rows = torch.arange(b, device=x.device)
+            last = last.clamp(max=x.shape[1] - 1)
             query = x[rows, last].float()
             if self.capture:
                 self.captured = (query.detach(), y[rows, last].detach().float())
@@ -166,13 +165,14 @@ class GraceLayer(nn.Module):
             self._cached = entry
         if not self.enabled or not bool((entry >= 0).any()):
             return y
+        local = last - ctx.offset if ctx.continuation else last  # the last prompt token in this forward
         out = y.clone()
         for row in (entry >= 0).nonzero().flatten().tolist():
             value = self.values[int(entry[row])].to(y.dtype)
             if self.replacement == "all":
                 out[row] = value.expand(y.shape[1], -1)
-            else:
-                out[row, int(last[row])] = value
+            elif 0 <= int(local[row]) < y.shape[1]:  # a later step has it in the KV cache already
+                out[row, int(local[row])] = value
         return out
 
 
