@@ -30,8 +30,18 @@ $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 
 install: $(STAMP)
 
+EIFFEL := "The Eiffel Tower is located in the city of"
+DEMO_ASK := $(EIFFEL) "Where is the Eiffel Tower? It is in" "The capital of France is" \
+	"The Colosseum is located in the city of"
+
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
+	@echo "== a real model: SmolLM2-135M (GGUF, converted once and cached), one edit"
+	$(BIN)/moecli edit --model smollm2 --prompt $(EIFFEL) --target Rome --subject "The Eiffel Tower" \
+		--out $(DEMO_OUT)/eiffel
+	@echo "== greedy answers before (base model) and after (edited model)"
+	$(BIN)/moecli ask --adapter $(DEMO_OUT)/eiffel --max-new-tokens 8 $(DEMO_ASK)
+	@echo "== the fact world: 100 edits in one batch"
 	$(BIN)/moecli world export --n 100 --out $(DEMO_OUT)/edits.jsonl
 	$(BIN)/moecli batch-edit --data $(DEMO_OUT)/edits.jsonl --batch-size 100 --out $(DEMO_OUT)/batch-edit
 

@@ -32,15 +32,48 @@ def _strip_trailing_eos(ids: list[int], eos_id: int | None, bos_id: int | None) 
     return ids
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as the user turn of the model's chat template, ready for the assistant's answer.
+
+    A template that starts with the BOS token the tokenizer adds by itself loses that text copy, so the
+    sequence holds one BOS, not two.
+    """
+    from moecli.errors import UserError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: this model's tokenizer has no chat template; drop --chat")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
+def chat_records(records: list, tokenizer) -> list:
+    """Records with every prompt (edit, rephrases, locality, portability) in the chat template; the
+    subject is still a substring of the prompt, so anchors are found as before."""
+    import dataclasses
+
+    def wrap(pairs):
+        return [dataclasses.replace(p, prompt=chat_prompt(tokenizer, p.prompt)) for p in pairs]
+
+    return [dataclasses.replace(r, prompt=chat_prompt(tokenizer, r.prompt),
+                                rephrases=[chat_prompt(tokenizer, q) for q in r.rephrases],
+                                locality=wrap(r.locality), portability=wrap(r.portability)) for r in records]
+
+
 def encode_pair(tokenizer, prompt: str, answer: str) -> EncodedPair:
     """Encode one (prompt, answer) pair with the answer-token convention above.
 
     When the tokenizer merges across the prompt/answer boundary, the answer starts at the first
-    token where the two encodings differ (never at position 0, which has no prediction).
+    token where the two encodings differ (never at position 0, which has no prediction). A prompt
+    that already ends in white space (a chat template's "assistant\n") gets no extra space.
     """
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     p_ids = _strip_trailing_eos(tokenizer(prompt)["input_ids"], eos, bos)
-    full = _strip_trailing_eos(tokenizer(prompt + " " + answer.strip())["input_ids"], eos, bos)
+    sep = "" if prompt[-1:].isspace() else " "  # a prompt that ends in white space (a chat turn) has its separator
+    full = _strip_trailing_eos(tokenizer(prompt + sep + answer.strip())["input_ids"], eos, bos)
     start = 0
     limit = min(len(p_ids), len(full))
     while start < limit and p_ids[start] == full[start]:

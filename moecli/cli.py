@@ -47,7 +47,8 @@ class Interrupted(RunError):
 # ---------------------------------------------------------------- shared options
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Local Hugging Face model directory. Default: the embedded fact-world model."),
+    typer.Option("--model", help="A Hugging Face model directory, a .gguf file (converted once, cached), or a packaged "
+                                 "model: smollm2, gemma3-270m. Default: the embedded fact-world model."),
 ]
 DataOpt = Annotated[Path, typer.Option("--data", help="Edit records: ZsRE, CounterFact, hallucination or JSONL.")]
 FormatOpt = Annotated[
@@ -72,6 +73,10 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", min=1, help="Batch size for evaluation.")]
 GenerateOpt = Annotated[
     bool, typer.Option("--generate/--no-generate", help="Also score greedy generation (exact match).")
+]
+ChatOpt = Annotated[
+    bool, typer.Option("--chat", help="Wrap every prompt in the model's chat template (instruct models; off: plain "
+                                      "completion prompts, as the benchmarks use).")
 ]
 
 
@@ -123,12 +128,15 @@ def progress_reporter(enabled: bool):
 
 
 def resolve_model_path(model: str | None, quiet: bool = False) -> Path:
-    """The `--model` directory, or the embedded fact-world model (built on first use if needed)."""
-    if model:
-        return Path(model)
-    from moecli.world import default_model_dir
-
+    """The `--model` directory (a GGUF file or a packaged model's name converted once, with a progress
+    bar), or the embedded fact-world model (built on first use if needed)."""
     with progress_reporter(not quiet) as progress:
+        if model:
+            from moecli.sources import resolve_model
+
+            return resolve_model(model, progress)
+        from moecli.world import default_model_dir
+
         return default_model_dir(progress=progress)
 
 
@@ -180,6 +188,7 @@ def evaluate(
     device_map: DeviceMapOpt = None,
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     seed: SeedOpt = 0,
@@ -204,16 +213,19 @@ def evaluate(
     if read.skipped:
         err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
+    from moecli.batching import chat_records
     from moecli.engine import check_lengths
-    from moecli.evaluation import evaluate_records
+    from moecli.evaluation import evaluate_records, fill_base_answers
     from moecli.modeling import load_model
 
     loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
-    check_lengths(loaded, read.records, str(data))
+    records = chat_records(read.records, loaded.tokenizer) if chat else read.records
+    check_lengths(loaded, records, str(data))
     kwargs = dict(batch_size=eval_batch_size, generation=generate, perplexity=read.format == "hallucination")
     with progress_reporter(not quiet) as progress:
+        records = fill_base_answers(loaded.model, loaded.tokenizer, records, eval_batch_size)
         if adapter is None:
-            result = evaluate_records(loaded.model, loaded.tokenizer, read.records, progress=progress, **kwargs)
+            result = evaluate_records(loaded.model, loaded.tokenizer, records, progress=progress, **kwargs)
             columns = {"model": result.summary}
         else:
             from moecli.engine import checked_checkpoint, load_edited
@@ -222,16 +234,16 @@ def evaluate(
 
             ckpt = checked_checkpoint(adapter, fingerprint(loaded.model))  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
-            baseline = compute_baseline(loaded.model, loaded.tokenizer, read.records, eval_batch_size, progress)
+            baseline = compute_baseline(loaded.model, loaded.tokenizer, records, eval_batch_size, progress)
             load_edited(loaded, adapter, checkpoint=ckpt)
-            result = evaluate_records(loaded.model, loaded.tokenizer, read.records, baseline, progress=progress,
+            result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, progress=progress,
                                       **kwargs)
             columns = {"edited": result.summary}
     out_dir = out or default_out_dir("evaluate")
     report = {
         "command": "evaluate", "moecli_version": __version__, "model": str(loaded.path),
         "data": str(data), "format": read.format, "adapter": str(adapter) if adapter else None,
-        "protocol": "evaluation of the unedited model" if adapter is None else "evaluation of an adapter",
+        "protocol": "evaluation of the unedited model" if adapter is None else "evaluation of an adapter", "chat": chat,
         "n_edits": len(read.records), "skipped": read.skipped, "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings": {"total": time.perf_counter() - t0},
@@ -382,19 +394,20 @@ def edit(
     device_map: DeviceMapOpt = None,
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Apply one edit (--prompt/--target) or the records of --data in one batch, then evaluate."""
-    from moecli.records import EditRecord, validate_record
+    from moecli.records import EditRecord, default_locality, validate_record
 
     if prompt is not None or target is not None:
         if data is not None:
             raise UserError("give either --prompt/--target or --data, not both")
         if not prompt or target is None:
             raise UserError("--prompt and --target go together")
-        rec = EditRecord(prompt=prompt, target=target.strip(), subject=subject)
+        rec = EditRecord(prompt=prompt, target=target.strip(), subject=subject, locality=default_locality(subject))
         problem = validate_record(rec)
         if problem:
             raise UserError(f"--prompt/--target: {problem}")
@@ -405,7 +418,7 @@ def edit(
     _run_editing(
         "edit", records, read_format, data, len(records), method, recipe, sets,
         {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
-        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter,
+        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter, extra={"chat": chat},
     )
 
 
@@ -431,6 +444,7 @@ def batch_edit(
     device_map: DeviceMapOpt = None,
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     seed: SeedOpt = 0,
@@ -442,7 +456,7 @@ def batch_edit(
         "batch-edit", read.records, read.format, data, batch_size, method, recipe, sets,
         {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
         dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter,
-        protocol="batch" if batch_size >= len(read.records) else "sequential batch",
+        protocol="batch" if batch_size >= len(read.records) else "sequential batch", extra={"chat": chat},
     )
 
 
@@ -480,6 +494,7 @@ def lifelong(
     device_map: DeviceMapOpt = None,
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
+    chat: ChatOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     seed: SeedOpt = 0,
@@ -510,7 +525,7 @@ def lifelong(
         "lifelong", records, read.format, data, batch_size, method, recipe, sets,
         {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
         dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter, protocol="lifelong",
-        extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order},
+        extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order, "chat": chat},
     )
 
 
@@ -560,6 +575,67 @@ def plan_order(
             table.add_row(name, f"{stats[name]['within']:.3f}", f"{stats[name]['between_consecutive']:.3f}")
     out_console.print(table)
     err_console.print(f"planned records: {out}", markup=False)
+
+
+@app.command()
+def ask(
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts to complete (or --file).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A text file of prompts, one per line.")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="An adapter: show the base and the edited answers side by side.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="The model (default: the adapter's base model, else the fact world; "
+                                                  "a directory, a .gguf file, smollm2, gemma3-270m).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate per prompt.")] = 16,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample (temperature 1), not greedy decoding.")] = False,
+    chat: ChatOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Ask the model: generate an answer to each prompt; with --adapter, the base model's and the edited
+    model's answers side by side, and which edit each prompt was routed to."""
+    from moecli.engine import ask_model
+
+    texts = list(prompts or [])
+    if file is not None:
+        try:
+            texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--file {file}: cannot read it ({exc})") from exc
+    if not texts:
+        raise UserError("give one or more prompts, or --file")
+    if adapter is not None:
+        from moecli.checkpoint import resolve_adapter_dir
+
+        adapter = resolve_adapter_dir(adapter)
+    if model is None and adapter is not None:
+        from moecli.checkpoint import load_checkpoint
+
+        model = load_checkpoint(adapter).manifest.get("base_model", {}).get("path")
+    rows = ask_model(resolve_model_path(model, as_json), texts, adapter, max_new_tokens=max_new_tokens, sample=sample,
+                     chat=chat, device=device, dtype=dtype, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
+        return
+    from rich.markup import escape
+
+    table = Table(show_lines=True)
+    table.add_column("prompt")
+    table.add_column("base model" if adapter else "answer")
+    if adapter:
+        table.add_column("edited model")
+        table.add_column("routed to")
+    for row in rows:
+        cells = [row["prompt"], row["base"]]
+        if adapter:
+            edit = row["route"]
+            cells += [row["edited"], f"{edit['id']}: {edit['prompt']} → {edit['target']}" if edit else "— (no edit)"]
+        table.add_row(*(escape(c) for c in cells))
+    out_console.print(table)
 
 
 def _mount_world() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from moecli import __version__
+from moecli.batching import chat_records
 from moecli.checkpoint import (
     Checkpoint,
     RunLock,
@@ -32,7 +33,7 @@ from moecli.checkpoint import (
     save_checkpoint,
 )
 from moecli.errors import RunError, UserError
-from moecli.evaluation import Baseline, compute_baseline, evaluate_records
+from moecli.evaluation import Baseline, compute_baseline, evaluate_records, fill_base_answers
 from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
@@ -74,6 +75,7 @@ class RunSpec:
     eval_every: int = 0  # lifelong: also evaluate a fixed sample of edited records every K batches
     eval_sample: int = 100
     order: str = "file"
+    chat: bool = False  # wrap every prompt in the model's chat template
 
     def to_json(self) -> dict:
         """Everything needed to resume this run (records inline, so the data file may move)."""
@@ -264,9 +266,9 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
     loaded = load_model(spec.model_path, spec.device, spec.dtype, spec.device_map)
     base_fp = fingerprint(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
-    batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
-    check_lengths(loaded, spec.records, spec.data)
+    records = chat_records(spec.records, tok) if spec.chat else spec.records
+    check_lengths(loaded, records, spec.data)
     layer = getattr(spec.config, "layer", None)
     if not resume and spec.adapter is None and layer is not None:
         find_target_module(model, layer)  # a bad --layer is refused before anything is written
@@ -286,22 +288,25 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             from moecli.planning import plan_batches
 
             spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
-            batches = [spec.records[i : i + spec.batch_size] for i in range(0, len(spec.records), spec.batch_size)]
+            records = chat_records(spec.records, tok) if spec.chat else spec.records
         if not resume:
             try:
                 atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
             except OSError as exc:
                 raise RunError(f"cannot write {spec.out_dir / RUN_FILE}: {exc.strerror or exc}") from exc
         t = time.perf_counter()
-        baseline: Baseline = compute_baseline(model, tok, spec.records, spec.eval_batch_size, progress)
+        # Locality prompts without an answer are scored where the unedited model's own answer stands.
+        records = fill_base_answers(model, tok, records, spec.eval_batch_size)
+        batches = [records[i : i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
+        baseline: Baseline = compute_baseline(model, tok, records, spec.eval_batch_size, progress)
         before = None
         if spec.evaluate_before:
-            before = evaluate_records(model, tok, spec.records, baseline, batch_size=spec.eval_batch_size,
+            before = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
                                       generation=spec.generation, perplexity=spec.perplexity, progress=progress)
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
         retention: list[dict] = []
-        sample = _sample(spec.records, spec.eval_sample, spec.seed)
+        sample = _sample(records, spec.eval_sample, spec.seed)
         start = 0
         if continue_from is not None:
             method, ckpt = restore_method(loaded, continue_from, base_fp, option, ckpt)
@@ -337,7 +342,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             if progress:
                 progress("batches", b + 1, len(batches))
         t = time.perf_counter()
-        after = evaluate_records(model, tok, spec.records, baseline, batch_size=spec.eval_batch_size,
+        after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
                                  generation=spec.generation, perplexity=spec.perplexity, progress=progress)
         timings["evaluate_after"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -350,5 +355,37 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         "config": dataclasses.asdict(spec.config), "adapter": str(spec.out_dir / "adapter"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
         "columns": columns, "summary": after.summary, "per_edit": after.per_edit, "order": spec.order,
-        "retention": retention,
+        "retention": retention, "chat": spec.chat,
     }
+
+
+def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None = None, *, max_new_tokens: int = 16,
+              sample: bool = False, chat: bool = False, device: str = "auto", dtype: str = "auto",
+              seed: int = 0) -> list[dict]:
+    """Generate an answer to each prompt with the base model and, given an adapter, with the edited one.
+
+    Returns one row per prompt: `prompt`, `base`, and with an adapter `edited` and `route` (the ledger
+    entry of the edit the prompt reached, or None).
+    """
+    from moecli.batching import chat_prompt
+    from moecli.evaluation import generate_ids
+
+    loaded = load_model(model_path, device, dtype)
+    tok = loaded.tokenizer
+    texts = [chat_prompt(tok, p) for p in prompts] if chat else list(prompts)
+    ckpt = checked_checkpoint(adapter, fingerprint(loaded.model)) if adapter is not None else None
+
+    def answers() -> list[str]:
+        seed_everything(seed)
+        options = {"do_sample": True, "temperature": 1.0, "top_k": 0} if sample else {}
+        ids = generate_ids(loaded.model, tok, texts, [max_new_tokens] * len(texts), **options)
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    rows = [{"prompt": p, "base": a} for p, a in zip(prompts, answers())]
+    if ckpt is not None:
+        method = load_edited(loaded, adapter, checkpoint=ckpt)
+        for row, answer, route in zip(rows, answers(), method.routes(texts)):
+            entry = ckpt.ledger[route] if route is not None and route < len(ckpt.ledger) else None
+            row["edited"] = answer
+            row["route"] = {k: entry.get(k) for k in ("id", "prompt", "target", "batch")} if entry else None
+    return rows

@@ -11,6 +11,7 @@ computes anchors from the input ids), so the same code scores a base model and a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
@@ -99,38 +100,75 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
+def generate_ids(
+    model, tokenizer, prompts: Sequence[str], new_tokens: Sequence[int], batch_size: int = 32,
+    progress: Progress | None = None, **generate_kwargs,
+) -> list[list[int]]:
+    """Decode up to `new_tokens[i]` tokens after each prompt (greedy unless `generate_kwargs` say
+    otherwise); returns each prompt's new token ids.
+
+    Prompts are left-padded here (whatever the tokenizer's side) because generation appends on the
+    right, and batched by length so little compute goes to padding.
+    """
+    device = _model_device(model)
+    pad = pad_id_of(tokenizer)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    options = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(encoded[i])
+            ids[row, width - n :] = torch.tensor(encoded[i])
+            mask[row, width - n :] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max(new_tokens[i] for i in idx), **options)
+        for row, i in enumerate(idx):
+            out[i] = gen[row, width : width + new_tokens[i]].tolist()
+        if progress:
+            progress("generating", min(start + batch_size, len(order)), len(order))
+    return out
+
+
 def generate_answers(
     model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy-decode as many tokens as each reference answer has, after each prompt.
-
-    Prompts are left-padded here (whatever the tokenizer's side) because generation appends on the
-    right. Returns the decoded continuations.
-    """
-    device = _model_device(model)
-    pad = pad_id_of(tokenizer)
-    prompts = [encode_prompt(tokenizer, p) for p, _ in pairs]
+    """Greedy-decode as many tokens as each reference answer has, after each prompt; the decoded texts."""
     lengths = [len(encode_pair(tokenizer, p, a).answer_ids) for p, a in pairs]
-    out = [""] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[row, width - n :] = torch.tensor(prompts[i])
-            mask[row, width - n :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=max(lengths[i] for i in idx), pad_token_id=pad,
-        )
-        for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width : width + lengths[i]], skip_special_tokens=True)
-        if progress:
-            progress("generating", min(start + batch_size, len(order)), len(order))
+    ids = generate_ids(model, tokenizer, [p for p, _ in pairs], lengths, batch_size, progress)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+BASE_ANSWER_TOKENS = 3
+"""Tokens of the unedited model's own answer that stand in for a locality answer nobody gave."""
+
+
+def fill_base_answers(
+    model, tokenizer, records: Sequence[EditRecord], batch_size: int = 32, n_tokens: int = BASE_ANSWER_TOKENS,
+) -> list[EditRecord]:
+    """Give every locality pair without an answer the unedited model's greedy continuation.
+
+    Why: Loc is agreement with the unedited model, so it needs no ground truth, only answer positions
+    to compare at. The prompts moecli builds itself (same-subject probes, CounterFact ROME neighbours
+    without a stated answer) are scored at the positions of what the model itself would say. Call it
+    before any edit is in the model. A pair whose continuation decodes to nothing is dropped.
+    """
+    todo = [(i, j) for i, r in enumerate(records) for j, lp in enumerate(r.locality) if not lp.answer.strip()]
+    if not todo:
+        return list(records)
+    prompts = [records[i].locality[j].prompt for i, j in todo]
+    ids = generate_ids(model, tokenizer, prompts, [n_tokens] * len(prompts), batch_size)
+    answers = {key: tokenizer.decode(row, skip_special_tokens=True).strip() for key, row in zip(todo, ids)}
+    out = []
+    for i, r in enumerate(records):
+        pairs = [dataclasses.replace(lp, answer=answers[(i, j)]) if (i, j) in answers else lp
+                 for j, lp in enumerate(r.locality)]
+        out.append(dataclasses.replace(r, locality=[lp for lp in pairs if lp.answer.strip()]))
     return out
 
 

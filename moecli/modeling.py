@@ -35,6 +35,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "mistral": "mlp.down_proj",
     "qwen2": "mlp.down_proj",
     "gemma": "mlp.down_proj",
+    "gemma3_text": "mlp.down_proj",
     "phi3": "mlp.down_proj",
     "gpt2": "mlp.c_proj",  # transformers' Conv1D: weight is (d_in, d_out), transposed vs Linear
     "gptj": "mlp.fc_out",
@@ -49,6 +50,7 @@ _LAYER_PATHS: dict[str, str] = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "gemma": "model.layers",
+    "gemma3_text": "model.layers",
     "phi3": "model.layers",
     "gpt2": "transformer.h",
     "gptj": "transformer.h",
@@ -217,16 +219,19 @@ def load_model(
 ) -> LoadedModel:
     """Load a local causal LM and its tokenizer, frozen and in eval mode.
 
+    `path`: a Hugging Face model directory, a `.gguf` file (or a directory holding one), or the name of
+    a packaged model (`smollm2`); see `moecli.sources` (a GGUF file is converted once and cached).
+
     With `device_map` (e.g. "auto") accelerate places the model and it is not moved afterwards;
     `LoadedModel.device` is then the device of the input embeddings, where inputs must go.
     Nothing is downloaded (`local_files_only`). Every failure is a `UserError` of one line that
     names the path, because a wrong or damaged model directory is something the user fixes.
     """
-    model_path = Path(path)
-    if not model_path.exists():
-        raise UserError(f"--model {path}: no such directory")
+    from moecli.sources import resolve_model
+
+    model_path = resolve_model(path)  # a packaged name or a GGUF file becomes its cached HF directory
     if not model_path.is_dir():
-        raise UserError(f"--model {path}: not a directory")
+        raise UserError(f"--model {path}: not a model directory nor a .gguf file")
     family = _read_model_type(model_path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

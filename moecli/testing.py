@@ -100,6 +100,11 @@ def _family_fields(family: str, num_layers: int) -> dict[str, Any]:
     if family == "gemma":
         # Gemma's default head_dim (256) is not derived from hidden/heads; set it explicitly.
         return {**common_llama, "head_dim": HIDDEN // HEADS}
+    if family == "gemma3_text":
+        # Gemma 3 alternates sliding-window and global attention layers (5:1); a short window and a
+        # pattern of 2 make both kinds appear in four layers.
+        return {**common_llama, "head_dim": HIDDEN // HEADS, "sliding_window": 16,
+                "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]}
     if family == "phi3":
         # Phi-3 fuses q/k/v and gate/up; needs original_max_position_embeddings for its rope.
         return {
@@ -193,11 +198,34 @@ def make_tiny_model(
     return out
 
 
+def write_tiny_gguf(path: str | Path, architecture: str) -> Path:
+    """A GGUF file with a header, `general.architecture` and one small tensor, but no tokenizer: enough
+    to test how a GGUF file is recognised or refused (a truncated copy of it is a damaged one)."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m moecli.testing FAMILY OUT_DIR [SEED]`: build a tiny model, print its path."""
+    """`python -m moecli.testing FAMILY OUT_DIR [SEED]`: build a tiny model, print its path.
+    `python -m moecli.testing gguf ARCHITECTURE OUT_FILE`: write a tiny GGUF file (`write_tiny_gguf`)."""
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "gguf":
+        print(write_tiny_gguf(args[2], args[1]))
+        return 0
     if len(args) not in (2, 3):
-        print("usage: python -m moecli.testing FAMILY OUT_DIR [SEED]", file=sys.stderr)
+        print("usage: python -m moecli.testing FAMILY OUT_DIR [SEED] | gguf ARCHITECTURE OUT_FILE", file=sys.stderr)
         return 2
     seed = int(args[2]) if len(args) == 3 else 0
     try:

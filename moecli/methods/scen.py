@@ -144,6 +144,14 @@ class SCEN(BypassMethod):
     def expert_of(self, record_index_in_batch: int) -> int | None:
         return self._experts_of_last[record_index_in_batch] if self._experts_of_last else None
 
+    def routes(self, prompts: list[str]) -> list[int | None]:
+        """The edit whose indexing neuron wins (one expert per edit, so its id is the edit's order)."""
+        if len(self.bypass.experts) == 0:
+            return [None] * len(prompts)
+        self.probe(prompts)
+        chosen = self.bypass.router._cached[1][:, 0].tolist()
+        return [int(e) if e >= 0 else None for e in chosen]
+
     def export_state(self):
         config, tensors, files = super().export_state()
         tensors["scen.keys"] = (torch.stack(self.keys) if self.keys else torch.zeros(0, self.d_in)).cpu()

