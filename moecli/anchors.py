@@ -9,6 +9,7 @@ generation all call the same `AnchorContext.compute`, so an input reaches the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -128,9 +129,23 @@ class AnchorContext:
     # absolute position of this forward's first token: 0 for a prompt, the tokens already seen for a
     # later generation step (0 again when generate re-feeds the whole sequence, use_cache=False)
     offset: int = 0
-    # [B, vocab] sqrt of the *base* model's next-token distribution after each prompt, when a
-    # matcher keyed on the model's output asks for it (see `KeyMatcher`); None otherwise.
-    signature: torch.Tensor | None = None
+    # `signature` (a property below): [B, vocab] sqrt of the *base* model's next-token distribution
+    # after each prompt, when a matcher keyed on the model's output asks for it (see `KeyMatcher`);
+    # None otherwise. It may be left pending, computed when first read.
+    _signature: torch.Tensor | None = None
+    pending_signature: Callable[[], torch.Tensor | None] | None = None
+
+    @property
+    def signature(self) -> torch.Tensor | None:
+        if self.pending_signature is not None:
+            compute, self.pending_signature = self.pending_signature, None
+            self._signature = compute()
+        return self._signature
+
+    @signature.setter
+    def signature(self, value: torch.Tensor | None) -> None:
+        self.pending_signature = None
+        self._signature = value
 
     @torch.no_grad()
     def compute(self, embedding: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

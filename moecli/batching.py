@@ -8,6 +8,8 @@ ourselves, whatever the tokenizer's padding side, so positions are the natural o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -112,14 +114,61 @@ class Batch:
 
 
 def forward(model, batch: Batch):
-    """Run `model` on a batch, telling prompt-aware routers (SCEN) where each prompt ends."""
+    """Run `model` on a batch, telling prompt-aware routers (SCEN) where each prompt ends.
+
+    No KV cache is built: nothing here decodes further, and a cache would hold every layer's keys
+    and values alive for nothing."""
     from moecli.anchors import PROMPT_LENGTHS
 
     token = PROMPT_LENGTHS.set(batch.prompt_lengths)
     try:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     finally:
         PROMPT_LENGTHS.reset(token)
+
+
+@contextmanager
+def logits_at(model, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Inside the block, `model`'s output projection runs only at positions (rows[i], cols[i]) and its
+    logits come back packed, [1, N, vocab].
+
+    Why: the vocabulary projection is the largest matrix of a small model (SmolLM2: 49,152 × 576, more
+    than five of its decoder layers together) and the edit loss and every metric read it at a few
+    answer positions only. A pre-hook on the projection module picks the rows of its input, so whatever
+    the model does to its logits afterwards (Gemma's soft-capping) still happens, element-wise.
+    """
+    head = model.get_output_embeddings()
+    if head is None:  # pragma: no cover - every supported family has one
+        raise ValueError(f"{type(model).__name__} has no output embeddings to restrict")
+    # Blocks nest (a forward may run the model again inside, as the base-output signature pass does):
+    # the innermost block's selection applies, kept on the module itself.
+    stack = head.__dict__.setdefault("_moecli_selections", [])
+    selection = (rows, cols)
+    stack.append(selection)
+
+    def pick(_module, args):
+        if stack[-1] is not selection:
+            return None
+        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+        del stack[next(i for i, entry in enumerate(stack) if entry is selection)]
+
+
+def answer_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, vocab], answer tokens [N], row of each [N]) at the N positions that predict an answer
+    token (the logits at t predict token t + 1), computed only there (`logits_at`)."""
+    rows, cols = torch.nonzero(batch.labels[:, 1:] != -100, as_tuple=True)
+    answers = batch.labels[rows, cols + 1]
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:  # no projection to restrict
+        return forward(model, batch)[rows, cols], answers, rows
+    with logits_at(model, rows, cols):
+        logits = forward(model, batch)
+    return logits.reshape(-1, logits.shape[-1]), answers, rows
 
 
 def collate(items: list[EncodedPair], pad_id: int) -> Batch:

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from moecli.anchors import AnchorContext
+from moecli.batching import logits_at
 
 EXPERT_FORMS = ("dense", "lowrank")
 
@@ -193,7 +194,13 @@ class Injection:
         self._inner = False
         self._sig_cache: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._generation: _Generation | None = None
+        self._job: tuple | None = None
+        self._below = _layers_below(model, bypass)  # (decoder layers, index of the bypass's layer) or None
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._prefix_hook = None
+        if self._below is not None:
+            layers, depth = self._below
+            self._prefix_hook = layers[depth - 1].register_forward_hook(self._after_prefix)
         self._own_generate = model.__dict__.get("generate")  # an instance attribute we replace, if any
         self._generate = model.generate
         if callable(self._generate):
@@ -246,14 +253,29 @@ class Injection:
         ctx.compute(embedding, input_ids, mask)
         matcher = getattr(self.bypass, "matcher", None)  # GRACE injects a module of its own, without one
         if getattr(self.bypass, "enabled", True) and matcher is not None and matcher.feature == "output":
-            ctx.signature = self._signature(input_ids, kwargs, matcher.null_unmatched)
+            # Computed once the layers below the bypass have run (`_after_prefix`, sharing them), or, if
+            # that hook does not run, when the router first reads it (a whole extra pass).
+            job = (input_ids, kwargs, matcher.null_unmatched)
+            self._job = job
+            ctx.pending_signature = lambda: self._signature(*job)
+
+    def _after_prefix(self, module: nn.Module, args: tuple, output) -> None:
+        """After the decoder layer below the bypass: the pending signature, from its output."""
+        ctx = self.bypass.context
+        if self._inner or ctx.pending_signature is None or self._job is None:
+            return
+        ctx.signature = self._signature(*self._job, prefix_output=output)
 
     @torch.no_grad()
-    def _signature(self, input_ids: torch.Tensor, kwargs: dict, only_matched: bool) -> torch.Tensor | None:
+    def _signature(self, input_ids: torch.Tensor, kwargs: dict, only_matched: bool,
+                   prefix_output=None) -> torch.Tensor | None:
         """sqrt of the base model's next-token distribution after each prompt, by one extra forward pass
         with the bypass off, for the rows that name an edited entity (the only ones that can route).
 
-        The last result is kept: a training loop feeds the same batch at every step."""
+        With `prefix_output` (what the decoder layer below the bypass returned in the pass under way) the
+        layers below are not run again: they stand in returning those rows of it, so the extra pass costs
+        the layers from the bypass's up and one vocabulary row per prompt. The last result is kept: a
+        training loop feeds the same batch at every step."""
         ctx = self.bypass.context
         rows = torch.nonzero(ctx.matched).flatten() if only_matched else torch.arange(input_ids.shape[0])
         if len(rows) == 0:
@@ -266,14 +288,24 @@ class Injection:
         else:
             extra = {k: v[rows] for k, v in kwargs.items()
                      if k in ("attention_mask", "position_ids", "token_type_ids") and torch.is_tensor(v)}
+            last = key[1].clamp(max=input_ids.shape[1] - 1)
+            stand_ins = []
+            if prefix_output is not None and self._below is not None:
+                layers, depth = self._below
+                taken = _take_rows(prefix_output, rows, input_ids.shape[0])
+                stand_ins = [(i, layers[i]) for i in range(depth)]
+                for i, layer in stand_ins:
+                    layers[i] = _StandIn(layer, taken)
             self._inner = True
-            try:
-                with bypass_disabled(self.bypass):
+            try:  # the vocabulary projection at each prompt's last token only
+                with bypass_disabled(self.bypass), logits_at(self.model, torch.arange(len(rows), device=last.device),
+                                                             last):
                     logits = self.model(input_ids=key[0], use_cache=False, **extra).logits
             finally:
                 self._inner = False
-            last = key[1].clamp(max=logits.shape[1] - 1)
-            part = signature_of(logits[torch.arange(len(rows), device=logits.device), last])
+                for i, layer in stand_ins:
+                    layers[i] = layer
+            part = signature_of(logits.reshape(len(rows), -1))
             self._sig_cache = (key, part)
         out = torch.zeros(input_ids.shape[0], part.shape[-1], device=part.device)
         out[rows.to(part.device)] = part
@@ -282,6 +314,8 @@ class Injection:
     def remove(self) -> nn.Module:
         """Undo the injection; returns the original target module."""
         self._hook.remove()
+        if self._prefix_hook is not None:
+            self._prefix_hook.remove()
         if self.model.__dict__.get("generate") == self.generate:
             if self._own_generate is not None:
                 self.model.generate = self._own_generate
@@ -290,6 +324,49 @@ class Injection:
         parent, child = _get_parent(self.model, self.target_name)
         setattr(parent, child, self.bypass.base)
         return self.bypass.base
+
+
+def _layers_below(model: nn.Module, module: nn.Module) -> tuple[nn.ModuleList, int] | None:
+    """(the decoder layers, the index of the one holding `module`) when that index is above 0, else None."""
+    from moecli.errors import UserError
+    from moecli.modeling import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except (UserError, AttributeError):  # not a supported family's layout: no prefix sharing
+        return None
+    for i, layer in enumerate(layers):
+        if any(m is module for m in layer.modules()):
+            return (layers, i) if i > 0 else None
+    return None
+
+
+def _take_rows(output, rows: torch.Tensor, batch: int):
+    """Rows `rows` of a decoder layer's output (a tensor, or a tuple whose tensors lead with the batch)."""
+    if torch.is_tensor(output):
+        return output[rows] if output.dim() and output.shape[0] == batch else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_take_rows(o, rows, batch) for o in output)
+    return output
+
+
+class _StandIn(nn.Module):
+    """A decoder layer below the bypass, standing in for itself during the signature pass: it returns
+    what it returned in the pass under way (the layers below the bypass do not depend on it)."""
+
+    def __init__(self, inner: nn.Module, output) -> None:
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "output", output)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # decoder loops read attributes of their layers (Gemma 3: attention_type)
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        return self.output
 
 
 def _rows_like(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:

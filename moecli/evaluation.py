@@ -21,15 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecli.batching import (
-    collate,
-    encode_pair,
-    encode_prompt,
-    forward,
-    masked_ce,
-    pad_id_of,
-    shifted_predictions,
-)
+from moecli.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of
 from moecli.records import EditRecord
 
 Progress = Callable[[str, int, int], None]
@@ -72,12 +64,12 @@ def score_pairs(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([encoded[i] for i in idx], pad).to(device)
-        logits = forward(model, batch)
-        preds, mask = shifted_predictions(logits, batch.labels)
-        nll = masked_ce(logits, batch.labels, reduction="none")
+        logits, answers, rows = answer_logits(model, batch)
+        preds = logits.argmax(-1)
+        nll = torch.nn.functional.cross_entropy(logits.float(), answers, reduction="none")
         for row, i in enumerate(idx):
-            m = mask[row]
-            out[i] = Scored(preds[row][m].tolist(), batch.labels[row][m].tolist(), float(nll[row]))
+            m = rows == row
+            out[i] = Scored(preds[m].tolist(), answers[m].tolist(), float(nll[m].mean()) if m.any() else 0.0)
         if progress:
             progress(stage, min(start + batch_size, len(order)), len(order))
     return out  # type: ignore[return-value]

@@ -10,22 +10,15 @@ and which extra loss (e.g. a router's load-balancing term) they add.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from moecli.batching import (
-    Batch,
-    collate,
-    encode_pair,
-    forward,
-    masked_ce,
-    pad_id_of,
-    prompt_only,
-    shifted_predictions,
-)
+from moecli.batching import Batch, answer_logits, collate, encode_pair, forward, pad_id_of, prompt_only
 
 Progress = Callable[[str, int, int], None]
 
@@ -41,6 +34,7 @@ class TrainConfig:
     micro_batch: int = 64
     retain_weight: float = 1.0
     optimizer: str = "adamw"
+    prefix_cache: bool = True  # run the frozen layers below the trainable ones once per batch (FrozenPrefix)
 
 
 @dataclass
@@ -96,6 +90,8 @@ def train_on_pairs(
     The base model stays in eval mode (no dropout: the frozen network must behave as at
     inference); only `train_modules` (e.g. a noisy router) are put in training mode. An early stop
     is confirmed by an eval-mode pass, so "all targets right" holds for the model as it will be used.
+    The decoder layers below the trainable ones run once per batch (`FrozenPrefix`, unless
+    `cfg.prefix_cache` is off) and the vocabulary projection only at answer positions.
     """
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
@@ -109,33 +105,37 @@ def train_on_pairs(
     for m in train_modules:
         m.train()
     loss_value, all_correct, step = float("nan"), False, 0
+    prefix = FrozenPrefix(model, params if cfg.prefix_cache else [])
     try:
-        for step in range(1, cfg.max_steps + 1):
-            opt.zero_grad(set_to_none=True)
-            correct, total_loss = True, 0.0
-            for batch in batches:
-                logits = forward(model, batch)
-                loss = masked_ce(logits, batch.labels) * (len(batch.input_ids) / len(encoded))
-                extra = extra_loss() if extra_loss else None
-                if extra is not None:
-                    loss = loss + extra
-                preds, mask = shifted_predictions(logits.detach(), batch.labels)
-                correct &= bool((preds[mask] == batch.labels[mask]).all())
-                if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
-                    loss.backward()
-                total_loss += float(loss.detach())
-            if retain is not None and cfg.retain_weight > 0:
-                rl = retain_loss(model, retain) * cfg.retain_weight
-                if rl.requires_grad:
-                    rl.backward()
-                total_loss += float(rl.detach())
-            loss_value = total_loss
-            if progress:
-                progress(stage, step, cfg.max_steps)
-            if correct and cfg.early_stop and _all_correct_eval(model, batches, train_modules):
-                all_correct = True
-                break
-            opt.step()
+        with prefix:
+            for step in range(1, cfg.max_steps + 1):
+                opt.zero_grad(set_to_none=True)
+                correct, total_loss = True, 0.0
+                for j, batch in enumerate(batches):
+                    with prefix.batch(j):
+                        logits, answers, _ = answer_logits(model, batch)
+                    loss = F.cross_entropy(logits.float(), answers) * (len(batch.input_ids) / len(encoded))
+                    extra = extra_loss() if extra_loss else None
+                    if extra is not None:
+                        loss = loss + extra
+                    correct &= bool((logits.detach().argmax(-1) == answers).all())
+                    if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
+                        loss.backward()
+                    total_loss += float(loss.detach())
+                    del logits
+                if retain is not None and cfg.retain_weight > 0:
+                    with prefix.batch("retain"):
+                        rl = retain_loss(model, retain) * cfg.retain_weight
+                    if rl.requires_grad:
+                        rl.backward()
+                    total_loss += float(rl.detach())
+                loss_value = total_loss
+                if progress:
+                    progress(stage, step, cfg.max_steps)
+                if correct and cfg.early_stop and _all_correct_eval(model, batches, train_modules, prefix):
+                    all_correct = True
+                    break
+                opt.step()
     finally:
         for m, mode in zip(train_modules, modes):
             m.train(mode)
@@ -145,20 +145,101 @@ def train_on_pairs(
 
 
 @torch.no_grad()
-def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch.nn.Module]) -> bool:
+def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch.nn.Module],
+                      prefix: FrozenPrefix) -> bool:
     """Whether every target token is the argmax with the trainable modules in eval mode."""
     for m in train_modules:
         m.eval()
     try:
-        for batch in batches:
-            logits = forward(model, batch)
-            preds, mask = shifted_predictions(logits, batch.labels)
-            if not bool((preds[mask] == batch.labels[mask]).all()):
+        for j, batch in enumerate(batches):
+            with prefix.batch(j):
+                logits, answers, _ = answer_logits(model, batch)
+            if not bool((logits.argmax(-1) == answers).all()):
                 return False
         return True
     finally:
         for m in train_modules:
             m.train()
+
+
+class _Replay(nn.Module):
+    """A frozen decoder layer that, for a batch already seen, returns the prefix's stored output."""
+
+    def __init__(self, inner: nn.Module, index: int, owner: FrozenPrefix) -> None:
+        super().__init__()
+        self.inner, self.index = inner, index
+        object.__setattr__(self, "owner", owner)  # not a submodule
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # decoder loops read attributes of their layers (Gemma 3: attention_type)
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        owner = self.owner
+        key = owner.key_of(args[0] if args else kwargs.get("hidden_states"))
+        if key is not None and key in owner.outputs:
+            return owner.outputs[key]
+        out = self.inner(*args, **kwargs)
+        if key is not None and self.index == owner.depth - 1:
+            owner.outputs[key] = out
+        return out
+
+
+class FrozenPrefix:
+    """Runs the decoder layers below the trainable ones once per training batch, then replays them.
+
+    Why: an edit trains only modules at one layer L (the bypass, a LoRA, a codebook), so for a fixed
+    batch everything below L computes the same hidden states at every step; on a 30-layer model
+    with L = 25 that is five sixths of each forward. Exact: layer L receives the very tensor the first
+    pass computed. The layers are swapped for replaying wrappers inside the `with` block only; the
+    stored outputs are keyed by batch and shape (a pass on a subset of the rows, such as the base-output
+    signature pass, is stored apart) and dropped at the end. With no trainable parameter inside a decoder
+    layer, or none given, nothing is replayed.
+    """
+
+    def __init__(self, model, params: Sequence[torch.nn.Parameter]) -> None:
+        from moecli.modeling import decoder_layers
+
+        self.layers = decoder_layers(model) if params else None
+        self.depth = 0
+        if self.layers is not None:
+            ids = {id(p) for p in params}
+            owning = [i for i, layer in enumerate(self.layers) if any(id(q) in ids for q in layer.parameters())]
+            inside = {id(q) for i in owning for q in self.layers[i].parameters()}
+            self.depth = min(owning) if owning and ids <= inside else 0
+        self.outputs: dict = {}
+        self._batch = None
+        self._originals: list[nn.Module] = []
+
+    def key_of(self, hidden) -> tuple | None:
+        if self._batch is None:
+            return None
+        while isinstance(hidden, (tuple, list)):
+            hidden = hidden[0]
+        return (self._batch, tuple(hidden.shape)) if torch.is_tensor(hidden) else None
+
+    @contextmanager
+    def batch(self, key) -> Iterator[None]:
+        """Forwards inside this block are of batch `key` (the same key means the same inputs)."""
+        self._batch = key
+        try:
+            yield
+        finally:
+            self._batch = None
+
+    def __enter__(self) -> FrozenPrefix:
+        if self.depth > 0:
+            self._originals = [self.layers[i] for i in range(self.depth)]
+            for i, layer in enumerate(self._originals):
+                self.layers[i] = _Replay(layer, i, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for i, layer in enumerate(self._originals):
+            self.layers[i] = layer
+        self._originals, self.outputs = [], {}
 
 
 def retain_loss(model, retain: RetainSet) -> torch.Tensor:

@@ -146,5 +146,4 @@ def test_a_batch_whose_entity_is_never_found_is_stored_without_a_signature(tiny_
                               subject="Atlantis City")], 0)
     assert len(m.matcher) == 1 and float(m.matcher.sig_rest[0]) == 0.0
     m.apply_batch(RECORDS[:1], 1)  # the next edit is stored and reachable as usual
-    m.probe([RECORDS[0].prompt])
-    assert int(m.matcher.rows[0]) == 1
+    assert m.routes([RECORDS[0].prompt]) == [1]

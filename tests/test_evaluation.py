@@ -52,7 +52,7 @@ class FakeLM(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.emb
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False):
         assert attention_mask is not None and attention_mask.shape == input_ids.shape
         self.calls.append(tuple(input_ids.shape))
         target = self.choose(input_ids) % self.vocab

