@@ -18,7 +18,7 @@ LATEST_TORCH ?= torch
 TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-latest lock lint bench bench-quick bench-quality bench-speed clean
+.PHONY: install demo test test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -79,6 +79,9 @@ bench-quality: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --full
+
+bench-speed-real: $(STAMP)
+	MOECLI_BENCH_THREADS=2 $(BIN)/python benchmarks/speed_real.py --full
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache .ruff_cache *.egg-info

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 
 from moecli.anchors import AnchorContext
 from moecli.batching import logits_at
+from moecli.modeling import LayerStandIn
 
 EXPERT_FORMS = ("dense", "lowrank")
 
@@ -350,20 +351,13 @@ def _take_rows(output, rows: torch.Tensor, batch: int):
     return output
 
 
-class _StandIn(nn.Module):
-    """A decoder layer below the bypass, standing in for itself during the signature pass: it returns
-    what it returned in the pass under way (the layers below the bypass do not depend on it)."""
+class _StandIn(LayerStandIn):
+    """A decoder layer below the bypass during the signature pass: it returns what it returned in the
+    pass under way (the layers below the bypass do not depend on it)."""
 
     def __init__(self, inner: nn.Module, output) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         object.__setattr__(self, "output", output)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # decoder loops read attributes of their layers (Gemma 3: attention_type)
-            return getattr(self.inner, name)
 
     def forward(self, *args, **kwargs):
         return self.output

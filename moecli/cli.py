@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -73,6 +74,14 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", min=1, help="Batch size for evaluation.")]
 GenerateOpt = Annotated[
     bool, typer.Option("--generate/--no-generate", help="Also score greedy generation (exact match).")
+]
+FailUnderOpt = Annotated[
+    str | None, typer.Option("--fail-under", help="CI check: exit 1 when a metric is under its bound, e.g. "
+                                                   "rel=0.95,gen=0.7,loc=0.99 (one stderr line per shortfall).")
+]
+JunitOpt = Annotated[
+    Path | None, typer.Option("--junit", help="Write a JUnit XML file, one test case per edit (fails under "
+                                               "--fail-under, or when the edit's answer is not fully produced).")
 ]
 ChatOpt = Annotated[
     bool, typer.Option("--chat", help="Wrap every prompt in the model's chat template (instruct models; off: plain "
@@ -189,6 +198,8 @@ def evaluate(
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
     chat: ChatOpt = False,
+    fail_under: FailUnderOpt = None,
+    junit: JunitOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     seed: SeedOpt = 0,
@@ -199,8 +210,9 @@ def evaluate(
     it states the old facts.
     """
     from moecli.records import read_records
-    from moecli.reports import write_report
+    from moecli.reports import parse_fail_under, write_report
 
+    gates = parse_fail_under(fail_under)
     quiet = quiet or as_json
     if adapter is not None:
         from moecli.checkpoint import resolve_adapter_dir
@@ -252,20 +264,12 @@ def evaluate(
     json_path, md_path = write_report(out_dir, report)
     if as_json:
         emit_json(result.summary)
-        return
-    if not quiet:
+    elif not quiet:
         print_metrics(columns, f"{len(read.records)} records · {loaded.path.name}")
         err_console.print(f"reports: {json_path}  {md_path}", markup=False)
+    check_gates(report, gates, junit)
 
 
-def _not_yet(name: str) -> None:
-    err_console.print(f"moecli {name}: not implemented yet")
-    raise typer.Exit(1)
-
-
-MethodOpt = Annotated[
-    str | None, typer.Option("--method", help="Editing method: memoe, lemoe (default: the recipe's, else memoe).")
-]
 RecipeOpt = Annotated[
     Path | None, typer.Option("--recipe", help="YAML recipe (recipes/<method>.yaml); flags override it.")
 ]
@@ -300,40 +304,108 @@ def _skipped_line(read) -> str:
     return f"moecli: skipped {read.skipped} invalid records (the first: {read.problems[0]})"
 
 
-def _run_editing(
-    command: str, records, read_format: str | None, data: Path | None, batch_size: int, method: str | None,
-    recipe: Path | None, sets: list[str] | None, overrides: dict, model: str | None, out: Path | None,
-    device: str, dtype: str, device_map: str | None, eval_batch_size: int, generate: bool,
-    as_json: bool, quiet: bool, seed: int, adapter: Path | None = None, protocol: str = "batch",
-    extra: dict | None = None,
-) -> None:
+@dataclass
+class EditingOptions:
+    """The options `edit`, `batch-edit` and `lifelong` share, declared once (`EDITING_OPTIONS`)."""
+
+    fmt: str | None = None
+    skip_invalid: bool = False
+    limit: int | None = None
+    method: str | None = None
+    recipe: Path | None = None
+    sets: list[str] | None = None
+    layer: int | None = None
+    expert_form: str | None = None
+    lr: float | None = None
+    max_steps: int | None = None
+    model: str | None = None
+    adapter: Path | None = None
+    out: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    eval_batch_size: int = 64
+    generate: bool = True
+    chat: bool = False
+    fail_under: str | None = None
+    junit: Path | None = None
+    as_json: bool = False
+    quiet: bool = False
+    seed: int = 0
+
+
+EDITING_OPTIONS: dict[str, object] = {
+    "fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt,
+    "method": Annotated[str | None, typer.Option(
+        "--method", help="memoe, lemoe, scen, ft, lora or grace (default: the recipe's, else memoe; "
+                         "lifelong: lemoe).")],
+    "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
+    "max_steps": StepsOpt, "model": ModelOpt,
+    "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],
+    "out": OutOpt, "device": DeviceOpt, "dtype": DtypeOpt, "device_map": DeviceMapOpt,
+    "eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt, "fail_under": FailUnderOpt,
+    "junit": JunitOpt, "as_json": JsonOpt, "quiet": QuietOpt, "seed": SeedOpt,
+}
+
+
+def editing_command(fn):
+    """Give an editing command every option of `EditingOptions` (its own options come first); the
+    command receives them as one `opts` argument, so a new shared option is added in one place."""
+    import functools
+    import inspect
+    import typing
+
+    defaults = EditingOptions()
+    hints = typing.get_type_hints(fn, include_extras=True)  # this module's annotations are strings
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                default=getattr(defaults, name)) for name, kind in EDITING_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        opts = EditingOptions(**{name: kwargs.pop(name) for name in EDITING_OPTIONS})
+        return fn(**kwargs, opts=opts)
+
+    command.__signature__ = inspect.Signature(own + shared)
+    command.__annotations__ = {**{p.name: p.annotation for p in own}, **EDITING_OPTIONS}
+    return command
+
+
+def _run_editing(command: str, records, read_format: str | None, data: Path | None, batch_size: int,
+                 opts: EditingOptions, protocol: str = "batch", extra: dict | None = None) -> None:
     """Shared body of edit / batch-edit / lifelong: build the spec, run it, print and write reports."""
     from moecli.engine import RunSpec
     from moecli.recipes import build_config, read_recipe
+    from moecli.reports import parse_fail_under
 
-    quiet = quiet or as_json
-    recipe_values = read_recipe(recipe) if recipe else {}
-    method = method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
-    config = build_config(method, recipe_values, overrides, sets, source=str(recipe or "options"))
+    gates = parse_fail_under(opts.fail_under)  # a malformed check is refused before minutes of editing
+    quiet = opts.quiet or opts.as_json
+    recipe_values = read_recipe(opts.recipe) if opts.recipe else {}
+    method = opts.method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
+    overrides = {"layer": opts.layer, "expert_form": opts.expert_form, "lr": opts.lr, "max_steps": opts.max_steps}
+    config = build_config(method, recipe_values, overrides, opts.sets, source=str(opts.recipe or "options"))
     spec = RunSpec(
         command=command, method=method, config=config, records=records, batch_size=batch_size,
-        out_dir=out or default_out_dir(command), model_path=resolve_model_path(model, quiet), device=device,
-        dtype=dtype, device_map=device_map, seed=seed, data=str(data) if data else None, data_format=read_format,
-        recipe=recipe_values, adapter=adapter, eval_batch_size=eval_batch_size, generation=generate,
-        perplexity=read_format == "hallucination", protocol=protocol, **(extra or {}),
+        out_dir=opts.out or default_out_dir(command), model_path=resolve_model_path(opts.model, quiet),
+        device=opts.device, dtype=opts.dtype, device_map=opts.device_map, seed=opts.seed,
+        data=str(data) if data else None, data_format=read_format, recipe=recipe_values, adapter=opts.adapter,
+        eval_batch_size=opts.eval_batch_size, generation=opts.generate, perplexity=read_format == "hallucination",
+        protocol=protocol, chat=opts.chat, **(extra or {}),
     )
     from moecli.checkpoint import busy_message, lock_holder
 
     holder = lock_holder(spec.out_dir)
     if holder is not None:  # a run is writing there now: say so, not "already holds an adapter"
         raise UserError(busy_message(spec.out_dir, holder))
-    if (spec.out_dir / "adapter").exists() and adapter is None:
+    if (spec.out_dir / "adapter").exists() and opts.adapter is None:
         raise UserError(f"--out {spec.out_dir} already holds an adapter; finish it with `moecli lifelong --resume "
                         f"{spec.out_dir}`, continue it with --adapter, or pick another --out")
-    _execute(spec, as_json, quiet)
+    _execute(spec, opts.as_json, quiet, gates=gates, junit=opts.junit)
 
 
-def _execute(spec, as_json: bool, quiet: bool, resume: bool = False) -> None:
+def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict | None = None,
+             junit: Path | None = None) -> None:
     """Run a spec (fresh or resumed), write report.json/report.md (+ retention.png), print the table."""
     from moecli.engine import run_edits
     from moecli.reports import plot_retention, write_report
@@ -352,11 +424,27 @@ def _execute(spec, as_json: bool, quiet: bool, resume: bool = False) -> None:
         plot_retention(report["retention"], spec.out_dir / "retention.png", f"{spec.method} retention")
     if as_json:
         emit_json(report["summary"])
-        return
-    if not quiet:
+    elif not quiet:
         print_metrics(report["columns"], f"{spec.method} · {len(spec.records)} edits · batch {spec.batch_size} · "
                                          f"{Path(spec.model_path).name}")
         err_console.print(f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}", markup=False)
+    check_gates(report, gates or {}, junit)
+
+
+def check_gates(report: dict, gates: dict[str, float], junit: Path | None) -> None:
+    """`--junit` and `--fail-under` after a run: the XML file, then one stderr line per shortfall, exit 1."""
+    from moecli.reports import shortfalls, write_junit
+
+    if junit is not None:
+        try:
+            write_junit(junit, report, gates)
+        except OSError as exc:
+            raise RunError(f"--junit {junit}: cannot write it: {exc.strerror or exc}") from exc
+    short = shortfalls(report["summary"], gates)
+    if short:
+        for line in short:
+            err_console.print(f"moecli: fail-under: {line}", markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 def _interrupted_message(out_dir: Path) -> str:
@@ -369,6 +457,7 @@ def _interrupted_message(out_dir: Path) -> str:
 
 
 @app.command()
+@editing_command
 def edit(
     prompt: Annotated[str | None, typer.Option("--prompt", help="The question or sentence prefix to edit.")] = None,
     target: Annotated[str | None, typer.Option("--target", help="The new answer.")] = None,
@@ -376,28 +465,7 @@ def edit(
         str | None, typer.Option("--subject", help="The entity the edit is about (a substring of --prompt).")
     ] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Edit records instead of --prompt/--target.")] = None,
-    fmt: FormatOpt = None,
-    skip_invalid: SkipOpt = False,
-    limit: LimitOpt = None,
-    method: MethodOpt = None,
-    recipe: RecipeOpt = None,
-    sets: SetOpt = None,
-    layer: LayerOpt = None,
-    expert_form: ExpertFormOpt = None,
-    lr: LrOpt = None,
-    max_steps: StepsOpt = None,
-    model: ModelOpt = None,
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
-    out: OutOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    eval_batch_size: EvalBatchOpt = 64,
-    generate: GenerateOpt = True,
-    chat: ChatOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, opts: EditingOptions,
 ) -> None:
     """Apply one edit (--prompt/--target) or the records of --data in one batch, then evaluate."""
     from moecli.records import EditRecord, default_locality, validate_record
@@ -413,54 +481,27 @@ def edit(
             raise UserError(f"--prompt/--target: {problem}")
         records, read_format = [rec], "flags"
     else:
-        read = _load_records(data, fmt, skip_invalid, limit)
+        read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
         records, read_format = read.records, read.format
-    _run_editing(
-        "edit", records, read_format, data, len(records), method, recipe, sets,
-        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
-        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter, extra={"chat": chat},
-    )
+    _run_editing("edit", records, read_format, data, len(records), opts)
 
 
 @app.command("batch-edit")
+@editing_command
 def batch_edit(
     data: DataOpt,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Edits per batch.")] = 100,
-    fmt: FormatOpt = None,
-    skip_invalid: SkipOpt = False,
-    limit: LimitOpt = None,
-    method: MethodOpt = None,
-    recipe: RecipeOpt = None,
-    sets: SetOpt = None,
-    layer: LayerOpt = None,
-    expert_form: ExpertFormOpt = None,
-    lr: LrOpt = None,
-    max_steps: StepsOpt = None,
-    model: ModelOpt = None,
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
-    out: OutOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    eval_batch_size: EvalBatchOpt = 64,
-    generate: GenerateOpt = True,
-    chat: ChatOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, opts: EditingOptions,
 ) -> None:
     """Apply all records in batches of --batch-size, each batch continuing the same adapter (MEMoE's
     sequential batch editing); evaluate every edit before and after."""
-    read = _load_records(data, fmt, skip_invalid, limit)
-    _run_editing(
-        "batch-edit", read.records, read.format, data, batch_size, method, recipe, sets,
-        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
-        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter,
-        protocol="batch" if batch_size >= len(read.records) else "sequential batch", extra={"chat": chat},
-    )
+    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
+    _run_editing("batch-edit", read.records, read.format, data, batch_size, opts,
+                 protocol="batch" if batch_size >= len(read.records) else "sequential batch")
 
 
 @app.command()
+@editing_command
 def lifelong(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option("--data", help="The stream of edit records.")] = None,
@@ -474,59 +515,35 @@ def lifelong(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Finish an interrupted run in this directory.")
     ] = None,
-    fmt: FormatOpt = None,
-    skip_invalid: SkipOpt = False,
-    limit: LimitOpt = None,
-    method: Annotated[
-        str | None, typer.Option("--method", help="Editing method: lemoe, memoe (default: the recipe's, else lemoe).")
-    ] = None,
-    recipe: RecipeOpt = None,
-    sets: SetOpt = None,
-    layer: LayerOpt = None,
-    expert_form: ExpertFormOpt = None,
-    lr: LrOpt = None,
-    max_steps: StepsOpt = None,
-    model: ModelOpt = None,
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")] = None,
-    out: OutOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    eval_batch_size: EvalBatchOpt = 64,
-    generate: GenerateOpt = True,
-    chat: ChatOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, opts: EditingOptions,
 ) -> None:
     """Feed a stream of edit batches (LEMoE: a new expert per batch, earlier ones frozen), then evaluate
     every edit of the stream on the final model (the WISE/LEMoE lifelong protocol)."""
     if resume is not None:
-        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "quiet", "as_json")
+        allowed = ("resume", "quiet", "as_json", "fail_under", "junit")
+        given = [p.opts[0] for p in ctx.command.params if p.name not in allowed
                  and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
         if given:
             raise UserError(f"--resume {resume} finishes the run with the options it was started with; "
                             f"drop {', '.join(given)} (they are in {resume / 'run.json'})")
         from moecli.engine import load_run_spec
+        from moecli.reports import parse_fail_under
 
+        gates = parse_fail_under(opts.fail_under)
         spec = load_run_spec(resume)
-        _execute(spec, as_json, quiet or as_json, resume=True)
+        _execute(spec, opts.as_json, opts.quiet or opts.as_json, resume=True, gates=gates, junit=opts.junit)
         return
     if order not in ("file", "random", "planned"):
         raise UserError(f"--order {order!r}: choose file, random or planned")
-    read = _load_records(data, fmt, skip_invalid, limit)
+    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
     records = read.records[: steps * batch_size] if steps else read.records
     if order == "random":
         import random
 
         records = list(records)
-        random.Random(seed).shuffle(records)
-    _run_editing(
-        "lifelong", records, read.format, data, batch_size, method, recipe, sets,
-        {"layer": layer, "expert_form": expert_form, "lr": lr, "max_steps": max_steps}, model, out, device,
-        dtype, device_map, eval_batch_size, generate, as_json, quiet, seed, adapter, protocol="lifelong",
-        extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order, "chat": chat},
-    )
+        random.Random(opts.seed).shuffle(records)
+    _run_editing("lifelong", records, read.format, data, batch_size, opts, protocol="lifelong",
+                 extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order})
 
 
 @app.command("plan-order")
@@ -636,6 +653,74 @@ def ask(
             cells += [row["edited"], f"{edit['id']}: {edit['prompt']} → {edit['target']}" if edit else "— (no edit)"]
         table.add_row(*(escape(c) for c in cells))
     out_console.print(table)
+
+
+@app.command()
+def show(
+    adapter: Annotated[Path, typer.Argument(help="An adapter directory (or the run directory holding it).")],
+    grep: Annotated[str | None, typer.Option("--grep", help="Only edits whose id, prompt, target or subject "
+                                                             "contains TEXT (any case).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What an adapter holds: method, base model, when it was saved, the stream position, and its edits."""
+    from moecli.checkpoint import load_checkpoint, resolve_adapter_dir
+
+    path = resolve_adapter_dir(adapter)
+    ckpt = load_checkpoint(path)
+    m = ckpt.manifest
+    edits = ckpt.ledger
+    if grep:
+        needle = grep.lower()
+        edits = [e for e in edits if any(needle in str(e.get(k) or "").lower()
+                                         for k in ("id", "prompt", "target", "subject"))]
+    info = {"adapter": str(path), "method": ckpt.config.get("method"),
+            "base_model": m.get("base_model", {}).get("path"), "saved": m.get("saved"), "command": m.get("command"),
+            "stream": m.get("stream", {}),
+            "n_edits": len(ckpt.ledger), "n_reverted": sum(1 for e in ckpt.ledger if e.get("reverted")),
+            "edits": edits}
+    if as_json:
+        stream = {k: v for k, v in info["stream"].items() if k != "record_ids"}
+        sys.stdout.write(json.dumps({**info, "stream": stream}, ensure_ascii=False) + "\n")
+        return
+    from rich.markup import escape
+
+    stream = info["stream"]
+    out_console.print(escape(f"{info['method']} adapter {path}\nbase model: {info['base_model']}\nsaved: "
+                             f"{info['saved']} by `moecli {info['command']}`; stream: batch {stream.get('position')}"
+                             f" of {stream.get('n_batches')}; {info['n_edits']} edits ({info['n_reverted']} "
+                             "reverted)"), highlight=False)
+    table = Table()
+    table.add_column("id", no_wrap=True)  # ids are what `revert --id` takes: never cut
+    for col in ("prompt", "target", "batch", "expert", "reverted"):
+        table.add_column(col)
+    for e in edits:
+        table.add_row(*(escape(str(e.get(k) if e.get(k) is not None else "—"))
+                        for k in ("id", "prompt", "target", "batch", "expert", "reverted")))
+    out_console.print(table)
+
+
+@app.command()
+def revert(
+    adapter: Annotated[Path, typer.Argument(help="The adapter (or run directory) to take edits out of.")],
+    ids: Annotated[list[str] | None, typer.Option("--id", help="An edit's id (repeatable; see `moecli show`).")] = None,
+    batches: Annotated[list[int] | None, typer.Option("--batch", help="Every edit of a batch (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the result as a new run directory; the "
+                                                            "adapter given stays as it is.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take edits back without retraining the others: their prompts get the base model's answers again,
+    every other edit keeps its metrics (memoe, lemoe, scen, grace). Atomic, recorded in the ledger."""
+    from moecli.engine import revert_edits
+
+    if not ids and not batches:
+        raise UserError("name the edits to take back with --id ID or --batch N")
+    result = revert_edits(adapter, list(ids or []), list(batches or []), out)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    err_console.print(f"reverted {len(result['reverted'])} edit(s) ({', '.join(result['reverted'])}); "
+                      f"{result['remaining']} remain; adapter: {result['adapter']}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _mount_world() -> None:

@@ -389,3 +389,41 @@ def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None =
             row["edited"] = answer
             row["route"] = {k: entry.get(k) for k in ("id", "prompt", "target", "batch")} if entry else None
     return rows
+
+
+def revert_edits(adapter_dir: str | Path, ids: list[str], batches: list[int], out: Path | None = None) -> dict:
+    """Take edits back from an adapter without retraining the rest (see `EditMethod.revert_tensors`).
+
+    The edits are named by id or by batch; the ledger keeps them, marked `reverted`, and the manifest
+    records the revert. The checkpoint is rewritten atomically in place, or written to `out` (a new run
+    directory) leaving the original untouched. Returns what was done.
+    """
+    adapter = resolve_adapter_dir(adapter_dir)
+    ckpt = load_checkpoint(adapter)
+    name = ckpt.config.get("method")
+    if name is None:
+        raise UserError(f"{adapter_dir}: adapter_config.json names no method")
+    known = {e.get("id") for e in ckpt.ledger}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UserError(f"--id {unknown[0]}: no such edit in {adapter} (see `moecli show {adapter_dir}`)")
+    missing = [b for b in batches if not any(e.get("batch") == b for e in ckpt.ledger)]
+    if missing:
+        raise UserError(f"--batch {missing[0]}: no edit of {adapter} is in that batch")
+    rows = [i for i, e in enumerate(ckpt.ledger) if (e.get("id") in ids or e.get("batch") in batches)
+            and not e.get("reverted")]
+    if not rows:
+        raise UserError(f"{adapter_dir}: those edits are reverted already")
+    tensors = get_method(name).revert_tensors(ckpt.config, ckpt.tensors, ckpt.ledger, rows)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    ledger = [dict(e, reverted=when) if i in rows else e for i, e in enumerate(ckpt.ledger)]
+    manifest = {k: v for k, v in ckpt.manifest.items() if k != "contents"}
+    manifest["reverts"] = [*manifest.get("reverts", []), {"at": when, "ids": [ledger[i]["id"] for i in rows]}]
+    run_dir = Path(out) if out is not None else adapter.parent
+    target = run_dir / "adapter" if out is not None else adapter
+    if out is not None and checkpoint_exists(target):
+        raise UserError(f"--out {out} already holds an adapter; pick another --out")
+    with RunLock(run_dir):
+        save_checkpoint(target, Checkpoint(ckpt.config, tensors, manifest, ledger, ckpt.files))
+    return {"adapter": str(target), "reverted": [ledger[i]["id"] for i in rows],
+            "remaining": sum(1 for e in ledger if not e.get("reverted"))}

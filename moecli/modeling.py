@@ -434,3 +434,19 @@ def fingerprints_match(a: dict, b: dict) -> bool:
     """True when two fingerprints name the same base model (all three fields equal and present)."""
     keys = ("model_type", "config_hash", "weights_hash")
     return all(a.get(k) is not None and a.get(k) == b.get(k) for k in keys)
+
+
+class LayerStandIn(torch.nn.Module):
+    """A decoder layer standing in for a frozen one (`inner`) while outputs it already computed are
+    replayed: training (`moecli.training.FrozenPrefix`) and the base-output signature pass
+    (`moecli.bypass.Injection`). Subclasses say what `forward` returns."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # decoder loops read attributes of their layers (Gemma 3: attention_type)
+            return getattr(self.inner, name)

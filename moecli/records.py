@@ -329,12 +329,14 @@ def _opt_str_list(obj: dict, key: str) -> list[str]:
 
 
 def _from_hallucination(obj: dict) -> EditRecord:
-    # WISE has no rephrases and no old answer. 12 real records have an empty
-    # `locality_ground_truth`; they are kept as is (WISE keeps them too).
+    # WISE's hallucination set has no rephrases and no old answer; its Temporal set (same fields) has
+    # `ood_rephrase`, a rephrasing. 12 real hallucination records have an empty
+    # `locality_ground_truth`; they are kept (WISE keeps them too) and scored against the base model.
     return EditRecord(
         prompt=_req_str(obj, "prompt"),
         target=_req_str(obj, "target_new"),
         subject=_opt_str(obj, "subject"),
+        rephrases=_str_or_list(obj, "ood_rephrase"),
         locality=_locality_pairs(obj, "locality_prompt", "locality_ground_truth", "web"),
     )
 
@@ -508,7 +510,9 @@ def read_records(
     if limit is not None and limit < 0:
         raise UserError(f"limit must be 0 or more, got {limit}")
     name = str(path)
-    raw = _iter_raw(Path(path), name)
+    from moecli.tables import is_table_source, iter_table
+
+    raw = iter_table(name) if is_table_source(name) else _iter_raw(Path(path), name)
 
     records: list[EditRecord] = []
     problems: list[str] = []
@@ -544,7 +548,7 @@ def read_records(
 
     if fmt is None:
         if limit == 0:
-            fmt = _peek_format(Path(path), name)
+            fmt = _peek_format(Path(path), name) if not is_table_source(name) else detect_format(next(raw)[1])
         else:
             # Every record was skipped before one could be recognised (only with skip_invalid).
             raise UserError(f"{name}: no record of a known format found ({len(problems)} invalid records)")

@@ -105,3 +105,73 @@ def plot_retention(retention: list[dict], path: str | Path, title: str = "retent
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+# ------------------------------------------------------------------ CI checks
+GATED_METRICS = ("rel", "gen", "loc", "port", "avg", "rel_strict", "gen_strict", "loc_strict", "rel_em", "gen_em")
+
+
+def parse_fail_under(spec: str | None, option: str = "--fail-under") -> dict[str, float]:
+    """`rel=0.95,gen=0.7,loc=0.99` -> {"rel": 0.95, ...}; a malformed spec or an unknown metric is a
+    one-line UserError."""
+    from moecli.errors import UserError
+
+    if not spec:
+        return {}
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not name:
+            raise UserError(f"{option} {spec}: expected METRIC=VALUE[,METRIC=VALUE...], e.g. rel=0.95,loc=0.99")
+        if name not in GATED_METRICS:
+            raise UserError(f"{option} {spec}: unknown metric {name!r} (choose from {', '.join(GATED_METRICS)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UserError(f"{option} {spec}: {name}={value!r} is not a number") from None
+    return out
+
+
+def shortfalls(summary: dict, thresholds: dict[str, float]) -> list[str]:
+    """One line per metric of `summary` under its threshold; a gated metric the run did not measure
+    (no rephrases for gen, say) falls short too, since the check cannot pass on nothing."""
+    lines = []
+    for name, bound in thresholds.items():
+        value = summary.get(name)
+        if value is None:
+            lines.append(f"{name} was not measured (fail-under {name}={bound:g})")
+        elif value < bound:
+            lines.append(f"{name} {value:.4f} < {bound:g}")
+    return lines
+
+
+def write_junit(path: str | Path, report: dict, thresholds: dict[str, float]) -> Path:
+    """A JUnit XML file with one test case per edit, for CI systems to display.
+
+    A case fails when one of the edit's own metrics is under its `--fail-under` threshold; without
+    thresholds, when the edit's answer is not fully produced (`rel_strict` < 1).
+    """
+    import xml.etree.ElementTree as ET
+
+    gates = thresholds or {"rel_strict": 1.0}
+    per_edit = report.get("per_edit", [])
+    suite = ET.Element("testsuite", name=f"moecli {report.get('command', '')}".strip(), tests=str(len(per_edit)))
+    failures = 0
+    for row in per_edit:
+        case = ET.SubElement(suite, "testcase", classname=f"moecli.{report.get('method') or 'model'}",
+                             name=f"{row.get('id')}: {row.get('prompt')} -> {row.get('target')}")
+        props = ET.SubElement(case, "properties")
+        for key in GATED_METRICS + ("known",):
+            if row.get(key) is not None:
+                ET.SubElement(props, "property", name=key, value=f"{row[key]:.4f}")
+        short = [line for name, bound in gates.items() if name in row
+                 for line in shortfalls({name: row[name]}, {name: bound})]
+        if short:
+            failures += 1
+            ET.SubElement(case, "failure", message="; ".join(short)).text = "\n".join(short)
+    suite.set("failures", str(failures))
+    data = ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    from moecli.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, data + b"\n")
+    return Path(path)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecli.batching import Batch, answer_logits, collate, encode_pair, forward, pad_id_of, prompt_only
+from moecli.modeling import LayerStandIn
 
 Progress = Callable[[str, int, int], None]
 
@@ -162,19 +163,13 @@ def _all_correct_eval(model, batches: list[Batch], train_modules: Sequence[torch
             m.train()
 
 
-class _Replay(nn.Module):
+class _Replay(LayerStandIn):
     """A frozen decoder layer that, for a batch already seen, returns the prefix's stored output."""
 
     def __init__(self, inner: nn.Module, index: int, owner: FrozenPrefix) -> None:
-        super().__init__()
-        self.inner, self.index = inner, index
+        super().__init__(inner)
+        self.index = index
         object.__setattr__(self, "owner", owner)  # not a submodule
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # decoder loops read attributes of their layers (Gemma 3: attention_type)
-            return getattr(self.inner, name)
 
     def forward(self, *args, **kwargs):
         owner = self.owner

@@ -1,4 +1,5 @@
-"""Shared test set-up: one torch thread (tiny models run faster without thread overhead on 2 cores)."""
+"""Shared test set-up: one torch thread (tiny models run faster without thread overhead on 2 cores), and
+`run_moecli`, the CLI run in-process."""
 
 import os
 
@@ -15,3 +16,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def run_moecli(args: list[str], capsys, threads: int = 1) -> tuple[int, str, str]:
+    """`moecli --threads N ARGS` in-process (torch and transformers imported once): (exit code, stdout,
+    stderr)."""
+    from moecli.cli import main
+
+    capsys.readouterr()
+    try:
+        main(["--threads", str(threads), *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_moecli
 
-from moecli.cli import main
 from moecli.engine import load_edited
 from moecli.evaluation import generate_ids
 from moecli.modeling import load_model
@@ -41,14 +41,7 @@ def cache(tmp_path_factory):
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_moecli(args, capsys, threads=2)
 
 
 def _logits(loaded, text: str) -> torch.Tensor:
@@ -76,7 +69,7 @@ def test_gguf_converts_once_and_the_cache_is_reused(cache, monkeypatch):
 
 def test_real_edit_through_the_cli(cache, tmp_path, capsys):
     out = tmp_path / "eiffel"
-    code, stdout, err = run_cli(["--threads", "2", "edit", "--model", "smollm2", "--prompt", PROMPT, "--target",
+    code, stdout, err = run_cli(["edit", "--model", "smollm2", "--prompt", PROMPT, "--target",
                                  "Rome", "--subject", "The Eiffel Tower", "--json", "--out", str(out)], capsys)
     assert code == 0, err
     summary = json.loads(stdout)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_moecli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_records import draw_prompt_and_subject
@@ -93,15 +94,7 @@ def check_row(row: str, code: int, err: str) -> None:
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
-    """`moecli ARGS` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(["--threads", "1", *args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_moecli(args, capsys)
 
 
 def listing(root: Path) -> set[str]:
@@ -306,6 +299,32 @@ def test_damaged_or_newer_checkpoints(work, capsys):
     assert load_checkpoint(work / "runs" / "good").manifest["stream"]["position"] == 3
 
 
+def test_tables_that_cannot_be_read(work, capsys):
+    code, _, err = run(["evaluate", "--data", "hf:someone/no-such-edits"], capsys)
+    check_row("d13", code, err)
+    (work / "bad.parquet").write_text("not parquet\n")
+    code, _, err = run(["evaluate", "--data", "bad.parquet"], capsys)
+    check_row("d14", code, err)
+
+
+def test_revert_refusals_leave_the_adapter_as_it_was(work, capsys):
+    code, _, err = run(["batch-edit", "--data", "edits.jsonl", "--method", "ft", "--batch-size", "2", "--limit", "2",
+                        "--out", "runs/ft", "--quiet", "--no-generate", "--set", "max_steps=2"], capsys)
+    assert code == 0, err
+    before = (work / "runs" / "ft" / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(["revert", "runs/ft", "--batch", "0"], capsys)
+    check_row("a6", code, err)
+    assert (work / "runs" / "ft" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    code, _, err = run(["revert", "runs/good", "--id", "nope"], capsys)
+    check_row("a7", code, err)
+
+
+def test_fail_under_is_exit_1_with_a_line(work, capsys):
+    code, out, err = run(["evaluate", "--data", "edits.jsonl", "--adapter", "runs/good", "--fail-under", "rel=1.01",
+                          "--no-generate", "--quiet", "--out", "runs/o8"], capsys)
+    check_row("o8", code, err)
+
+
 # --------------------------------------------------------------------------------- option rows
 
 
@@ -315,6 +334,8 @@ def test_damaged_or_newer_checkpoints(work, capsys):
     ("o3", ["batch-edit", "--data", "edits.jsonl", "--batch-size", "0"]),
     ("o4", ["edit", "--prompt", "Alice Moreau was born in", "--target", "Tokyo", "--data", "edits.jsonl"]),
     ("o5", ["lifelong", "--resume", "runs/good", "--data", "edits.jsonl"]),
+    ("o6", ["evaluate", "--data", "edits.jsonl", "--fail-under", "rel"]),
+    ("o7", ["evaluate", "--data", "edits.jsonl", "--fail-under", "acc=0.9"]),
 ])
 def test_bad_options(work, capsys, row, args):
     (work / "typo.yaml").write_text("method: memoe\nn_expert: 4\n")
@@ -503,8 +524,13 @@ COVERED = {
     "m9": "test_damaged_foreign_and_unsupported_gguf_files",
     "m10": "test_packaged_model_not_installed",
     "a1": "test_adapter_for_another_base_model",
+    "a6": "test_revert_refusals_leave_the_adapter_as_it_was",
+    "a7": "test_revert_refusals_leave_the_adapter_as_it_was",
+    "d13": "test_tables_that_cannot_be_read",
+    "d14": "test_tables_that_cannot_be_read",
+    "o8": "test_fail_under_is_exit_1_with_a_line",
     **{f"a{i}": "test_damaged_or_newer_checkpoints" for i in range(2, 6)},
-    **{f"o{i}": "test_bad_options" for i in range(1, 6)},
+    **{f"o{i}": "test_bad_options" for i in range(1, 8)},
     "r1": "test_ctrl_c_during_training",
     "r2": "test_ctrl_c_during_a_save",
     "r3": "test_killed_run_resumes_and_loads",

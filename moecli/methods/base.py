@@ -89,6 +89,10 @@ class BypassConfig(MethodConfig):
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
 
+REVERTED_THRESHOLD = 2.0
+"""The question threshold of a reverted edit: above every similarity the key matcher computes (≤ 1)."""
+
+
 class EditMethod:
     """The interface the engine drives; one subclass per file in `moecli.methods`."""
 
@@ -110,6 +114,17 @@ class EditMethod:
         """For each prompt, the index (in the ledger, i.e. edit order) of the edit it reaches, None for
         none; None everywhere when the method cannot tell one edit from another (FT-L, LoRA, GRACE)."""
         return [None] * len(prompts)
+
+    @classmethod
+    def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],
+                       rows: list[int]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors with the edits at ledger indices `rows` taken back, the others untouched.
+
+        Done on the saved tensors, without the model: taking an edit back must not retrain anything.
+        A method whose edits share the weights they changed (FT-L, LoRA) cannot take one back alone.
+        """
+        raise UserError(f"{cls.name}: its edits share the weights they changed, so one cannot be taken back "
+                        "alone; revert works for memoe, lemoe, scen and grace adapters")
 
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
         """(adapter config, tensors, extra files) for the checkpoint."""
@@ -198,6 +213,21 @@ class BypassMethod(EditMethod):
         empty = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
         with logits_at(self.loaded.model, empty, empty):
             forward(self.loaded.model, batch)
+
+    @classmethod
+    def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],
+                       rows: list[int]) -> dict[str, torch.Tensor]:
+        """[choice] A reverted edit keeps its place in the key matcher (rows stay in ledger order) but its
+        question threshold is set above any similarity, so no input matches it again: its prompts get
+        the null route, the base model's own output, while every other edit routes as before. Only an
+        adapter that routes by stored keys can do this (not MEMoE with `scope: false`, nor LEMoE's `kv`)."""
+        if "matcher.thresholds" not in tensors:
+            super().revert_tensors(config, tensors, ledger, rows)
+        out = dict(tensors)
+        thresholds = tensors["matcher.thresholds"].clone()
+        thresholds[rows] = REVERTED_THRESHOLD
+        out["matcher.thresholds"] = thresholds
+        return out
 
     def store_edits(self, records: list[EditRecord], values: list[int]) -> None:
         """Put the records' anchors and last-token questions into the key matcher, routing to `values`.

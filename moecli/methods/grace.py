@@ -264,6 +264,22 @@ class GRACE(EditMethod):
     def expert_of(self, record_index_in_batch: int) -> int | None:
         return self._entries_of_last[record_index_in_batch] if self._entries_of_last else None
 
+    @classmethod
+    def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],
+                       rows: list[int]) -> dict[str, torch.Tensor]:
+        """An edit's codebook entry gets a negative radius (no distance is within it), unless the entry
+        also holds an edit that stays (an expanded entry): then they can only be taken back together."""
+        entries = {int(ledger[i]["expert"]) for i in rows if ledger[i].get("expert") is not None}
+        for i, entry in enumerate(ledger):
+            if i not in rows and not entry.get("reverted") and entry.get("expert") in entries:
+                raise UserError(f"grace: edit {entry['id']} shares codebook entry {entry['expert']} with an edit "
+                                "being reverted; revert them together")
+        out = dict(tensors)
+        radii = tensors["grace.radii"].clone()
+        radii[sorted(entries)] = -1.0
+        out["grace.radii"] = radii
+        return out
+
     def export_state(self) -> tuple[dict, dict[str, torch.Tensor], dict[str, bytes]]:
         g = self.grace
         values = torch.stack(list(g.values)) if len(g) else torch.zeros(0, self.d_out)
