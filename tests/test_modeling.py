@@ -249,3 +249,11 @@ def test_device_map_places_model_and_reports_input_device(llama_dir: Path) -> No
     loaded = load_model(llama_dir, device_map="cpu")
     assert loaded.device == torch.device("cpu")
     assert fingerprints_match(fingerprint(loaded.model), fingerprint(load_model(llama_dir).model))
+
+
+def test_chat_without_a_template_is_one_line(tmp_path: Path) -> None:
+    from moecli.batching import chat_prompt
+
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    with pytest.raises(UserError, match="^--chat: this model's tokenizer has no chat template; drop --chat$"):
+        chat_prompt(loaded.tokenizer, "Alice Moreau was born in")

@@ -107,3 +107,20 @@ def test_evaluate_directly_on_the_gguf_file(cache, tmp_path, capsys, monkeypatch
     assert json.loads(stdout)["rel"] == 1.0  # the real model knows both facts
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert Path(report["model"]).parent == Path(os.environ["MOECLI_CACHE"]) / "gguf"
+
+
+def test_chat_template_wraps_every_prompt_and_keeps_the_subject(cache):
+    from moecli.batching import chat_prompt, chat_records, encode_pair
+    from moecli.records import EditRecord, LocalityPair
+
+    loaded = load_model("smollm2")
+    tok = loaded.tokenizer
+    wrapped = chat_prompt(tok, PROMPT)
+    assert wrapped.startswith("<|im_start|>") and PROMPT in wrapped and wrapped.endswith("assistant\n")
+    rec = EditRecord(prompt=PROMPT, target="Rome", subject="The Eiffel Tower", rephrases=["Where is the Eiffel Tower?"],
+                     locality=[LocalityPair(UNRELATED, "Paris")])
+    (chat,) = chat_records([rec], tok)
+    assert chat.subject in chat.prompt and chat.id == rec.id
+    assert all(p.startswith("<|im_start|>") for p in [chat.prompt, *chat.rephrases, chat.locality[0].prompt])
+    pair = encode_pair(tok, chat.prompt, "Rome")  # no extra space after the template's newline
+    assert tok.decode(pair.answer_ids) == "Rome"
