@@ -58,12 +58,12 @@ class AnchorTrie:
         """Register a subject as it tokenizes at the start of a text and after a space, and with its first
         letter in the other case ("The Eiffel Tower" is "the Eiffel Tower" inside a sentence)."""
         canon = tokenizer(" " + subject, add_special_tokens=False)["input_ids"]
-        forms = [subject]
+        texts = [subject, " " + subject]
         if subject[:1].isalpha() and subject[:1].swapcase() != subject[:1]:
-            forms.append(subject[:1].swapcase() + subject[1:])
-        for form in forms:
-            for text in (form, " " + form):
-                self.add(tokenizer(text, add_special_tokens=False)["input_ids"], canon)
+            # only after a space: without one, "tizen" (from "Tizen") would match inside " citizenship"
+            texts.append(" " + subject[:1].swapcase() + subject[1:])
+        for text in texts:
+            self.add(tokenizer(text, add_special_tokens=False)["input_ids"], canon)
 
     def find(self, ids: list[int]) -> tuple[int, int, int] | None:
         """The leftmost, then longest, known anchor span `(start, end, canonical index)`, or None.

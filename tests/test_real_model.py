@@ -124,3 +124,22 @@ def test_chat_template_wraps_every_prompt_and_keeps_the_subject(cache):
     assert all(p.startswith("<|im_start|>") for p in [chat.prompt, *chat.rephrases, chat.locality[0].prompt])
     pair = encode_pair(tok, chat.prompt, "Rome")  # no extra space after the template's newline
     assert tok.decode(pair.answer_ids) == "Rome"
+
+
+def test_subject_found_with_either_first_letter_but_never_inside_a_word(cache):
+    from moecli.anchors import AnchorTrie
+
+    tok = load_model("smollm2").tokenizer
+    trie = AnchorTrie()
+    for subject in ("The Eiffel Tower", "Tizen"):
+        trie.add_subject(tok, subject)
+
+    def found(text: str):
+        hit = trie.find(tok(text, add_special_tokens=False)["input_ids"])
+        return None if hit is None else trie.canonical[hit[2]]
+
+    eiffel = tok(" The Eiffel Tower", add_special_tokens=False)["input_ids"]
+    assert found("The Eiffel Tower is in") == eiffel
+    assert found("Where is the Eiffel Tower? It is in") == eiffel  # the same anchor, lower-case article
+    assert found("Giacomo Furia, who has a citizenship from") is None  # not "tizen" inside "citizenship"
+    assert found("Samsung phones run Tizen") is not None
