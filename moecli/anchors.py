@@ -129,6 +129,7 @@ class AnchorContext:
     # absolute position of this forward's first token: 0 for a prompt, the tokens already seen for a
     # later generation step (0 again when generate re-feeds the whole sequence, use_cache=False)
     offset: int = 0
+    serial: int = 0  # counts `compute` calls: what a router decided for this forward can be kept by it
     # `signature` (a property below): [B, vocab] sqrt of the *base* model's next-token distribution
     # after each prompt, when a matcher keyed on the model's output asks for it (see `KeyMatcher`);
     # None otherwise. It may be left pending, computed when first read.
@@ -178,6 +179,7 @@ class AnchorContext:
         self.prompt_last = torch.tensor(last, device=input_ids.device)
         self.continuation = False
         self.offset = 0
+        self.serial += 1
         self.signature = None
         embeds = embedding(input_ids)
         vectors = mean_embedding(embeds.float(), span_mask)

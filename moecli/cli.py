@@ -247,9 +247,14 @@ def evaluate(
             ckpt = checked_checkpoint(adapter, fingerprint(loaded.model))  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
             baseline = compute_baseline(loaded.model, loaded.tokenizer, records, eval_batch_size, progress)
-            load_edited(loaded, adapter, checkpoint=ckpt)
+            method = load_edited(loaded, adapter, checkpoint=ckpt)
             result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, progress=progress,
                                       **kwargs)
+            from moecli.engine import routing_diagnosis
+
+            routing = routing_diagnosis(method, records, result.per_edit, eval_batch_size, ckpt.ledger)
+            if routing is not None:
+                result.summary["routing"] = routing
             columns = {"edited": result.summary}
     out_dir = out or default_out_dir("evaluate")
     report = {

@@ -344,6 +344,9 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         t = time.perf_counter()
         after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
                                  generation=spec.generation, perplexity=spec.perplexity, progress=progress)
+        routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size)
+        if routing is not None:
+            after.summary["routing"] = routing
         timings["evaluate_after"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
     columns = {"before": before.summary} if before else {}
@@ -427,3 +430,50 @@ def revert_edits(adapter_dir: str | Path, ids: list[str], batches: list[int], ou
         save_checkpoint(target, Checkpoint(ckpt.config, tensors, manifest, ledger, ckpt.files))
     return {"adapter": str(target), "reverted": [ledger[i]["id"] for i in rows],
             "remaining": sum(1 for e in ledger if not e.get("reverted"))}
+
+
+def routing_diagnosis(method: EditMethod, records: list[EditRecord], per_edit: list[dict],
+                      batch_size: int = 64, ledger: list[dict] | None = None) -> dict | None:
+    """Where each evaluated input went: its own edit, another edit, or none (the null route).
+
+    Why: a lost rephrasing is either a routing miss or an expert that does not transfer, and a changed
+    locality answer either a wrong route or an expert acting where it was not asked to; the per-edit rows
+    get `route_rel`, `route_gen` and `route_loc` ("own", "other", "none"), and the summary the shares
+    plus Gen among the rephrasings that reached their edit. `records` are in stream (ledger) order, or
+    found in `ledger` by id (a record the adapter never edited has no "own" edit). None for a method
+    whose routes say nothing (FT-L, LoRA, GRACE, LEMoE's kv router).
+    """
+    if not method.knows_routes():
+        return None
+    own_index = list(range(len(records)))
+    if ledger is not None:
+        index = {e.get("id"): n for n, e in enumerate(ledger)}
+        own_index = [index.get(r.id) for r in records]
+    prompts: list[str] = []
+    slots: list[tuple[int, str]] = []
+    for i, r in enumerate(records):
+        for kind, texts in (("rel", [r.prompt]), ("gen", r.rephrases), ("loc", [lp.prompt for lp in r.locality])):
+            prompts += texts
+            slots += [(i, kind)] * len(texts)
+    routes: list[int | None] = []
+    for start in range(0, len(prompts), batch_size):
+        routes += method.routes(prompts[start:start + batch_size])
+    where: dict[tuple[int, str], list[str]] = {}
+    for (i, kind), route in zip(slots, routes):
+        verdict = "none" if route is None else "own" if route == own_index[i] else "other"
+        where.setdefault((i, kind), []).append(verdict)
+    for i, row in enumerate(per_edit):
+        row["route_rel"] = where.get((i, "rel"), [None])[0]
+        row["route_gen"] = where.get((i, "gen"), [])
+        row["route_loc"] = where.get((i, "loc"), [])
+
+    def share(kind: str, value: str) -> float | None:
+        got = [w for (_, k), ws in where.items() if k == kind for w in ws]
+        return sum(w == value for w in got) / len(got) if got else None
+
+    reached = [acc for row in per_edit for acc, w in zip(row.get("gen_each", []), row["route_gen"]) if w == "own"]
+    missed = [acc for row in per_edit for acc, w in zip(row.get("gen_each", []), row["route_gen"]) if w != "own"]
+    return {"rel_own": share("rel", "own"), "gen_own": share("gen", "own"), "gen_other": share("gen", "other"),
+            "loc_none": share("loc", "none"), "loc_other": share("loc", "other"),
+            "gen_when_reached": sum(reached) / len(reached) if reached else None,
+            "gen_when_missed": sum(missed) / len(missed) if missed else None}

@@ -262,6 +262,8 @@ def evaluate_records(
         row: dict = {"id": r.id, "prompt": r.prompt, "target": r.target}
         for key, vals in d.items():
             row[key] = _mean(vals)
+        if d.get("gen"):
+            row["gen_each"] = list(d["gen"])  # per rephrase, in record order (the routing diagnosis reads it)
         if r.id in baseline.known:
             row["known"] = baseline.known[r.id]
         if perplexity and "rel_nll" in d:
@@ -276,7 +278,7 @@ def summarize(per_edit: Sequence[dict]) -> dict:
     summary: dict = {}
     keys = sorted({k for row in per_edit for k in row if k not in ("id", "prompt", "target")})
     for key in keys:
-        vals = [row[key] for row in per_edit if row.get(key) is not None]
+        vals = [row[key] for row in per_edit if isinstance(row.get(key), (int, float))]
         if vals:
             summary[key] = sum(vals) / len(vals)
     loc_groups = {k.split(":", 1)[1]: summary.pop(k) for k in list(summary) if k.startswith("loc:")}

@@ -22,7 +22,7 @@ def public_summary(summary: dict) -> dict:
     """The summary keys every command prints with `--json`: rel, gen, loc, avg, n_edits always;
     port, known, loc_by_group when present; plus the strict and generation forms."""
     out = {k: summary.get(k) for k in ("rel", "gen", "loc", "avg")}
-    for k in ("port", "known", "loc_by_group"):
+    for k in ("port", "known", "loc_by_group", "routing"):
         if summary.get(k) is not None:
             out[k] = summary[k]
     for k, _ in METRIC_ROWS:
@@ -69,6 +69,11 @@ def render_markdown(report: dict) -> str:
     lines += ["", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, cells in metric_rows(columns):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    routing = report.get("summary", {}).get("routing")
+    if routing:
+        lines += ["", "Routing (shares of inputs; `gen_when_reached`: Gen of the rephrasings that reached their edit):",
+                  "", "| " + " | ".join(routing) + " |", "|---" * len(routing) + "|",
+                  "| " + " | ".join("—" if v is None else f"{v:.3f}" for v in routing.values()) + " |"]
     for extra in report.get("notes", []):
         lines += ["", extra]
     return "\n".join(lines) + "\n"

@@ -135,6 +135,8 @@ class KeyMatcher:
         self.null_unmatched, self.candidates = null_unmatched, candidates
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cached_rows: torch.Tensor | None = None
+        self._cached_candidates: torch.Tensor | None = None
+        self._cached_serial = -1  # `AnchorContext.serial` of the forward the cached match belongs to
 
     def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
             thresholds: torch.Tensor | None = None, signatures: torch.Tensor | None = None,
@@ -199,43 +201,53 @@ class KeyMatcher:
         return len(self.store)
 
     def match(self, x: torch.Tensor, ctx: AnchorContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(question similarity [B], stored value [B] or −1) of each input's matched edit."""
+        """(question similarity [B], stored value [B] or −1) of each input's matched edit.
+
+        Decided once per forward (key substitution, the router and the scope all ask; the first asks) and
+        kept for later generation steps. Only inputs that name an edited entity are compared when
+        unmatched inputs take the null route: the others cost nothing here, whatever the adapter holds.
+        """
         b = x.shape[0]
-        if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
+        if self._cached is not None and self._cached[0].shape[0] == b and (
+                ctx.continuation or self._cached_serial == ctx.serial):
             self.rows = self._cached_rows  # the prompt's match holds for all of its generated tokens
+            self.candidate_values = self._cached_candidates
             return self._cached
         sims = torch.full((b,), -1.0)
         values = torch.full((b,), -1, dtype=torch.long)
         rows = torch.full((b,), -1, dtype=torch.long)
-        if len(self.store):
-            last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
-            q = x[torch.arange(b, device=x.device), last]
+        candidates = torch.full((b, 1), -1, dtype=torch.long)
+        active = torch.arange(b)
+        if self.null_unmatched and ctx.matched is not None:
+            active = torch.nonzero(ctx.matched.cpu()).flatten()
+        if len(self.store) and len(active):
+            k = min(self.candidates, len(self))
+            last = ctx.prompt_last.to(x.device)[active.to(x.device)].clamp(max=x.shape[1] - 1)
+            q = x[active.to(x.device), last]
             a_sims, pos = self.store.index.search(
-                self.store._normalise(ctx.vectors.detach().float().cpu().numpy()), min(self.candidates, len(self))
+                self.store._normalise(ctx.vectors[active.to(ctx.vectors.device)].detach().float().cpu().numpy()), k
             )
             a_sims, pos = torch.as_tensor(a_sims), torch.as_tensor(pos)
             ok = (a_sims >= self.anchor_threshold) & (pos >= 0)
-            q_sims = self.similarity(q, ctx.signature, pos)
+            signature = ctx.signature
+            q_sims = self.similarity(q, None if signature is None else signature[active.to(signature.device)], pos)
             ok &= q_sims >= self.thresholds[pos.clamp(min=0)]
             if len(self.neg_owner):
                 ok &= self._nearer_than_confusable(q, pos)
             q_sims = torch.where(ok, q_sims, torch.full_like(q_sims, -2.0))
             best, at = q_sims.max(-1)
-            chosen = pos[torch.arange(b), at]
+            chosen = pos[torch.arange(len(active)), at]
             hit = ok.any(-1)
-            if self.null_unmatched and ctx.matched is not None:
-                hit &= ctx.matched.cpu()
-            sims = torch.where(hit, best, sims)
-            values = torch.where(hit, torch.as_tensor(self.store.values)[chosen.clamp(min=0)], values)
-            rows = torch.where(hit, chosen, rows)
+            sims[active] = torch.where(hit, best, sims[active])
+            values[active] = torch.where(hit, torch.as_tensor(self.store.values)[chosen.clamp(min=0)], values[active])
+            rows[active] = torch.where(hit, chosen, rows[active])
             cand = torch.as_tensor(self.store.values)[pos.clamp(min=0)]
-            candidates = torch.where(ok & hit.unsqueeze(-1), cand, torch.full_like(cand, -1))
-        else:
-            candidates = torch.full((b, 1), -1, dtype=torch.long)
+            candidates = torch.full((b, k), -1, dtype=torch.long)
+            candidates[active] = torch.where(ok & hit.unsqueeze(-1), cand, torch.full_like(cand, -1))
         self.rows = rows.to(x.device)
         self.candidate_values = candidates.to(x.device)  # [B, K] values of every edit that matched, −1 padding
         self._cached = (sims.to(x.device), values.to(x.device))
-        self._cached_rows = self.rows
+        self._cached_rows, self._cached_candidates, self._cached_serial = self.rows, self.candidate_values, ctx.serial
         return self._cached
 
     def _input_cosine(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -246,8 +258,12 @@ class KeyMatcher:
         """[B, K]: is each input nearer (target-module input cosine) to candidate edit `pos` than to every
         question the base model answers like that edit's? A 1-nearest-neighbour test between the two."""
         own = self._input_cosine(q, pos.clamp(min=0))
-        to_neg = F.normalize(q.detach().float().cpu(), dim=-1) @ self.neg_queries.t()  # [B, m]
-        owned = self.neg_owner.view(1, 1, -1) == pos.unsqueeze(-1)  # [B, K, m]
+        mine = torch.isin(self.neg_owner, pos[pos >= 0])  # only the forms of these candidates matter
+        if not bool(mine.any()):
+            return torch.ones_like(own, dtype=torch.bool)
+        negs, owners = self.neg_queries[mine], self.neg_owner[mine]
+        to_neg = F.normalize(q.detach().float().cpu(), dim=-1) @ negs.t()  # [B, m]
+        owned = owners.view(1, 1, -1) == pos.unsqueeze(-1)  # [B, K, m]
         rival = torch.where(owned, to_neg.unsqueeze(1), torch.full_like(owned, -2.0, dtype=torch.float32))
         # ties go to the edit (a form whose input equals the edit's cannot be told apart; the edit's own
         # prompt must still reach it), up to float rounding of the unit vectors

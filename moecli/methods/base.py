@@ -115,6 +115,10 @@ class EditMethod:
         none; None everywhere when the method cannot tell one edit from another (FT-L, LoRA, GRACE)."""
         return [None] * len(prompts)
 
+    def knows_routes(self) -> bool:
+        """Whether `routes` tells edits apart (else a None from it means "unknown", not "no edit")."""
+        return False
+
     @classmethod
     def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],
                        rows: list[int]) -> dict[str, torch.Tensor]:
@@ -197,6 +201,9 @@ class BypassMethod(EditMethod):
             if self.matcher.null_unmatched:
                 sig = sig * self.context.matched.to(sig.device).unsqueeze(-1)
         return self.context.vectors.float(), x, sig
+
+    def knows_routes(self) -> bool:
+        return self.matcher is not None
 
     @torch.no_grad()
     def routes(self, prompts: list[str]) -> list[int | None]:
