@@ -9,7 +9,8 @@ Parts (CPU, `torch.set_num_threads(2)`, the first N records of `counterfact_edit
    SCEN one at a time, FT-L, LoRA, GRACE batches of 10), and for MEMoE and LEMoE the same run with
    the prefix cache off (`prefix_cache=false`, every step runs all 30 layers): the ratio, and both
    runs' Rel/Gen/Loc (the cache must not change the adapter). Peak RSS of each run.
-2. Inference: forward time of the edited model ÷ the base model's on 64 prompts, with an adapter of
+2. Inference (the bypass switched off and on, interleaved rep by rep, best of each): forward time of the
+   edited model ÷ the base model's on 64 prompts, with an adapter of
    100 and 1000 edits (LEMoE, trained one step per batch: the cost depends on what the adapter holds,
    not on how well it was trained), for prompts half of which name an edited entity and for prompts
    naming none; generation tokens/s with and without the adapter.
@@ -21,6 +22,7 @@ import argparse
 import gc
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,35 +106,29 @@ def _prompt_batch(loaded, prompts: list[str]):
     return collate(items, pad_id_of(loaded.tokenizer)).to(loaded.device)
 
 
-def _forward_ms(loaded, batch, reps: int) -> float:
-    from moecli.batching import answer_logits
-
-    with torch.no_grad():
-        answer_logits(loaded.model, batch)
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            answer_logits(loaded.model, batch)  # the logits scoring reads (answer positions)
-            best = min(best, time.perf_counter() - t)
-    return best * 1e3
-
-
-def _tokens_per_s(loaded, prompts: list[str], new: int, reps: int) -> float:
-    from moecli.evaluation import generate_ids
-
-    best = float("inf")
+def _paired(bypass, measure, reps: int) -> tuple[float, float]:
+    """(best base time, best edited time) of `measure()`, the two interleaved rep by rep (the bypass
+    switched off and on), so that a burst of load on this shared machine hits both sides alike."""
+    base, edited = float("inf"), float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
-        generate_ids(loaded.model, loaded.tokenizer, prompts, [new] * len(prompts), batch_size=len(prompts),
-                     min_new_tokens=new)
-        best = min(best, time.perf_counter() - t)
-    return len(prompts) * new / best
+        for enabled in (False, True):
+            bypass.enabled = enabled
+            t = time.perf_counter()
+            measure()
+            took = time.perf_counter() - t
+            if enabled:
+                edited = min(edited, took)
+            else:
+                base = min(base, took)
+    bypass.enabled = True
+    return base, edited
 
 
 def inference(ds: Dataset, cfg: dict) -> list[dict]:
     """Edited ÷ base forward time, per adapter size and prompt mix; generation tokens/s."""
-    from moecli.batching import collate, encode_pair, pad_id_of
+    from moecli.batching import answer_logits, collate, encode_pair, pad_id_of
     from moecli.engine import build_method
+    from moecli.evaluation import generate_ids
     from moecli.modeling import load_model
     from moecli.recipes import build_config
     from moecli.records import read_records
@@ -157,15 +153,17 @@ def inference(ds: Dataset, cfg: dict) -> list[dict]:
         done = size
         half = scored(records[:32] + [type(records[0])(prompt=lp.prompt, target=lp.answer or "x")
                                       for lp in others[:32]])
+        new = cfg["gen_tokens"]
+        generate = partial(generate_ids, loaded.model, loaded.tokenizer, gen_prompts, [new] * len(gen_prompts),
+                           batch_size=len(gen_prompts), min_new_tokens=new)
         with torch.no_grad():
-            method.bypass.enabled = False
-            base_half = _forward_ms(loaded, half, cfg["reps"])
-            base_none = _forward_ms(loaded, none_batch, cfg["reps"])
-            base_tps = _tokens_per_s(loaded, gen_prompts, cfg["gen_tokens"], cfg["reps"])
-            method.bypass.enabled = True
-            ed_half = _forward_ms(loaded, half, cfg["reps"])
-            ed_none = _forward_ms(loaded, none_batch, cfg["reps"])
-            ed_tps = _tokens_per_s(loaded, gen_prompts, cfg["gen_tokens"], cfg["reps"])
+            answer_logits(loaded.model, half)  # warm-up
+            base_half, ed_half = (t * 1e3 for t in _paired(method.bypass, partial(answer_logits, loaded.model, half),
+                                                         cfg["reps"]))
+            base_none, ed_none = (t * 1e3 for t in _paired(method.bypass,
+                                                         partial(answer_logits, loaded.model, none_batch), cfg["reps"]))
+            base_gen, ed_gen = _paired(method.bypass, generate, cfg["reps"])
+            base_tps, ed_tps = len(gen_prompts) * new / base_gen, len(gen_prompts) * new / ed_gen
         rows.append({"edits": size, "half_named": {"base_ms": base_half, "edited_ms": ed_half,
                                                    "ratio": ed_half / base_half},
                      "none_named": {"base_ms": base_none, "edited_ms": ed_none, "ratio": ed_none / base_none},
@@ -178,7 +176,9 @@ def inference(ds: Dataset, cfg: dict) -> list[dict]:
 
 
 def render(res: dict) -> str:
-    lines = ["# Speed on a real model (SmolLM2-135M, CounterFact)", "", *meta_lines(res["meta"]), "",
+    lines = ["# Speed on a real model (SmolLM2-135M, CounterFact)", "", *meta_lines(res["meta"]),
+             *[f"- {part} table from {res['meta'][part + '_from']}" for part in ("edits", "inference")
+               if res["meta"].get(part + "_from")], "",
              "## Edit cost per method (defaults; prefix cache on unless said)", "",
              "| method | edits | batch | s/edit | vs no prefix cache | Rel | Gen | Loc | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -216,9 +216,19 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"speed-real | skipped: {exc}")
         return {}
     parts = set(args.parts.split(","))
-    res = {"meta": meta(not args.full, {"model": ds.model, "data": ds.data, "config": cfg}),
-           "edits": edit_costs(ds, cfg) if "edits" in parts else [],
-           "inference": inference(ds, cfg) if "inference" in parts else []}
+    previous = {}
+    old_file = results_dir(not args.full) / "speed_real.json"
+    if old_file.is_file() and parts != {"edits", "inference"}:  # a part not run now keeps its last result
+        import json
+
+        previous = json.loads(old_file.read_text())
+    m = meta(not args.full, {"model": ds.model, "data": ds.data, "config": cfg})
+    res = {"meta": m, "edits": edit_costs(ds, cfg) if "edits" in parts else previous.get("edits", []),
+           "inference": inference(ds, cfg) if "inference" in parts else previous.get("inference", [])}
+    for part in ("edits", "inference"):
+        if part not in parts and previous:
+            m[f"{part}_from"] = f"an earlier run: commit {previous['meta'].get('moecli_commit')}, " \
+                                f"{previous['meta'].get('date')}"
     write_results(results_dir(not args.full), "speed_real", res, render(res), t0)
     return res
 

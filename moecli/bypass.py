@@ -79,6 +79,9 @@ class MoEBypass(nn.Module):
         self.scope = None  # optional KeyMatcher: inputs it matches to no edit get no expert at all
         self.matcher = None  # the method's KeyMatcher, when it has one (for key substitution)
         self.key_substitution = False
+        # set by a method whose routes send every input that names no edited entity to no expert: a
+        # forward in which no input names one then returns the base output at once
+        self.unmatched_get_nothing = False
         self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
 
     def add_expert(self, generator: torch.Generator | None = None) -> int:
@@ -96,6 +99,10 @@ class MoEBypass(nn.Module):
         if not self.enabled or len(self.experts) == 0:
             return y
         ctx = self.context
+        if (self.unmatched_get_nothing and ctx.matched is not None and not bool(ctx.matched.any())
+                and getattr(self.router, "forced", None) is None):  # SCEN's stage 1 forces its expert
+            self.last_routes = None
+            return y
         if self.key_substitution and self.matcher is not None:
             x = self._substitute_keys(x)
         gates, idx = self.router(x, ctx)  # [B,T,k] each

@@ -210,16 +210,20 @@ class BypassMethod(EditMethod):
         """The edit each prompt's key match picks (the matcher stores edits in ledger order)."""
         if self.matcher is None or not len(self.matcher):
             return [None] * len(prompts)
-        self._routed_pass(prompts)
+        if not self._routed_pass(prompts):
+            return [None] * len(prompts)
         rows = self.matcher.rows
         return [int(r) if r >= 0 else None for r in rows.tolist()] if rows is not None else [None] * len(prompts)
 
-    def _routed_pass(self, prompts: list[str]) -> None:
-        """A forward of the edited model on `prompts` (no logits needed), leaving the routers' decisions."""
+    def _routed_pass(self, prompts: list[str]) -> bool:
+        """A forward of the edited model on `prompts` (no logits needed), leaving the routers' decisions;
+        False when the routers did not run (no prompt names an edited entity: no edit for any)."""
         batch, _ = self._prompt_batch(prompts)
         empty = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+        self.bypass.last_routes = None
         with logits_at(self.loaded.model, empty, empty):
             forward(self.loaded.model, batch)
+        return self.bypass.last_routes is not None
 
     @classmethod
     def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],

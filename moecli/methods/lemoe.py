@@ -58,6 +58,7 @@ class LEMoE(BypassMethod):
 
     def __init__(self, loaded, config: LEMoEConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
+        self.bypass.unmatched_get_nothing = config.null_route
         if self.matcher is not None:
             self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 

@@ -45,6 +45,7 @@ class MEMoE(BypassMethod):
         super().__init__(loaded, config, seed)
         for _ in range(config.n_experts):
             self.bypass.add_expert(self.generator)
+        self.bypass.unmatched_get_nothing = config.null_route
         if config.scope:
             self.matcher = self.make_matcher(config.null_route)
             self.bypass.scope = self.matcher

@@ -66,6 +66,7 @@ class SCEN(BypassMethod):
         self.keys: list[torch.Tensor] = []  # h of each edit's last prompt token (negatives for later neurons)
         self._rng = random.Random(seed)
         self._experts_of_last: list[int] = []
+        self.bypass.unmatched_get_nothing = config.scope  # the scope's matcher null-routes them
         if config.scope:
             self.matcher = self.make_matcher()
             self.bypass.router.scope = self.matcher
@@ -145,9 +146,8 @@ class SCEN(BypassMethod):
 
     def routes(self, prompts: list[str]) -> list[int | None]:
         """The edit whose indexing neuron wins (one expert per edit, so its id is the edit's order)."""
-        if len(self.bypass.experts) == 0:
+        if len(self.bypass.experts) == 0 or not self._routed_pass(prompts):
             return [None] * len(prompts)
-        self._routed_pass(prompts)
         chosen = self.bypass.router._cached[1][:, 0].tolist()
         return [int(e) if e >= 0 else None for e in chosen]
 
