@@ -99,13 +99,6 @@ def edit_costs(ds: Dataset, cfg: dict) -> list[dict]:
     return rows
 
 
-def _prompt_batch(loaded, prompts: list[str]):
-    from moecli.batching import collate, pad_id_of, prompt_only
-
-    items = [prompt_only(loaded.tokenizer, p) for p in prompts]
-    return collate(items, pad_id_of(loaded.tokenizer)).to(loaded.device)
-
-
 def _paired(bypass, measure, reps: int) -> tuple[float, float]:
     """(best base time, best edited time) of `measure()`, the two interleaved rep by rep (the bypass
     switched off and on), so that a burst of load on this shared machine hits both sides alike."""
