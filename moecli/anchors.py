@@ -20,6 +20,11 @@ PROMPT_LENGTHS: ContextVar[list[int] | None] = ContextVar("moecli_prompt_lengths
 tokens of each row are the prompt. Routers that decide from the last prompt token (SCEN) read it;
 when unset, the whole (unpadded) input of the first forward is the prompt, as in generation."""
 
+SUFFIX_OF: ContextVar[tuple[torch.Tensor, torch.Tensor, int] | None] = ContextVar("moecli_suffix_of", default=None)
+"""Set by the training loop when a forward feeds only the columns from `offset` on of a batch whose
+earlier columns sit in a KV cache (`training.PromptCache`): (the whole batch's input ids, its attention
+mask, offset). The anchors, routes and signature are those of the whole input, as if it had been fed."""
+
 
 class AnchorTrie:
     """A token trie of known anchors: each subject's token variants map to one canonical sequence.
@@ -147,6 +152,11 @@ class AnchorContext:
     def signature(self, value: torch.Tensor | None) -> None:
         self.pending_signature = None
         self._signature = value
+
+    def last_index(self, width: int) -> torch.Tensor:
+        """[B] column of each row's last prompt token in this forward's input (its first token is at
+        absolute position `offset`), clamped into the `width` columns it has."""
+        return (self.prompt_last - self.offset).clamp(min=0, max=width - 1)
 
     @torch.no_grad()
     def compute(self, embedding: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

@@ -113,16 +113,19 @@ class Batch:
                      self.prompt_lengths)
 
 
-def forward(model, batch: Batch):
+def forward(model, batch: Batch, **model_kwargs):
     """Run `model` on a batch, telling prompt-aware routers (SCEN) where each prompt ends.
 
-    No KV cache is built: nothing here decodes further, and a cache would hold every layer's keys
-    and values alive for nothing."""
+    No KV cache is built unless `model_kwargs` ask for one: nothing here decodes further, and a cache
+    would hold every layer's keys and values alive for nothing. `model_kwargs` override the batch's
+    inputs (`training.PromptCache` feeds the later columns only, with the earlier ones cached)."""
     from moecli.anchors import PROMPT_LENGTHS
 
     token = PROMPT_LENGTHS.set(batch.prompt_lengths)
     try:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False,
+                  **model_kwargs}
+        return model(**kwargs).logits
     finally:
         PROMPT_LENGTHS.reset(token)
 

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from moecli.anchors import AnchorContext
+from moecli.anchors import SUFFIX_OF, AnchorContext
 from moecli.batching import logits_at
 from moecli.modeling import LayerStandIn
 
 EXPERT_FORMS = ("dense", "lowrank")
+SIGNATURES_KEPT = 32
 
 
 class DenseExpert(nn.Module):
@@ -98,6 +99,15 @@ class MoEBypass(nn.Module):
         y = self.base(x)
         if not self.enabled or len(self.experts) == 0:
             return y
+        ctx = self.context
+        if x.dim() == 2 and ctx.vectors is not None and x.shape[0] % ctx.vectors.shape[0] == 0:
+            # OPT runs its FFN on the tokens flattened to [B·T, d]: route them as the [B, T, d] they are
+            b = ctx.vectors.shape[0]
+            return self._routed(x.view(b, -1, x.shape[-1]), y.view(b, -1, y.shape[-1])).view(y.shape)
+        return self._routed(x, y)
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` (the base module's output for `x`, both [B, T, ·]) plus the routed experts' deltas."""
         ctx = self.context
         if (self.unmatched_get_nothing and ctx.matched is not None and not bool(ctx.matched.any())
                 and getattr(self.router, "forced", None) is None):  # SCEN's stage 1 forces its expert
@@ -200,7 +210,9 @@ class Injection:
         parent, child = _get_parent(model, target_name)
         setattr(parent, child, bypass)
         self._inner = False
-        self._sig_cache: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # the last few signatures computed, newest first: a training loop feeds the same micro-batches at
+        # every step (`SIGNATURES_KEPT` covers a batch of a few hundred edits)
+        self._sig_cache: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         self._generation: _Generation | None = None
         self._job: tuple | None = None
         self._below = _layers_below(model, bypass)  # (decoder layers, index of the bypass's layer) or None
@@ -248,6 +260,11 @@ class Injection:
             return
         ctx = self.bypass.context
         mask = kwargs.get("attention_mask")
+        suffix = SUFFIX_OF.get()
+        if suffix is not None:  # the later columns of a batch whose earlier ones are cached (training)
+            self._prompt_context(suffix[0], suffix[1], {"attention_mask": suffix[1]}, whole=False)
+            ctx.offset = suffix[2]
+            return
         offset = self._step_offset(input_ids, mask, kwargs)
         if offset is not None:
             ctx.continuation, ctx.offset = True, offset
@@ -257,14 +274,21 @@ class Injection:
             mask = _rows_like(gen.attention_mask, input_ids)
             if mask is not None:
                 kwargs = {**kwargs, "attention_mask": mask}
-        embedding = self.model.get_input_embeddings()
-        ctx.compute(embedding, input_ids, mask)
+        self._prompt_context(input_ids, mask, kwargs)
+
+    def _prompt_context(self, input_ids: torch.Tensor, mask: torch.Tensor | None, kwargs: dict,
+                        whole: bool = True) -> None:
+        """Anchors of a prompt forward, and its signature job. `whole`: the forward feeds all of `input_ids`,
+        so the signature pass can share the output of the layers below the bypass (`_after_prefix`)."""
+        ctx = self.bypass.context
+        ctx.compute(self.model.get_input_embeddings(), input_ids, mask)
+        self._job = None
         matcher = getattr(self.bypass, "matcher", None)  # GRACE injects a module of its own, without one
         if getattr(self.bypass, "enabled", True) and matcher is not None and matcher.feature == "output":
             # Computed once the layers below the bypass have run (`_after_prefix`, sharing them), or, if
             # that hook does not run, when the router first reads it (a whole extra pass).
             job = (input_ids, kwargs, matcher.null_unmatched)
-            self._job = job
+            self._job = job if whole else None
             ctx.pending_signature = lambda: self._signature(*job)
 
     def _after_prefix(self, module: nn.Module, args: tuple, output) -> None:
@@ -282,17 +306,18 @@ class Injection:
 
         With `prefix_output` (what the decoder layer below the bypass returned in the pass under way) the
         layers below are not run again: they stand in returning those rows of it, so the extra pass costs
-        the layers from the bypass's up and one vocabulary row per prompt. The last result is kept: a
-        training loop feeds the same batch at every step."""
+        the layers from the bypass's up and one vocabulary row per prompt. The last few results are kept: a
+        training loop feeds the same micro-batches at every step."""
         ctx = self.bypass.context
         rows = torch.nonzero(ctx.matched).flatten() if only_matched else torch.arange(input_ids.shape[0])
         if len(rows) == 0:
             return None
         rows = rows.to(input_ids.device)
         key = (input_ids[rows], ctx.prompt_last[rows].to(input_ids.device))
-        if self._sig_cache is not None and all(a.shape == b.shape and torch.equal(a, b)
-                                               for a, b in zip(self._sig_cache[0], key)):
-            part = self._sig_cache[1]
+        kept = next((entry for entry in self._sig_cache if all(a.shape == b.shape and torch.equal(a, b)
+                                                                for a, b in zip(entry[0], key))), None)
+        if kept is not None:
+            part = kept[1]
         else:
             extra = {k: v[rows] for k, v in kwargs.items()
                      if k in ("attention_mask", "position_ids", "token_type_ids") and torch.is_tensor(v)}
@@ -314,7 +339,7 @@ class Injection:
                 for i, layer in stand_ins:
                     layers[i] = layer
             part = signature_of(logits.reshape(len(rows), -1))
-            self._sig_cache = (key, part)
+            self._sig_cache = [(key, part), *self._sig_cache[: SIGNATURES_KEPT - 1]]
         out = torch.zeros(input_ids.shape[0], part.shape[-1], device=part.device)
         out[rows.to(part.device)] = part
         return out

@@ -222,7 +222,7 @@ class KeyMatcher:
             active = torch.nonzero(ctx.matched.cpu()).flatten()
         if len(self.store) and len(active):
             k = min(self.candidates, len(self))
-            last = ctx.prompt_last.to(x.device)[active.to(x.device)].clamp(max=x.shape[1] - 1)
+            last = ctx.last_index(x.shape[1]).to(x.device)[active.to(x.device)]
             q = x[active.to(x.device), last]
             a_sims, pos = self.store.index.search(
                 self.store._normalise(ctx.vectors[active.to(ctx.vectors.device)].detach().float().cpu().numpy()), k
@@ -436,7 +436,7 @@ class IndexingNeuronRouter(nn.Module):
         if ctx.continuation and self._cached is not None and self._cached[0].shape[0] == b:
             gates, idx = self._cached
             return _per_input(gates, idx, x)
-        last = ctx.prompt_last.to(x.device).clamp(max=x.shape[1] - 1)
+        last = ctx.last_index(x.shape[1]).to(x.device)
         h = x[torch.arange(b, device=x.device), last]
         if self.scope is not None:
             score, idx = self.best_among(h, self.scope_candidates(x, ctx))

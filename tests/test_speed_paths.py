@@ -9,10 +9,10 @@ import torch
 
 from moecli.batching import answer_logits, collate, encode_pair, forward, masked_ce, pad_id_of
 from moecli.methods.memoe import MEMoE, MEMoEConfig
-from moecli.modeling import decoder_layers, load_model
+from moecli.modeling import SUPPORTED_FAMILIES, decoder_layers, load_model
 from moecli.records import EditRecord
 from moecli.testing import make_tiny_model
-from moecli.training import FrozenPrefix
+from moecli.training import FrozenPrefix, PromptCache
 
 RECORDS = [
     EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau"),
@@ -78,7 +78,7 @@ def test_replayed_prefix_gives_the_same_loss_and_gradients(loaded):
 def test_same_adapter_with_and_without_the_prefix_cache(loaded):
     states = []
     for cache in (True, False):
-        method = MEMoE(loaded, MEMoEConfig(lr=0.02, max_steps=40, retain="none", prefix_cache=cache), seed=0)
+        method = MEMoE(loaded, MEMoEConfig(lr=0.02, max_steps=40, retain="none", prefix_cache=cache, noisy_gate=False), seed=0)
         torch.manual_seed(0)
         stats = method.apply_batch(RECORDS, 0)
         states.append((stats["steps"], {k: v.clone() for k, v in method.bypass.state_dict().items()
@@ -107,10 +107,98 @@ def test_signature_shares_the_prefix_and_equals_a_full_pass(loaded):
 
     injection._signature = spy
     for below in (injection._below, None):
-        injection._below, injection._sig_cache = below, None
+        injection._below, injection._sig_cache = below, []
         with torch.no_grad():
             forward(loaded.model, batch)
         signatures.append(ctx.signature.clone())
     assert injection._below is None and calls[0]  # the first pass went through the shared prefix
     assert torch.allclose(signatures[0], signatures[1], atol=1e-5)
     assert signatures[0][2].abs().sum() == 0  # the third input names no edited entity: no signature
+
+
+MIXED = RECORDS + [
+    EditRecord(prompt="The mother tongue of Carla Duarte Pereira is", target="Danish", subject="Carla Duarte Pereira"),
+    EditRecord(prompt="Dan Ito plays", target="the violin", subject="Dan Ito"),
+]
+
+
+def _mixed_batch(loaded):
+    pad = pad_id_of(loaded.tokenizer)
+    return collate([encode_pair(loaded.tokenizer, r.prompt, r.target) for r in MIXED], pad)
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
+def test_prompt_cache_gives_the_answer_logits_of_a_whole_pass(family, tmp_path):
+    """Every family: the columns before the shortest prompt's last token run once, into a KV cache,
+    and the rest fed alone gives the same answer logits as the whole batch (prompts of 4 lengths)."""
+    loaded = load_model(make_tiny_model(family, tmp_path / family))
+    method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2), seed=0)
+    method.register_anchors(MIXED)
+    with torch.no_grad():
+        for p in method.bypass.experts.parameters():
+            p.normal_(0, 0.1)
+    batch = _mixed_batch(loaded)
+    assert len(set(batch.prompt_lengths)) > 1
+    widths = []
+    hook = loaded.model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    cache = PromptCache(loaded.model, method.unedited())
+    with torch.no_grad():
+        whole, answers, _ = answer_logits(loaded.model, batch)
+        widths.clear()
+        for _ in range(2):  # the second pass copies the cache the first filled
+            fast, fast_answers = cache.answer_logits(0, batch)
+    hook.remove()
+    assert cache.caches[0] is not None, f"{family}: no KV cache to reuse"
+    start = min(batch.prompt_lengths) - 1
+    assert widths == [start, batch.input_ids.shape[1] - start, batch.input_ids.shape[1] - start]
+    assert torch.equal(answers, fast_answers)
+    assert torch.allclose(whole, fast, atol=1e-4), (whole - fast).abs().max()
+
+
+def test_prompt_cache_gives_the_same_loss_and_gradients(loaded):
+    method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2, noisy_gate=False),
+                   seed=0)
+    method.register_anchors(MIXED)
+    params = method.trainable([method.bypass.experts, method.bypass.router])
+    with torch.no_grad():
+        for p in method.bypass.experts.parameters():
+            p.normal_(0, 0.1)
+    batch = _mixed_batch(loaded)
+    results = []
+    for unedited in (None, method.unedited()):
+        for p in params:
+            p.grad = None
+        cache = PromptCache(loaded.model, unedited)
+        cache.answer_logits(0, batch)  # fills the cache
+        logits, answers = cache.answer_logits(0, batch)
+        loss = torch.nn.functional.cross_entropy(logits, answers)
+        loss.backward()
+        results.append((loss.detach(), [None if p.grad is None else p.grad.clone() for p in params]))
+    (full_loss, full_grads), (fast_loss, fast_grads) = results
+    assert torch.allclose(full_loss, fast_loss, atol=1e-5)
+    assert sum(g is not None for g in full_grads) >= 3
+    for a, b in zip(full_grads, fast_grads):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["lemoe", "scen"])
+def test_same_adapter_with_and_without_the_caches(loaded, method_name):
+    """LEMoE (key-matched routes, key substitution, signatures) and SCEN (a forced expert, then its
+    neuron) end with the same adapter whether the prompt columns are cached or fed every step."""
+    from moecli.methods import get_method
+
+    cls = get_method(method_name)
+    states = []
+    for cache in (True, False):
+        method = cls(loaded, cls.config_class(lr=0.02, max_steps=40, prefix_cache=cache), seed=0)
+        torch.manual_seed(0)
+        stats = method.apply_batch(MIXED, 0)
+        states.append((stats["steps"], {k: v.clone() for k, v in method.bypass.state_dict().items()
+                                        if not k.startswith("base.")}, method.routes([r.prompt for r in MIXED])))
+        method.remove()
+    (steps_a, a, routes_a), (steps_b, b, routes_b) = states
+    assert steps_a == steps_b and routes_a == routes_b
+    for k in a:  # fp32 rounding of the two attention layouts, carried through 40 Adam steps
+        assert torch.allclose(a[k], b[k], atol=1e-4), k

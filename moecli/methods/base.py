@@ -89,6 +89,9 @@ class BypassConfig(MethodConfig):
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
 
+PROBE_CHUNK = 64
+"""Prompts per forward when probing (grouped by length)."""
+
 REVERTED_THRESHOLD = 2.0
 """The question threshold of a reverted edit: above every similarity the key matcher computes (≤ 1)."""
 
@@ -170,12 +173,6 @@ class BypassMethod(EditMethod):
         raise NotImplementedError
 
     # -- shared helpers
-    def _prompt_batch(self, prompts: list[str]):
-        items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
-        batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
-        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=batch.input_ids.device)
-        return batch, last
-
     @torch.no_grad()
     def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in], base
@@ -184,20 +181,35 @@ class BypassMethod(EditMethod):
         One pass of the unedited model gives all three: the target module's input does not depend on the
         bypass beside it, and the signature is the unedited model's next-token distribution, computed at
         the last prompt token only. Rows that name no edited entity get no signature when unmatched inputs
-        are null-routed (as at inference, where they are never compared)."""
+        are null-routed (as at inference, where they are never compared). Prompts run in chunks of similar
+        length (a store of 100 edits probes 1,600 scope negatives: padded to the longest, a third of the
+        work was padding)."""
+        items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        parts = [self._probe_chunk([items[i] for i in order[at : at + PROBE_CHUNK]])
+                 for at in range(0, len(order), PROBE_CHUNK)]
+        back = torch.argsort(torch.tensor(order))
+        anchors, x = torch.cat([a for a, _, _ in parts])[back], torch.cat([q for _, q, _ in parts])[back]
+        sig = None if parts[0][2] is None else torch.cat([g for _, _, g in parts])[back.to(parts[0][2].device)]
+        return anchors, x, sig
+
+    def _probe_chunk(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`probe` of one chunk of encoded prompts."""
         grabbed: list[torch.Tensor] = []
         hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
-        batch, last = self._prompt_batch(prompts)
-        rows = torch.arange(len(prompts), device=last.device)
+        batch = collate(items, pad_id_of(self.loaded.tokenizer)).to(self.loaded.device)
+        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=batch.input_ids.device)
+        rows = torch.arange(len(items), device=last.device)
         try:
             with bypass_disabled(self.bypass), logits_at(self.loaded.model, rows, last):
                 logits = forward(self.loaded.model, batch)
         finally:
             hook.remove()
-        x = grabbed[-1][rows, last].float()
+        inputs = grabbed[-1]
+        x = inputs.view(len(items), -1, inputs.shape[-1])[rows, last].float()  # OPT feeds its FFN [B·T, d]
         sig = None
         if self.matcher is not None and self.matcher.feature == "output":
-            sig = signature_of(logits.reshape(len(prompts), -1))
+            sig = signature_of(logits.reshape(len(items), -1))
             if self.matcher.null_unmatched:
                 sig = sig * self.context.matched.to(sig.device).unsqueeze(-1)
         return self.context.vectors.float(), x, sig
@@ -218,7 +230,8 @@ class BypassMethod(EditMethod):
     def _routed_pass(self, prompts: list[str]) -> bool:
         """A forward of the edited model on `prompts` (no logits needed), leaving the routers' decisions;
         False when the routers did not run (no prompt names an edited entity: no edit for any)."""
-        batch, _ = self._prompt_batch(prompts)
+        tok = self.loaded.tokenizer
+        batch = collate([prompt_only(tok, p) for p in prompts], pad_id_of(tok)).to(self.loaded.device)
         empty = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
         self.bypass.last_routes = None
         with logits_at(self.loaded.model, empty, empty):
@@ -322,6 +335,13 @@ class BypassMethod(EditMethod):
                 return forward(model, batch)
 
         return RetainSet.from_prompts(model, self.loaded.tokenizer, prompts, base_forward)
+
+    def unedited(self):
+        """For the training loop (`PromptCache`): a context in which the model runs unedited, when the bypass
+        changes no position before a prompt's last token (`positions: answer`); None when it acts on all."""
+        if self.config.positions != "answer":
+            return None
+        return lambda: bypass_disabled(self.bypass)
 
     def trainable(self, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
         params = [p for m in modules for p in m.parameters()]

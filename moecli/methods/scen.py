@@ -121,7 +121,7 @@ class SCEN(BypassMethod):
             try:
                 params = self.trainable([self.bypass.experts[expert_id]])
                 stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target)],
-                                       c.train_config(optimizer="adam"))
+                                       c.train_config(optimizer="adam"), unedited=self.unedited())
             finally:
                 router.forced = None
                 self.freeze([self.bypass])
