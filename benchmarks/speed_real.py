@@ -9,7 +9,10 @@ Parts (CPU, `torch.set_num_threads(2)`, the first N records of `counterfact_edit
    SCEN one at a time, FT-L, LoRA, GRACE batches of 10), and for MEMoE and LEMoE the same run with
    the prefix cache off (`prefix_cache=false`, every step runs all 30 layers): the ratio, and both
    runs' Rel/Gen/Loc (the cache must not change the adapter). Peak RSS of each run.
-2. Inference (the bypass switched off and on, interleaved rep by rep, best of each): forward time of the
+2. Before/after (`--parts before`): MEMoE, one batch of N, through the CLI of the code before the speed
+   work (`--before`, default f804c00, checked out in a temporary git worktree) and of this checkout, one
+   after the other in the same run: edit time, training time, steps, Rel/Gen/Loc, peak RSS of each.
+3. Inference (the bypass switched off and on, interleaved rep by rep, best of each): forward time of the
    edited model ÷ the base model's on 64 prompts, with an adapter of
    100 and 1000 edits (LEMoE, trained one step per batch: the cost depends on what the adapter holds,
    not on how well it was trained), for prompts half of which name an edited entity and for prompts
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import (  # noqa: E402
     DATA_DIR,
+    REPO,
     THREADS,
     Dataset,
     Skip,
@@ -50,6 +57,20 @@ FULL = {"mode": "full", "n": 100, "overhead_sizes": (100, 1000), "reps": 5, "gen
 METHOD_RUNS = [("memoe", None, "batch"), ("lemoe", 10, "lifelong"), ("scen", 1, "lifelong"),
                ("ft", 10, "lifelong"), ("lora", 10, "lifelong"), ("grace", 10, "lifelong")]
 UNCACHED = ("memoe", "lemoe")
+PARTS = ("edits", "before", "inference")
+BEFORE = "f804c00"  # the last commit before the speed work of issue 15
+# runs the CLI of the checkout given first, past the editable install's finder, and reports its peak RSS
+CLI_OF = """import resource, sys
+root = sys.argv.pop(1)
+sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path.insert(0, root)
+import moecli.cli
+assert moecli.cli.__file__.startswith(root), moecli.cli.__file__
+try:
+    moecli.cli.main()
+finally:
+    print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
 
 
 def smollm2(n: int) -> Dataset:
@@ -168,9 +189,46 @@ def inference(ds: Dataset, cfg: dict) -> list[dict]:
     return rows
 
 
+def before_after(ds: Dataset, cfg: dict, rev: str) -> list[dict]:
+    """MEMoE, one batch of N edits, by the CLI of `rev` and of this checkout, one after the other."""
+    n, rows = cfg["n"], []
+    with tempfile.TemporaryDirectory(prefix="moecli-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+        try:
+            for label, root in (("this checkout", REPO), (f"before ({rev})", tree)):
+                out = Path(tmp) / f"run-{len(rows)}"
+                log(f"speed-real | before/after: {label}, memoe, {n} edits in one batch")
+                cmd = [sys.executable, "-c", CLI_OF, str(root), "--threads", str(THREADS), "batch-edit", "--model",
+                       str(ds.model_dir), "--data", str(DATA_DIR / "counterfact_edit.json"), "--limit", str(n),
+                       "--batch-size", str(n), "--no-generate", "--out", str(out)]
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+                wall = time.perf_counter() - t
+                if proc.returncode != 0:
+                    rows.append({"code": label, "absent": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
+                    continue
+                report = json.loads((out / "report.json").read_text())
+                rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("peak_rss_kb")]
+                s = report["summary"]
+                first = json.loads((out / "adapter" / "ledger.jsonl").read_text().splitlines()[0])  # one batch
+                rows.append({"code": label, "edit_s": report["timings"]["edit"], "wall_s": wall,
+                             "train_s": first.get("train_seconds"), "steps": first.get("train_steps"),
+                             **{k: s.get(k) for k in ("rel", "gen", "loc")},
+                             "peak_rss_mb": rss[-1] / 1024 if rss else None})
+                log(f"  edit {rows[-1]['edit_s']:.1f} s, Rel {fmt(s.get('rel'))} Gen {fmt(s.get('gen'))}")
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    now, old = rows[0], rows[-1]
+    if "edit_s" in now and "edit_s" in old and len(rows) == 2:
+        now["speedup_vs_before"] = old["edit_s"] / now["edit_s"]
+    return rows
+
+
 def render(res: dict) -> str:
     lines = ["# Speed on a real model (SmolLM2-135M, CounterFact)", "", *meta_lines(res["meta"]),
-             *[f"- {part} table from {res['meta'][part + '_from']}" for part in ("edits", "inference")
+             *[f"- {part} table from {res['meta'][part + '_from']}" for part in PARTS
                if res["meta"].get(part + "_from")], "",
              "## Edit cost per method (defaults; prefix cache on unless said)", "",
              "| method | edits | batch | s/edit | vs no prefix cache | Rel | Gen | Loc | peak RSS MB |",
@@ -183,6 +241,19 @@ def render(res: dict) -> str:
         ratio = f"{r['speedup_vs_uncached']:.2f}× faster" if "speedup_vs_uncached" in r else ""
         lines.append(f"| {name} | {r['n']} | {r['batch_size']} | {r['s_per_edit']:.2f} | {ratio} | {fmt(r['rel'])} | "
                      f"{fmt(r['gen'])} | {fmt(r['loc'])} | {fmt(r['peak_rss_mb'], 0)} |")
+    if res.get("before"):
+        lines += ["", "## This checkout vs the code before the speed work (MEMoE, one batch, same edits, one run)", "",
+                  "| code | edit s | of which training | s/edit | faster | steps | Rel | Gen | Loc | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        n = res["meta"]["config"]["n"]
+        for r in res["before"]:
+            if "absent" in r:
+                lines.append(f"| {r['code']} | {r['absent']} | | | | | | | | |")
+                continue
+            ratio = f"{r['speedup_vs_before']:.2f}×" if "speedup_vs_before" in r else ""
+            lines.append(f"| {r['code']} | {r['edit_s']:.1f} | {fmt(r['train_s'], 1)} | {r['edit_s'] / n:.2f} | "
+                         f"{ratio} | {r['steps']} | {fmt(r['rel'])} | {fmt(r['gen'])} | {fmt(r['loc'])} | "
+                         f"{fmt(r['peak_rss_mb'], 0)} |")
     lines += ["", "## Inference with an adapter (LEMoE), edited ÷ base in the same run", "",
               "| edits | forward, half the prompts name an edited entity | forward, none do | generation tokens/s |",
               "|---|---|---|---|"]
@@ -198,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--full", action="store_true")
-    ap.add_argument("--parts", default="edits,inference", help="comma-separated: edits, inference")
+    ap.add_argument("--parts", default="edits,before,inference", help="comma-separated: edits, before, inference")
+    ap.add_argument("--before", default=BEFORE, help="the earlier commit of the before/after part")
     args = ap.parse_args(argv)
     cfg = FULL if args.full else QUICK
     torch.set_num_threads(THREADS)
@@ -211,14 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
     parts = set(args.parts.split(","))
     previous = {}
     old_file = results_dir(not args.full) / "speed_real.json"
-    if old_file.is_file() and parts != {"edits", "inference"}:  # a part not run now keeps its last result
+    if old_file.is_file() and parts != set(PARTS):  # a part not run now keeps its last result
         import json
 
         previous = json.loads(old_file.read_text())
     m = meta(not args.full, {"model": ds.model, "data": ds.data, "config": cfg})
-    res = {"meta": m, "edits": edit_costs(ds, cfg) if "edits" in parts else previous.get("edits", []),
-           "inference": inference(ds, cfg) if "inference" in parts else previous.get("inference", [])}
-    for part in ("edits", "inference"):
+    runners = {"edits": lambda: edit_costs(ds, cfg), "before": lambda: before_after(ds, cfg, args.before),
+               "inference": lambda: inference(ds, cfg)}
+    res = {"meta": m, **{part: runners[part]() if part in parts else previous.get(part, []) for part in PARTS}}
+    for part in PARTS:
         if part not in parts and previous:
             m[f"{part}_from"] = f"an earlier run: commit {previous['meta'].get('moecli_commit')}, " \
                                 f"{previous['meta'].get('date')}"
