@@ -140,6 +140,9 @@ class AnchorContext:
     # None otherwise. It may be left pending, computed when first read.
     _signature: torch.Tensor | None = None
     pending_signature: Callable[[], torch.Tensor | None] | None = None
+    # [B, d_model] a decoder layer's output at each row's last prompt token, for a learned question key
+    # (`moecli.question.Capture` fills it during the forward, below the bypass)
+    question_hidden: torch.Tensor | None = None
 
     @property
     def signature(self) -> torch.Tensor | None:
@@ -191,6 +194,7 @@ class AnchorContext:
         self.offset = 0
         self.serial += 1
         self.signature = None
+        self.question_hidden = None
         embeds = embedding(input_ids)
         vectors = mean_embedding(embeds.float(), span_mask)
         for b, ids in canon.items():

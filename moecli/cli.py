@@ -559,6 +559,63 @@ def lifelong(
                  extra={"eval_every": eval_every, "eval_sample": eval_sample, "order": order})
 
 
+@app.command()
+def calibrate(
+    data: Annotated[list[Path], typer.Option("--data", help="Train-split records (repeat for several files); "
+                                                            "never the records you evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the question encoder (.safetensors).")],
+    records: Annotated[list[str] | None, typer.Option(
+        "--records", help="START:END of each --data file, in the same order (default: all; ZsRE: 2000:3000).")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="Decoder layer to encode (default: 0.55 of depth).")
+                     ] = None,
+    dim: Annotated[int, typer.Option("--dim", min=8, help="Width of the question codes.")] = 128,
+    same_subject: Annotated[int, typer.Option("--same-subject", min=1, help="Other-question probes per record.")] = 3,
+    fmt: FormatOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a question encoder for --model on train records: the learned same-question test of the key
+    matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
+    records and sets its threshold there (1% of other questions about the same subject let through)."""
+    from moecli.locality import with_same_subject
+
+    spans = list(records or [])
+    if spans and len(spans) != len(data):
+        raise UserError(f"--records: give one START:END per --data file ({len(data)} files, {len(spans)} ranges)")
+    picked = []
+    for i, path in enumerate(data):
+        start, end = 0, None
+        if spans:
+            try:
+                start, end = (int(v) for v in spans[i].split(":"))
+            except ValueError:
+                raise UserError(f"--records {spans[i]!r}: expected START:END, e.g. 2000:3000") from None
+        read = _load_records(path, fmt, False, end)
+        picked += with_same_subject(read.records[start:], same_subject, seed)
+    from moecli.modeling import load_model
+    from moecli.question import calibrate as train
+
+    loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
+    sources = [f"{p}[{r}]" if spans else str(p) for p, r in zip(data, spans or [""] * len(data))]
+    with progress_reporter(not (quiet or as_json)) as progress:
+        encoder = train(loaded, picked, layer=layer, dim=dim, seed=seed, sources=sources, progress=progress)
+    try:
+        encoder.save(out)
+    except OSError as exc:
+        raise RunError(f"--out {out}: cannot write it: {exc.strerror or exc}") from exc
+    info = encoder.info
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    err_console.print(f"question encoder: {out} (layer {info['layer']}, {info['records']} records; held out: AUC "
+                      f"{info.get('auc', float('nan')):.3f}, rephrasings reached "
+                      f"{info.get('recall_at_threshold', 0):.3f} at threshold {info['threshold']:.3f})", markup=False)
+
+
 @app.command("plan-order")
 def plan_order(
     data: DataOpt,

@@ -86,7 +86,8 @@ def _per_input(gates: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> tuple
     return gates.unsqueeze(1).expand(-1, t, -1), idx.unsqueeze(1).expand(-1, t, -1)
 
 
-QUERY_FEATURES = ("input", "output")
+QUERY_FEATURES = ("input", "output", "learned")
+VECTOR_FEATURES = ("input", "learned")  # compared by cosine of stored vectors
 
 
 def _rest_mass(vals: torch.Tensor) -> torch.Tensor:
@@ -112,14 +113,17 @@ class KeyMatcher:
 
     def __init__(self, d_anchor: int, d_query: int, anchor_threshold: float = 0.95, query_threshold: float = 0.5,
                  null_unmatched: bool = True, index: str = "auto", candidates: int = 16, feature: str = "input",
-                 topk: int = 64) -> None:
+                 topk: int = 64, encoder=None) -> None:
         from moecli.anchors import AnchorStore
 
         if feature not in QUERY_FEATURES:
             raise ValueError(f"unknown query feature {feature!r} (choose from {', '.join(QUERY_FEATURES)})")
         self.store = AnchorStore(d_anchor, index)
         self.feature, self.topk = feature, topk
-        self.queries = torch.zeros(0, d_query)  # unit-norm last-token inputs, for matching (feature "input")
+        self.encoder = encoder  # feature "learned": the `moecli.question.QuestionEncoder` of the codes
+        d_code = encoder.weight.shape[0] if encoder is not None else d_query
+        # unit-norm vectors matched by cosine: last-token inputs ("input") or question codes ("learned")
+        self.queries = torch.zeros(0, d_code)
         self.raw_queries = torch.zeros(0, d_query)  # as computed, for key substitution
         self.sig_ids = torch.zeros(0, topk, dtype=torch.long)  # feature "output": top-k token ids ...
         self.sig_vals = torch.zeros(0, topk)  # ... and their sqrt-probabilities under the base model
@@ -140,8 +144,9 @@ class KeyMatcher:
 
     def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
             thresholds: torch.Tensor | None = None, signatures: torch.Tensor | None = None,
-            confusable: list[tuple[int, torch.Tensor]] | None = None) -> None:
-        """Store edits: anchor vectors [n, d_anchor], last-token inputs [n, d_query], expert ids [n],
+            confusable: list[tuple[int, torch.Tensor]] | None = None, raw: torch.Tensor | None = None) -> None:
+        """Store edits: anchor vectors [n, d_anchor], the vectors matched by cosine [n, ·] (last-token inputs,
+        or question codes with feature "learned", whose last-token inputs are then `raw`), expert ids [n],
         optionally each edit's own query threshold (default: `query_threshold`), and with feature
         "output" the base model's signatures after each edit prompt [n, vocab] (kept as top-k)."""
         if thresholds is None:
@@ -162,12 +167,12 @@ class KeyMatcher:
             self.neg_queries = torch.cat([self.neg_queries, F.normalize(vecs, dim=-1)])
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
-        self.raw_queries = torch.cat([self.raw_queries, queries.detach().float().cpu()])
+        self.raw_queries = torch.cat([self.raw_queries, (queries if raw is None else raw).detach().float().cpu()])
 
     def pair_similarity(self, q_a: torch.Tensor, s_a: torch.Tensor | None, q_b: torch.Tensor,
                         s_b: torch.Tensor | None) -> torch.Tensor:
         """Question similarity of paired inputs a[i], b[i] (the same measure as `similarity`, untruncated)."""
-        if self.feature == "input":
+        if self.feature in VECTOR_FEATURES:
             return (F.normalize(q_a.float(), dim=-1) * F.normalize(q_b.float(), dim=-1)).sum(-1).cpu()
         if s_a is None or s_b is None:
             return torch.full((len(q_a),), -1.0)
@@ -184,7 +189,7 @@ class KeyMatcher:
         against 0.87 for the input cosine).
         """
         rows = rows.clamp(min=0)
-        if self.feature == "input":
+        if self.feature in VECTOR_FEATURES:
             return self._input_cosine(queries, rows)
         if signatures is None:
             return torch.full(rows.shape, -1.0)
@@ -224,6 +229,10 @@ class KeyMatcher:
             k = min(self.candidates, len(self))
             last = ctx.last_index(x.shape[1]).to(x.device)[active.to(x.device)]
             q = x[active.to(x.device), last]
+            if self.feature == "learned":  # the question code of the layer the encoder reads (captured below)
+                hidden = ctx.question_hidden
+                q = (self.encoder.encode(hidden[active.to(hidden.device)]) if hidden is not None
+                     else torch.zeros(len(active), self.queries.shape[1], device=x.device))
             a_sims, pos = self.store.index.search(
                 self.store._normalise(ctx.vectors[active.to(ctx.vectors.device)].detach().float().cpu().numpy()), k
             )

@@ -183,11 +183,16 @@ class _Replay(LayerStandIn):
     def forward(self, *args, **kwargs):
         owner = self.owner
         key = owner.key_of(args[0] if args else kwargs.get("hidden_states"))
+        hooks = self.inner._forward_hooks  # observers of this layer (a question key) see its own output
         if key is not None and key in owner.outputs:
+            for hook in hooks.values():
+                hook(self.inner, args, owner.outputs[(*key, self.index)])
             return owner.outputs[key]
         out = self.inner(*args, **kwargs)
         if key is not None and self.index == owner.depth - 1:
             owner.outputs[key] = out
+        if key is not None and hooks:
+            owner.outputs[(*key, self.index)] = out
         return out
 
 

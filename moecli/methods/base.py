@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,9 +19,10 @@ from moecli.anchors import AnchorContext, AnchorTrie
 from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
-from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.modeling import LoadedModel, decoder_layers, default_layer, find_target_module, module_dims
+from moecli.question import Capture, QuestionEncoder
 from moecli.records import EditRecord
-from moecli.routing import QUERY_FEATURES, KeyMatcher
+from moecli.routing import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 from moecli.training import Progress, RetainSet, TrainConfig
 
 
@@ -67,7 +69,10 @@ class BypassConfig(MethodConfig):
     scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
     anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
     query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)
-    query_feature: str = "output"  # [choice] same-question test on: input (target-module input) | output (base answer)
+    # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
+    # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
+    query_feature: str = "output"
+    question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
     signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 
     def validate(self) -> None:
@@ -162,11 +167,36 @@ class BypassMethod(EditMethod):
         self.context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
         self.matcher: KeyMatcher | None = None  # edit keys (FAISS), for methods that route or scope by key
         self._skeletons: list[str] = []  # question forms seen so far (prompt with the entity blanked)
+        self.question: QuestionEncoder | None = None  # query_feature learned: codes of a layer below this one
+        self._capture: Capture | None = None
+        self._question_missing = ""
+        if config.query_feature == "learned":
+            path = config.question_encoder
+            if path and Path(path).is_file():
+                self._use_question(QuestionEncoder.load(path, self.d_anchor))
+            else:  # an adapter brings its own copy (load_state); a new edit needs the file
+                self._question_missing = ("query_feature learned needs question_encoder: a file `moecli calibrate` "
+                                          "wrote" + (f" ({path}: no such file)" if path else ""))
         router = self.make_router().to(loaded.device)
         self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
                                 config.expert_form, config.rank, config.scale, config.positions)
         self.bypass.eval()  # inference behaviour (no gate noise) unless the training loop says otherwise
         self.injection = Injection(model, self.target_name, self.bypass)
+
+    def _use_question(self, encoder: QuestionEncoder) -> None:
+        """Route by `encoder`'s question codes: capture its layer's output in every prompt forward."""
+        if encoder.weight.shape[1] != self.d_anchor:
+            raise UserError(f"question encoder: made for a model of width {encoder.weight.shape[1]}, this one has "
+                            f"{self.d_anchor}")
+        if not 0 <= encoder.layer < self.layer:
+            raise UserError(f"question encoder: it reads layer {encoder.layer}, which must be below the edited "
+                            f"layer {self.layer}")
+        if self._capture is not None:
+            self._capture.remove()
+        self.question = encoder
+        self._capture = Capture(decoder_layers(self.loaded.model)[encoder.layer], self.context)
+        if self.matcher is not None:
+            self.matcher.encoder = encoder
 
     # -- to be provided by each method
     def make_router(self) -> torch.nn.Module:
@@ -174,9 +204,10 @@ class BypassMethod(EditMethod):
 
     # -- shared helpers
     @torch.no_grad()
-    def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def probe(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(anchor vectors [N, d_embed], target-module inputs at the last prompt token [N, d_in], base
-        output signatures [N, vocab] or None), computed exactly as routing computes them at inference.
+        output signatures [N, vocab] or None, question codes [N, k] or None), computed exactly as routing
+        computes them at inference.
 
         One pass of the unedited model gives all three: the target module's input does not depend on the
         bypass beside it, and the signature is the unedited model's next-token distribution, computed at
@@ -189,11 +220,13 @@ class BypassMethod(EditMethod):
         parts = [self._probe_chunk([items[i] for i in order[at : at + PROBE_CHUNK]])
                  for at in range(0, len(order), PROBE_CHUNK)]
         back = torch.argsort(torch.tensor(order))
-        anchors, x = torch.cat([a for a, _, _ in parts])[back], torch.cat([q for _, q, _ in parts])[back]
-        sig = None if parts[0][2] is None else torch.cat([g for _, _, g in parts])[back.to(parts[0][2].device)]
-        return anchors, x, sig
 
-    def _probe_chunk(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        def joined(k: int) -> torch.Tensor | None:
+            return None if parts[0][k] is None else torch.cat([part[k] for part in parts])[back.to(parts[0][k].device)]
+
+        return joined(0), joined(1), joined(2), joined(3)
+
+    def _probe_chunk(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`probe` of one chunk of encoded prompts."""
         grabbed: list[torch.Tensor] = []
         hook = self.bypass.register_forward_pre_hook(lambda m, args: grabbed.append(args[0].detach()))
@@ -212,7 +245,10 @@ class BypassMethod(EditMethod):
             sig = signature_of(logits.reshape(len(items), -1))
             if self.matcher.null_unmatched:
                 sig = sig * self.context.matched.to(sig.device).unsqueeze(-1)
-        return self.context.vectors.float(), x, sig
+        codes = None
+        if self.question is not None:
+            codes = self.question.encode(self.context.question_hidden)
+        return self.context.vectors.float(), x, sig, codes
 
     def knows_routes(self) -> bool:
         return self.matcher is not None
@@ -264,7 +300,10 @@ class BypassMethod(EditMethod):
         must be nearer the edit than it by target-module input: this is how such a pair is kept apart,
         using nothing but the edit prompts.
         """
-        anchors, queries, sigs = self.probe([r.prompt for r in records])
+        if self.matcher.feature == "learned" and self.question is None:
+            raise UserError(self._question_missing)
+        anchors, inputs, sigs, codes = self.probe([r.prompt for r in records])
+        queries = codes if codes is not None and self.matcher.feature == "learned" else inputs
         for r in records:
             if r.subject and r.subject in r.prompt:
                 skeleton = r.prompt.replace(r.subject, "\x00", 1)
@@ -284,22 +323,24 @@ class BypassMethod(EditMethod):
                 negs += [sk.replace("\x00", r.subject) for sk in forms]
                 owner += [i] * len(forms)
             if negs:
-                _, neg_q, neg_s = self.probe(negs)
+                _, neg_x, neg_s, neg_codes = self.probe(negs)
+                neg_q = neg_codes if self.matcher.feature == "learned" else neg_x
                 own_idx = torch.tensor(owner)
                 sims = self.matcher.pair_similarity(neg_q, neg_s, queries[own_idx],
                                                     None if sigs is None else sigs[own_idx])
                 for j, (i, sim) in enumerate(zip(owner, sims.tolist())):
-                    if self.matcher.feature == "input":
+                    if self.matcher.feature in VECTOR_FEATURES:
                         thresholds[i] = max(thresholds[i].item(), min(sim + margin, 0.99))
                     elif sim >= base:  # answered the same way: only the input can tell them apart
                         confusable.append((i, neg_q[j]))
-        self.matcher.add(anchors, queries, values, thresholds, sigs, confusable)
+        self.matcher.add(anchors, queries, values, thresholds, sigs, confusable, raw=inputs)
 
     def make_matcher(self, null_route: bool = True, index: str = "auto") -> KeyMatcher:
         """The key matcher of the methods that route or scope by (entity, question)."""
         c = self.config
-        return KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, c.query_threshold, null_route, index,
-                          feature=c.query_feature, topk=c.signature_topk)
+        threshold = self.question.threshold if self.question is not None else c.query_threshold
+        return KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, threshold, null_route, index,
+                          feature=c.query_feature, topk=c.signature_topk, encoder=self.question)
 
     def register_anchors(self, records: list[EditRecord]) -> None:
         """Add each record's subject (the knowledge anchor) to the trie used for routing."""
@@ -367,12 +408,17 @@ class BypassMethod(EditMethod):
             tensors.update(more_tensors)
             files.update(more_files)
             files["skeletons.json"] = json.dumps(self._skeletons).encode()
+        if self.question is not None:  # the adapter routes without the calibration file
+            tensors.update(self.question.tensors("question."))
         return config, tensors, files
 
     def load_state(self, adapter_config: dict, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         while len(self.bypass.experts) < adapter_config.get("n_experts", 0):
             self.bypass.add_expert(self.generator)
-        state = {k: v.to(self.loaded.device) for k, v in tensors.items() if not k.startswith("matcher.")}
+        if "question.weight" in tensors:
+            self._use_question(QuestionEncoder.from_tensors(tensors, "question."))
+        state = {k: v.to(self.loaded.device) for k, v in tensors.items()
+                 if not k.startswith(("matcher.", "question."))}
         missing, unexpected = self.bypass.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("base.")]
         if missing or unexpected:
@@ -386,6 +432,8 @@ class BypassMethod(EditMethod):
 
     def remove(self) -> None:
         self.injection.remove()
+        if self._capture is not None:
+            self._capture.remove()
 
 
 def config_from_dict(config_class: type[MethodConfig], values: dict, source: str) -> MethodConfig:

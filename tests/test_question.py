@@ -1,0 +1,133 @@
+"""The learned question key: `moecli calibrate` trains and calibrates it on train records, the key matcher
+routes by it (`query_feature: learned`), the adapter keeps a copy, and bad files are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_moecli
+
+from moecli.errors import UserError
+from moecli.modeling import decoder_layers, load_model
+from moecli.question import QuestionEncoder, calibration_pairs, train_encoder
+from moecli.records import EditRecord, LocalityPair
+from moecli.testing import make_tiny_model
+from moecli.training import FrozenPrefix
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Fact-world records: 40 to calibrate on, 4 others to edit."""
+    root = tmp_path_factory.mktemp("question")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        from moecli.cli import main
+
+        try:
+            main(["world", "export", "--n", "44", "--out", "all.jsonl"])
+        except SystemExit as exc:
+            assert not exc.code
+        lines = (root / "all.jsonl").read_text().splitlines()
+        (root / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
+        (root / "edit.jsonl").write_text("\n".join(lines[40:]) + "\n")
+        yield root
+    finally:
+        os.chdir(old)
+
+
+def test_calibrate_then_route_by_the_codes_and_keep_them_in_the_adapter(world, capsys):
+    code, out, err = run_moecli(["calibrate", "--data", str(world / "train.jsonl"), "--out",
+                                 str(world / "q.safetensors"), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["records"] == 40 and info["layer"] >= 0 and 0 <= info["false_match_rate"] <= 0.05
+    assert -1.0 <= info["threshold"] <= 1.0 and "auc" in info
+    code, out, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--batch-size", "4", "--out",
+                                 str(world / "run"), "--no-generate", "--json", "--set", "query_feature=learned",
+                                 "--set", f"question_encoder={world / 'q.safetensors'}"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["rel"] == 1.0 and summary["routing"]["rel_own"] == 1.0  # each edit prompt reaches its edit
+    (world / "q.safetensors").rename(world / "moved.safetensors")  # the adapter needs no file to route
+    try:
+        code, out, err = run_moecli(["evaluate", "--adapter", str(world / "run"), "--data", str(world / "edit.jsonl"),
+                                     "--no-generate", "--json"], capsys)
+    finally:
+        (world / "moved.safetensors").rename(world / "q.safetensors")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["rel"] == summary["rel"] and again["routing"]["rel_own"] == 1.0
+
+
+def test_a_new_edit_without_the_encoder_file_is_refused(world, capsys):
+    code, _, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--out", str(world / "none"),
+                               "--no-generate", "--set", "query_feature=learned"], capsys)
+    assert code == 2 and "question_encoder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_encoder_files_and_options_are_one_line_errors(world, tmp_path, capsys):
+    damaged = tmp_path / "bad.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a moecli question encoder"):
+        QuestionEncoder.load(damaged)
+    with pytest.raises(UserError, match="no such file"):
+        QuestionEncoder.load(tmp_path / "missing.safetensors")
+    enc = QuestionEncoder(1, torch.randn(8, 16), torch.zeros(16), 0.5, {"model": "x"})
+    enc.save(tmp_path / "narrow.safetensors")
+    with pytest.raises(UserError, match="width 16"):
+        QuestionEncoder.load(tmp_path / "narrow.safetensors", d_model=32)
+    back = QuestionEncoder.load(tmp_path / "narrow.safetensors")
+    assert torch.equal(back.weight, enc.weight) and back.layer == 1 and back.info == {"model": "x"}
+    code, _, err = run_moecli(["calibrate", "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "o"),
+                               "--records", "1:2:3"], capsys)
+    assert code == 2 and "--records" in err and "Traceback" not in err
+
+
+def test_training_separates_the_pairs_it_is_given():
+    """Synthetic features: same-question pairs share a direction, other questions do not; held-out AUC ≈ 1."""
+    g = torch.Generator().manual_seed(0)
+    relations = torch.randn(6, 32, generator=g)
+    feats, pairs = [], []
+    for r in range(60):
+        rel, other = r % 6, (r + 1 + r % 5) % 6
+        subject = torch.randn(32, generator=g)
+        base = len(feats)
+        feats += [relations[rel] + subject, relations[rel] + subject + 0.1 * torch.randn(32, generator=g),
+                  relations[other] + subject]
+        pairs += [(base, base + 1, "rephrase"), (base, base + 2, "other")]
+    held = {3 * i for i in range(0, 60, 5)}
+    _, _, metrics = train_encoder(torch.stack(feats), pairs, held, dim=8, steps=200)
+    assert metrics["auc"] > 0.95 and metrics["recall_at_threshold"] > 0.5
+
+
+def test_calibration_pairs_label_rephrasings_neighbours_and_other_questions():
+    rec = EditRecord(prompt="The mother tongue of Ann is", target="Dutch", subject="Ann",
+                     rephrases=["Ann speaks"], locality=[LocalityPair("Bo speaks", "French", "neighborhood"),
+                                                          LocalityPair("Ann works for", "", "same_subject"),
+                                                          LocalityPair("nq question: who?", "x", "nq")])
+    prompts, pairs = calibration_pairs([rec])
+    assert prompts == ["The mother tongue of Ann is", "Ann speaks", "Bo speaks", "Ann works for"]
+    assert [p[2] for p in pairs] == ["rephrase", "neighbour", "other"]
+
+
+def test_replayed_layers_still_run_their_hooks_with_their_own_output(tmp_path):
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    layers = decoder_layers(loaded.model)
+    seen = []
+    handle = layers[1].register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple)
+                                                                            else out).clone()))
+    param = next(layers[3].parameters())
+    ids = torch.tensor([[1, 5, 7, 9]])
+    try:
+        with FrozenPrefix(loaded.model, [param]) as prefix:
+            for _ in range(2):
+                with prefix.batch(0), torch.no_grad():
+                    loaded.model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
