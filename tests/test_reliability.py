@@ -336,9 +336,13 @@ def test_fail_under_is_exit_1_with_a_line(work, capsys):
     ("o5", ["lifelong", "--resume", "runs/good", "--data", "edits.jsonl"]),
     ("o6", ["evaluate", "--data", "edits.jsonl", "--fail-under", "rel"]),
     ("o7", ["evaluate", "--data", "edits.jsonl", "--fail-under", "acc=0.9"]),
+    ("o9", ["batch-edit", "--data", "edits.jsonl", "--set", "query_feature=learned"]),
+    ("o10", ["batch-edit", "--data", "edits.jsonl", "--set", "query_feature=learned", "--set",
+             "question_encoder=q.safetensors"]),
 ])
 def test_bad_options(work, capsys, row, args):
     (work / "typo.yaml").write_text("method: memoe\nn_expert: 4\n")
+    (work / "q.safetensors").write_text("junk\n")
     before = listing(work)
     code, out, err = run(args, capsys)
     check_row(row, code, err)
@@ -530,7 +534,7 @@ COVERED = {
     "d14": "test_tables_that_cannot_be_read",
     "o8": "test_fail_under_is_exit_1_with_a_line",
     **{f"a{i}": "test_damaged_or_newer_checkpoints" for i in range(2, 6)},
-    **{f"o{i}": "test_bad_options" for i in range(1, 8)},
+    **{f"o{i}": "test_bad_options" for i in (*range(1, 8), 9, 10)},
     "r1": "test_ctrl_c_during_training",
     "r2": "test_ctrl_c_during_a_save",
     "r3": "test_killed_run_resumes_and_loads",

@@ -90,6 +90,10 @@ class BypassConfig(MethodConfig):
         for name in ("anchor_threshold", "query_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be a similarity in [-1, 1] (got {getattr(self, name)})")
+        if self.query_feature == "learned":  # checked before anything is written (an adapter carries its own copy)
+            if not self.question_encoder:
+                raise UserError("query_feature learned needs question_encoder: a file `moecli calibrate` wrote")
+            QuestionEncoder.load(self.question_encoder)
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
