@@ -133,13 +133,20 @@ class Planner:
 PLANNER = Planner()
 
 
-def _overrides(method: str, proto: Protocol) -> dict:
+QUESTION_ENCODER: Path | None = None  # --question-encoder: learned question keys on the real-model datasets
+BYPASS_METHODS = ("memoe", "lemoe", "scen")
+
+
+def _overrides(method: str, proto: Protocol, ds_name: str = "") -> dict:
+    out: dict = {}
+    if QUESTION_ENCODER is not None and "_" in ds_name and method in BYPASS_METHODS:
+        out = {"query_feature": "learned", "question_encoder": str(QUESTION_ENCODER)}
     if proto.kind != "lifelong":
-        return {}
+        return out
     from moecli.recipes import build_config
 
     steps = build_config(method).max_steps
-    return {"max_steps": LIFELONG_STEP_CAP} if steps > LIFELONG_STEP_CAP else {}
+    return {**out, "max_steps": LIFELONG_STEP_CAP} if steps > LIFELONG_STEP_CAP else out
 
 
 def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None, methods: tuple[str, ...],
@@ -195,7 +202,7 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
                 continue
             log(f"{ds_name} | {p.title} | {m}: N/T={n}{f' (target {p.n})' if n != p.n else ''}, batch {bs}")
             try:
-                row = run(m, ds, p.kind, n, bs, _overrides(m, p), eval_every=eval_every)
+                row = run(m, ds, p.kind, n, bs, _overrides(m, p, ds_name), eval_every=eval_every)
             except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 mark_absent(p, m, f"failed: {type(exc).__name__}: {first}")
@@ -304,7 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))
     ap.add_argument("--no-build", action="store_true", help="skip a dataset whose model is not built yet")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results[/quick])")
+    ap.add_argument("--question-encoder", type=Path, default=None,
+                    help="a `moecli calibrate` file: MEMoE, LEMoE and SCEN route by it on the real-model datasets")
     args = ap.parse_args(argv)
+    global QUESTION_ENCODER
+    QUESTION_ENCODER = args.question_encoder
     quick = not args.full
     methods = tuple(m for m in args.methods.split(",") if m)
     datasets = tuple(args.datasets.split(",")) if args.datasets else (("fact_world",) if quick else DATASETS)
@@ -338,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         "budget_note": budget_note, "generation_metrics": False, "evaluate_before": False,
         "lifelong_max_steps_cap": LIFELONG_STEP_CAP, "checkpoint": "saved once at the end of each run",
         "protocols": [p.__dict__ | {"title": p.title} for p in protocols],
+        "question_encoder": str(QUESTION_ENCODER) if QUESTION_ENCODER else None,
         "seconds": time.perf_counter() - t0,
     })
     write_results(out_dir, "quality", result, render_markdown(result), t0)
