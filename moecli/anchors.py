@@ -20,10 +20,11 @@ PROMPT_LENGTHS: ContextVar[list[int] | None] = ContextVar("moecli_prompt_lengths
 tokens of each row are the prompt. Routers that decide from the last prompt token (SCEN) read it;
 when unset, the whole (unpadded) input of the first forward is the prompt, as in generation."""
 
-SUFFIX_OF: ContextVar[tuple[torch.Tensor, torch.Tensor, int] | None] = ContextVar("moecli_suffix_of", default=None)
-"""Set by the training loop when a forward feeds only the columns from `offset` on of a batch whose
-earlier columns sit in a KV cache (`training.PromptCache`): (the whole batch's input ids, its attention
-mask, offset). The anchors, routes and signature are those of the whole input, as if it had been fed."""
+SUFFIX_OF: ContextVar[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = ContextVar("moecli_suffix_of",
+                                                                                          default=None)
+"""Set by the training loop when a forward feeds each row of a batch from column `offsets[row]` on, its
+earlier columns sitting in a KV cache (`training.PromptCache`): (the whole batch's input ids, its
+attention mask, offsets [B]). The anchors, routes and signature are those of the whole input."""
 
 
 class AnchorTrie:
@@ -132,8 +133,9 @@ class AnchorContext:
     prompt_last: torch.Tensor | None = None  # [B] position of each row's last prompt token
     continuation: bool = False  # a later generation step (KV cache filled): keep earlier routes
     # absolute position of this forward's first token: 0 for a prompt, the tokens already seen for a
-    # later generation step (0 again when generate re-feeds the whole sequence, use_cache=False)
-    offset: int = 0
+    # later generation step (0 again when generate re-feeds the whole sequence, use_cache=False); a
+    # tensor [B], one per row, when training feeds each row from its own last prompt token
+    offset: int | torch.Tensor = 0
     serial: int = 0  # counts `compute` calls: what a router decided for this forward can be kept by it
     # `signature` (a property below): [B, vocab] sqrt of the *base* model's next-token distribution
     # after each prompt, when a matcher keyed on the model's output asks for it (see `KeyMatcher`);
@@ -159,7 +161,8 @@ class AnchorContext:
     def last_index(self, width: int) -> torch.Tensor:
         """[B] column of each row's last prompt token in this forward's input (its first token is at
         absolute position `offset`), clamped into the `width` columns it has."""
-        return (self.prompt_last - self.offset).clamp(min=0, max=width - 1)
+        offset = torch.as_tensor(self.offset, device=self.prompt_last.device)
+        return (self.prompt_last - offset).clamp(min=0, max=width - 1)
 
     @torch.no_grad()
     def compute(self, embedding: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

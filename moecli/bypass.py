@@ -126,8 +126,9 @@ class MoEBypass(nn.Module):
             # are edited; the entity's own tokens keep their representation, so other questions
             # about the same entity are not disturbed through attention. Positions are absolute, so
             # a generation step (offset > 0) or a re-fed sequence (use_cache=False) is edited alike.
-            pos = ctx.offset + torch.arange(x.shape[1], device=x.device)
-            keep = pos.unsqueeze(0) >= ctx.prompt_last.to(x.device).unsqueeze(1)
+            offset = torch.as_tensor(ctx.offset, device=x.device).reshape(-1, 1)  # one per row when training feeds
+            pos = offset + torch.arange(x.shape[1], device=x.device)  # each row from its own last prompt token
+            keep = pos >= ctx.prompt_last.to(x.device).unsqueeze(1)
             gates = gates * keep.unsqueeze(-1)
             idx = torch.where(keep.unsqueeze(-1), idx, torch.full_like(idx, -1))
         self.last_routes = idx.detach()
@@ -150,7 +151,7 @@ def _substitute_keys_impl(bypass: MoEBypass, x: torch.Tensor) -> torch.Tensor:
     rows = bypass.matcher.rows
     if rows is None or ctx.prompt_last is None:
         return x
-    last = ctx.prompt_last.to(x.device) - ctx.offset  # where the last prompt token is in this forward, if at all
+    last = ctx.prompt_last.to(x.device) - torch.as_tensor(ctx.offset, device=x.device)  # in this forward, if at all
     hit = torch.nonzero((rows >= 0) & (last >= 0) & (last < x.shape[1])).flatten()
     if len(hit) == 0:
         return x

@@ -87,8 +87,8 @@ def test_same_adapter_with_and_without_the_prefix_cache(loaded):
         method.remove()
     (steps_a, a), (steps_b, b) = states
     assert steps_a == steps_b
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    for k in a:  # fp32 rounding of the two attention layouts, carried through the Adam steps
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
 
 
 def test_signature_shares_the_prefix_and_equals_a_full_pass(loaded):
@@ -130,8 +130,9 @@ def _mixed_batch(loaded):
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
 def test_prompt_cache_gives_the_answer_logits_of_a_whole_pass(family, tmp_path):
-    """Every family: the columns before the shortest prompt's last token run once, into a KV cache,
-    and the rest fed alone gives the same answer logits as the whole batch (prompts of 4 lengths)."""
+    """Every family: the columns before each prompt's last token run once, into a KV cache, and each row
+    fed from its own last prompt token gives the same answer logits as the whole batch (prompts of 4
+    lengths, so rows start at different columns and some cached columns are masked)."""
     loaded = load_model(make_tiny_model(family, tmp_path / family))
     method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2), seed=0)
     method.register_anchors(MIXED)
@@ -151,8 +152,12 @@ def test_prompt_cache_gives_the_answer_logits_of_a_whole_pass(family, tmp_path):
             fast, fast_answers = cache.answer_logits(0, batch)
     hook.remove()
     assert cache.caches[0] is not None, f"{family}: no KV cache to reuse"
-    start = min(batch.prompt_lengths) - 1
-    assert widths == [start, batch.input_ids.shape[1] - start, batch.input_ids.shape[1] - start]
+    starts = [n - 1 for n in batch.prompt_lengths]
+    window = getattr(loaded.model.config, "sliding_window", None)
+    if isinstance(window, int) and batch.input_ids.shape[1] > window:  # tiny Gemma 3: a 16-token window
+        starts = [min(starts)] * len(starts)  # its masks count columns: every row from one column
+    fed = max(int(n) - s for n, s in zip(batch.attention_mask.sum(1), starts))  # the longest row from its start
+    assert widths == [max(starts), fed, fed] and fed < batch.input_ids.shape[1]
     assert torch.equal(answers, fast_answers)
     assert torch.allclose(whole, fast, atol=1e-4), (whole - fast).abs().max()
 
