@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
                "inference": lambda: inference(ds, cfg)}
     res = {"meta": m, **{part: runners[part]() if part in parts else previous.get(part, []) for part in PARTS}}
     for part in PARTS:
-        if part not in parts and previous:
-            m[f"{part}_from"] = f"an earlier run: commit {previous['meta'].get('moecli_commit')}, " \
-                                f"{previous['meta'].get('date')}"
+        if part not in parts and previous:  # where the kept table was measured (already kept there: its origin)
+            m[f"{part}_from"] = previous["meta"].get(f"{part}_from") or \
+                f"an earlier run: commit {previous['meta'].get('moecli_commit')}, {previous['meta'].get('date')}"
     write_results(results_dir(not args.full), "speed_real", res, render(res), t0)
     return res
 
