@@ -174,6 +174,13 @@ def answer_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torc
     return logits.reshape(-1, logits.shape[-1]), answers, rows
 
 
+def length_groups(items: list[EncodedPair], size: int) -> list[list[int]]:
+    """Indices of `items`, shortest first, in chunks of `size`: a chunk padded to its longest wastes little
+    (probing 1,600 prompts padded to the longest of them spent a third of the work on padding)."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    return [order[at : at + size] for at in range(0, len(order), size)]
+
+
 def collate(items: list[EncodedPair], pad_id: int) -> Batch:
     """Right-pad encoded pairs into tensors (labels already aligned to the token positions)."""
     width = max(len(it.ids) for it in items)

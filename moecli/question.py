@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from moecli.errors import UserError
 from moecli.records import EditRecord
+from moecli.routing import unit_rms
 
 LAYER_FRACTION = 0.55  # [choice] the encoded layer: round(fraction · (num_layers − 1)); below the bypass's 0.85
 FALSE_MATCH_RATE = 0.01  # [choice] the threshold lets this share of held-out same-subject probes through
@@ -42,7 +43,7 @@ class QuestionEncoder:
     info: dict  # how it was trained and what it measured (written into the file)
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
-        h = _unit_rms(h.float())
+        h = unit_rms(h.float())
         return F.normalize((h - self.mean.to(h.device)) @ self.weight.to(h.device).t(), dim=-1)
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -80,10 +81,6 @@ class QuestionEncoder:
             raise UserError(f"question_encoder {path}: made for a model of width {enc.weight.shape[1]} "
                             f"({info.get('model', '?')}), this one has {d_model}")
         return enc
-
-
-def _unit_rms(h: torch.Tensor) -> torch.Tensor:
-    return h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
 
 
 def default_layer(num_layers: int) -> int:
@@ -137,7 +134,7 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
     neighbours 1, other questions 0); on the held-out ones measure rephrasing vs other question and set the
     threshold that lets `FALSE_MATCH_RATE` of the other questions through. Returns (weight, mean, metrics)."""
     g = torch.Generator().manual_seed(seed)
-    x = _unit_rms(features.float())
+    x = unit_rms(features.float())
     fit = [p for p in pairs if p[0] not in held_out]
     test = [p for p in pairs if p[0] in held_out]
     mean = x[sorted({i for p in fit for i in p[:2]})].mean(0)
@@ -174,11 +171,11 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, batch_s
                    progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """The output of decoder layer `layer` at each prompt's last token [N, d_model], prompts run in chunks
     of similar length; the layers above are not run."""
-    from moecli.batching import collate, pad_id_of, prompt_only
+    from moecli.batching import collate, length_groups, pad_id_of, prompt_only
     from moecli.modeling import decoder_layers
 
     items = [prompt_only(tokenizer, p) for p in prompts]
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    groups = length_groups(items, batch_size)
     out = torch.zeros(len(items), model.get_input_embeddings().weight.shape[1])
     grabbed: list[torch.Tensor] = []
 
@@ -192,8 +189,7 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, batch_s
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     device = model.get_input_embeddings().weight.device
     try:
-        for at in range(0, len(order), batch_size):
-            idx = order[at : at + batch_size]
+        for done, idx in enumerate(groups, 1):
             batch = collate([items[i] for i in idx], pad_id_of(tokenizer)).to(device)
             try:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -203,7 +199,7 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layer: int, batch_s
             last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=h.device)
             out[torch.tensor(idx)] = h[torch.arange(len(idx), device=h.device), last].float().cpu()
             if progress:
-                progress("features", min(at + batch_size, len(order)), len(order))
+                progress("features", done, len(groups))
     finally:
         handle.remove()
     return out

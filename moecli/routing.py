@@ -15,6 +15,11 @@ from torch import nn
 from moecli.anchors import AnchorContext
 
 
+def unit_rms(h: torch.Tensor) -> torch.Tensor:
+    """`h` scaled to unit root-mean-square over its last dimension (model-independent scale)."""
+    return h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+
+
 def null_route_unmatched(
     gates: torch.Tensor, idx: torch.Tensor, ctx: AnchorContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,8 +403,7 @@ class IndexingNeuronRouter(nn.Module):
     def prepare(self, h: torch.Tensor) -> torch.Tensor:
         """[choice] Scale `h` to unit RMS, so θ and the neuron learning rate mean the same thing on
         every model (FFN activations differ by orders of magnitude between models)."""
-        h = h.float()
-        return h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6) if self.normalize else h
+        return unit_rms(h.float()) if self.normalize else h.float()
 
     def best(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(best score [B], its expert id [B]) for last-prompt-token inputs `h` [B, d_in]."""

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from moecli.anchors import AnchorContext, AnchorTrie
-from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
+from moecli.batching import collate, forward, length_groups, logits_at, pad_id_of, prompt_only
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, decoder_layers, default_layer, find_target_module, module_dims
@@ -217,13 +217,11 @@ class BypassMethod(EditMethod):
         bypass beside it, and the signature is the unedited model's next-token distribution, computed at
         the last prompt token only. Rows that name no edited entity get no signature when unmatched inputs
         are null-routed (as at inference, where they are never compared). Prompts run in chunks of similar
-        length (a store of 100 edits probes 1,600 scope negatives: padded to the longest, a third of the
-        work was padding)."""
+        length (`length_groups`)."""
         items = [prompt_only(self.loaded.tokenizer, p) for p in prompts]
-        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-        parts = [self._probe_chunk([items[i] for i in order[at : at + PROBE_CHUNK]])
-                 for at in range(0, len(order), PROBE_CHUNK)]
-        back = torch.argsort(torch.tensor(order))
+        groups = length_groups(items, PROBE_CHUNK)
+        parts = [self._probe_chunk([items[i] for i in idx]) for idx in groups]
+        back = torch.argsort(torch.tensor([i for idx in groups for i in idx]))
 
         def joined(k: int) -> torch.Tensor | None:
             return None if parts[0][k] is None else torch.cat([part[k] for part in parts])[back.to(parts[0][k].device)]
