@@ -145,6 +145,7 @@ class AnchorContext:
     # [B, d_model] a decoder layer's output at each row's last prompt token, for a learned question key
     # (`moecli.question.Capture` fills it during the forward, below the bypass)
     question_hidden: torch.Tensor | None = None
+    attention: torch.Tensor | None = None  # [B, T] the prompt forward's attention mask (WISE averages over it)
 
     @property
     def signature(self) -> torch.Tensor | None:
@@ -198,6 +199,7 @@ class AnchorContext:
         self.serial += 1
         self.signature = None
         self.question_hidden = None
+        self.attention = attention_mask
         embeds = embedding(input_ids)
         vectors = mean_embedding(embeds.float(), span_mask)
         for b, ids in canon.items():

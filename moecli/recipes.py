@@ -113,6 +113,7 @@ HEADERS = {
     "ft": "FT-L: fine-tune the target module's weight directly (baseline).",
     "lora": "LoRA through peft on the target module (baseline).",
     "grace": "GRACE: a codebook at the target layer with a deferral radius (baseline).",
+    "wise": "WISE: side memories beside the target FFN down-projection, routed by activation (baseline).",
 }
 
 

@@ -4,7 +4,8 @@ Masked cross-entropy on the target tokens only (prompt tokens labelled −100), 
 once every target token of the batch is the argmax, and a max-steps bound. Optionally a *retain*
 term: KL divergence to the unedited model's next-token distributions on given prompts, so that the
 bypass learns where not to act. Methods differ only in which parameters they hand to this loop
-and which extra loss (e.g. a router's load-balancing term) they add.
+and which extra loss they add: per micro-batch (`extra_loss`, e.g. a router's load-balancing term) or
+once per step (`step_loss`, e.g. WISE's activation margins, computed from stored inputs).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class RetainSet:
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":  # WISE [EasyEdit]
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -89,6 +92,7 @@ def train_on_pairs(
     extra_loss: Callable[[], torch.Tensor | None] | None = None, retain: RetainSet | None = None,
     train_modules: Sequence[torch.nn.Module] = (), progress: Progress | None = None, stage: str = "training",
     unedited: Callable[[], AbstractContextManager] | None = None,
+    step_loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> TrainStats:
     """Train `params` so that `model` answers each (prompt, target) pair; everything else frozen.
 
@@ -133,6 +137,10 @@ def train_on_pairs(
                         loss.backward()
                     total_loss += float(loss.detach())
                     del logits
+                extra_step = step_loss() if step_loss else None  # once per step, not per micro-batch (WISE)
+                if extra_step is not None and extra_step.requires_grad:
+                    extra_step.backward()
+                    total_loss += float(extra_step.detach())
                 if retain is not None and cfg.retain_weight > 0:
                     with prefix.batch("retain"):
                         rl = retain_loss(model, retain) * cfg.retain_weight

@@ -18,6 +18,7 @@ _MODULES = {
     "ft": ("moecli.methods.finetune", "FineTune"),
     "lora": ("moecli.methods.lora", "LoRA"),
     "grace": ("moecli.methods.grace", "GRACE"),
+    "wise": ("moecli.methods.wise", "WISE"),
 }
 METHOD_NAMES = tuple(_MODULES)
 
