@@ -114,6 +114,20 @@ class EditMethod:
     def __init__(self, loaded: LoadedModel, config: MethodConfig, seed: int = 0) -> None:
         self.loaded, self.config, self.seed = loaded, config, seed
 
+    def locate(self, layer_fraction: float) -> torch.nn.Module:
+        """Pick the edited layer (the config's, else `layer_fraction` of the depth) and return its FFN output
+        module, setting `layer`, `target_name`, `d_in` and `d_out` (what every checkpoint records)."""
+        layer = self.config.layer
+        self.layer = layer if layer is not None else default_layer(self.loaded.model, layer_fraction)
+        self.target_name, target = find_target_module(self.loaded.model, self.layer)
+        self.d_in, self.d_out = module_dims(target)
+        return target
+
+    def new_context(self) -> AnchorContext:
+        """A routing context that skips the tokenizer's BOS and pad tokens when it looks for anchors."""
+        tok = self.loaded.tokenizer
+        return AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
         """Edit the model so it answers `records`; returns training statistics for the ledger."""
         raise NotImplementedError
@@ -162,13 +176,10 @@ class BypassMethod(EditMethod):
     def __init__(self, loaded: LoadedModel, config: BypassConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
         model = loaded.model
-        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
-        self.target_name, target = find_target_module(model, self.layer)
-        self.d_in, self.d_out = module_dims(target)
+        target = self.locate(config.layer_fraction)
         self.d_anchor = model.get_input_embeddings().weight.shape[1]
         self.generator = torch.Generator().manual_seed(seed)
-        tok = loaded.tokenizer
-        self.context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+        self.context = self.new_context()
         self.matcher: KeyMatcher | None = None  # edit keys (FAISS), for methods that route or scope by key
         self._skeletons: list[str] = []  # question forms seen so far (prompt with the entity blanked)
         self.question: QuestionEncoder | None = None  # query_feature learned: codes of a layer below this one

@@ -54,7 +54,7 @@ from moecli.batching import collate, forward, pad_id_of, prompt_only
 from moecli.bypass import Injection
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.modeling import LoadedModel
 from moecli.records import EditRecord
 from moecli.training import Progress, train_on_pairs
 
@@ -185,15 +185,10 @@ class GRACE(EditMethod):
 
     def __init__(self, loaded: LoadedModel, config: GRACEConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
-        model = loaded.model
-        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
-        self.target_name, target = find_target_module(model, self.layer)
-        self.d_in, self.d_out = module_dims(target)
-        tok = loaded.tokenizer
-        context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
-        self.grace = GraceLayer(target, self.d_in, self.d_out, context, config.replacement)
+        target = self.locate(config.layer_fraction)
+        self.grace = GraceLayer(target, self.d_in, self.d_out, self.new_context(), config.replacement)
         self.grace.eval()
-        self.injection: Injection | None = Injection(model, self.target_name, self.grace)
+        self.injection: Injection | None = Injection(loaded.model, self.target_name, self.grace)
         self.targets: list[str] = []  # per entry: the answer its value was trained for
         self._entries_of_last: list[int] = []
 

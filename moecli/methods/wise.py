@@ -61,7 +61,7 @@ from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
 from moecli.bypass import Injection
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.modeling import LoadedModel
 from moecli.records import EditRecord
 from moecli.training import Progress, train_on_pairs
 
@@ -249,17 +249,11 @@ class WISE(EditMethod):
 
     def __init__(self, loaded: LoadedModel, config: WISEConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
-        model = loaded.model
-        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
-        self.target_name, target = find_target_module(model, self.layer)
-        self.d_in, self.d_out = module_dims(target)
-        tok = loaded.tokenizer
-        context = AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
-        self.wise = WiseLayer(target, self.d_in, self.d_out, context, config.act_ratio)
+        target = self.locate(config.layer_fraction)
+        self.wise = WiseLayer(target, self.d_in, self.d_out, self.new_context(), config.act_ratio)
         self.wise.eval()
-        self.injection: Injection | None = Injection(model, self.target_name, self.wise)
+        self.injection: Injection | None = Injection(loaded.model, self.target_name, self.wise)
         self.edits = 0  # edits trained so far (shards and merges count them)
-        self._shard_mask: torch.Tensor | None = None
         self._prefix_texts: list[str] | None = None
         self._irrelevant: list[str] | None = None
 
