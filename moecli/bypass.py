@@ -99,10 +99,8 @@ class MoEBypass(nn.Module):
         y = self.base(x)
         if not self.enabled or len(self.experts) == 0:
             return y
-        ctx = self.context
-        if x.dim() == 2 and ctx.vectors is not None and x.shape[0] % ctx.vectors.shape[0] == 0:
-            # OPT runs its FFN on the tokens flattened to [B·T, d]: route them as the [B, T, d] they are
-            b = ctx.vectors.shape[0]
+        b = flat_batch(x, self.context)
+        if b is not None:
             return self._routed(x.view(b, -1, x.shape[-1]), y.view(b, -1, y.shape[-1])).view(y.shape)
         return self._routed(x, y)
 
@@ -140,6 +138,14 @@ class MoEBypass(nn.Module):
             if sel.any():
                 delta[sel] += weight[sel].unsqueeze(-1).float() * self.experts[e](xf[sel])
         return y + (self.scale * delta).to(y.dtype)
+
+
+def flat_batch(x: torch.Tensor, ctx: AnchorContext) -> int | None:
+    """B when a module is fed the tokens of a [B, T, d] batch flattened to [B·T, d] (OPT runs its FFN so),
+    so that it can route them as the rows they are; None for an input that keeps its batch axis."""
+    if x.dim() == 2 and ctx.vectors is not None and x.shape[0] % ctx.vectors.shape[0] == 0:
+        return int(ctx.vectors.shape[0])
+    return None
 
 
 def _substitute_keys_impl(bypass: MoEBypass, x: torch.Tensor) -> torch.Tensor:

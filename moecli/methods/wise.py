@@ -56,9 +56,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moecli.anchors import AnchorContext
+from moecli.anchors import AnchorContext, mean_embedding
 from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
-from moecli.bypass import Injection
+from moecli.bypass import Injection, flat_batch
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
 from moecli.modeling import LoadedModel
@@ -123,8 +123,7 @@ class WISEConfig(MethodConfig):
 def activation(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Δ_act per row [B]: the mean over the tokens set in `mask` [B, T] of ‖x·deltaᵀ‖₂ (x [B, T, d_in])."""
     norms = (x.float() @ delta.t().float()).norm(dim=-1)
-    m = mask.float()
-    return (norms * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return mean_embedding(norms.unsqueeze(-1), mask)[:, 0]
 
 
 def positive_mean(values: torch.Tensor) -> torch.Tensor:
@@ -210,8 +209,8 @@ class WiseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if x.dim() == 2:  # OPT feeds its FFN [B·T, d]: route as [B, T, d]
-            b = self.context.prompt_last.shape[0] if self.context.prompt_last is not None else 1
+        b = flat_batch(x, self.context)
+        if b is not None:
             return self._forward3(x.view(b, -1, x.shape[-1]), y.view(b, -1, y.shape[-1])).view_as(y)
         return self._forward3(x, y)
 
