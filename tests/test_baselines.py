@@ -247,3 +247,16 @@ def test_wise_lifelong_shards_and_merges(tiny):
     m.apply_batch(RECORDS[1:], 1)
     assert len(m.wise.memories) == 1  # two shards, one merged memory (merge_edits 2)
     assert m.edits == 2
+
+
+def test_wise_merges_when_a_batch_crosses_the_merge_boundary(tiny):
+    """Batches of 3 edits never land on a multiple of merge_edits 4: the merge happens on the crossing."""
+    loaded = load_model(tiny["llama"])
+    m = _build(loaded, "wise", shard_edits=2, merge_edits=4, max_steps=5)
+    batch = [*RECORDS, RECORDS[0]]
+    sizes = []
+    for b in range(3):
+        m.apply_batch(batch, b)
+        sizes.append(len(m.wise.memories))
+    # 3 edits: one shard kept; 6: a second, both merged into one; 9: a third shard beside that merge, merged alone
+    assert sizes == [1, 1, 2]

@@ -293,8 +293,9 @@ class WISE(EditMethod):
         mask = torch.rand(self.d_out, self.d_in, generator=gen) < self.config.mask_ratio
         return mask.to(device=self.wise.current.device, dtype=self.wise.current.dtype)
 
-    def _close_shard(self) -> None:
-        """Keep the open shard as a memory; merge the shards of the last `merge_edits` edits when due."""
+    def _close_shard(self, before: int) -> None:
+        """Keep the open shard as a memory; merge the shards closed since the last merge when this batch
+        (which began after `before` edits) crossed a multiple of `merge_edits`."""
         w, c = self.wise, self.config
         if math.isfinite(w.current_min):
             w.memories.append(w.current.detach().clone())
@@ -302,9 +303,10 @@ class WISE(EditMethod):
         with torch.no_grad():
             w.current.zero_()
         w.current_min = math.inf
-        if self.edits % c.merge_edits:
+        merges = before // c.merge_edits  # merges done so far: one memory each (retrieve), or one in all
+        if self.edits // c.merge_edits == merges:
             return
-        shards = min(c.merge_edits // c.shard_edits, len(w.memories))
+        shards = len(w.memories) - (merges if c.retrieve else min(merges, 1))
         if shards < 1:
             return
         new, new_acts = w.memories[-shards:], w.min_acts[-shards:]
@@ -377,7 +379,7 @@ class WISE(EditMethod):
         w.current_min = min(w.current_min, float(act.min()))
         self.edits += len(records)
         if self.edits // c.shard_edits > shard:
-            self._close_shard()
+            self._close_shard(self.edits - len(records))
         return {"steps": stats.steps, "loss": stats.loss, "all_correct": stats.all_correct,
                 "seconds": stats.seconds, "act_edit_min": float(act.min()), "act_irrelevant_max": float(act_i.max()),
                 "memories": len(w.memories) + (1 if math.isfinite(w.current_min) else 0)}
