@@ -566,8 +566,10 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Where to write the question encoder (.safetensors).")],
     records: Annotated[list[str] | None, typer.Option(
         "--records", help="START:END of each --data file, in the same order (default: all; ZsRE: 2000:3000).")] = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="Decoder layer to encode (default: 0.55 of depth).")
+    layer: Annotated[list[int] | None, typer.Option(
+        "--layer", help="Decoder layer(s) to encode, repeat for several (default: 0.4, 0.55 and 0.7 of depth).")
                      ] = None,
+    hidden: Annotated[int, typer.Option("--hidden", min=0, help="Hidden width of the encoder (0: linear).")] = 0,
     dim: Annotated[int, typer.Option("--dim", min=8, help="Width of the question codes.")] = 128,
     same_subject: Annotated[int, typer.Option("--same-subject", min=1, help="Other-question probes per record.")] = 3,
     fmt: FormatOpt = None,
@@ -582,6 +584,7 @@ def calibrate(
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
     records and sets its threshold there (1% of other questions about the same subject let through)."""
     from moecli.locality import with_same_subject
+    from moecli.question import PROBE_LIST
 
     spans = list(records or [])
     if spans and len(spans) != len(data):
@@ -595,14 +598,17 @@ def calibrate(
             except ValueError:
                 raise UserError(f"--records {spans[i]!r}: expected START:END, e.g. 2000:3000") from None
         read = _load_records(path, fmt, False, end)
-        picked += with_same_subject(read.records[start:], same_subject, seed)
+        chosen = read.records[start:]
+        for at in range(0, len(chosen), PROBE_LIST):  # the relation test's joins grow with the list: lists
+            picked += with_same_subject(chosen[at:at + PROBE_LIST], same_subject, seed)  # of the benchmarks' size
     from moecli.modeling import load_model
     from moecli.question import calibrate as train
 
     loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
     sources = [f"{p}[{r}]" if spans else str(p) for p, r in zip(data, spans or [""] * len(data))]
     with progress_reporter(not (quiet or as_json)) as progress:
-        encoder = train(loaded, picked, layer=layer, dim=dim, seed=seed, sources=sources, progress=progress)
+        encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=sources,
+                        progress=progress)
     try:
         encoder.save(out)
     except OSError as exc:
@@ -611,7 +617,7 @@ def calibrate(
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
         return
-    err_console.print(f"question encoder: {out} (layer {info['layer']}, {info['records']} records; held out: AUC "
+    err_console.print(f"question encoder: {out} (layers {info['layers']}, {info['records']} records; held out: AUC "
                       f"{info.get('auc', float('nan')):.3f}, rephrasings reached "
                       f"{info.get('recall_at_threshold', 0):.3f} at threshold {info['threshold']:.3f})", markup=False)
 

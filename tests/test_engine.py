@@ -24,7 +24,7 @@ RECORDS = [
     EditRecord(prompt="Bruno Keller works for", target="Northwind", subject="Bruno Keller",
                locality=[LocalityPair("The capital of France is", "Paris", "other")]),
 ]
-FAST = {"lr": 0.02, "max_steps": 200, "retain": "none"}
+FAST = {"lr": 0.02, "max_steps": 200, "retain": "none", "stop_prob": 0.0}  # argmax is enough here
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,31 @@ def test_an_edit_that_routes_nowhere_trains_nothing_and_does_not_crash(tiny_dir)
     stats = train_on_pairs(loaded.model, loaded.tokenizer, [loose], [("Alice Moreau was born in", "Tokyo")],
                            TrainConfig(lr=0.1, max_steps=3))
     assert stats.steps == 3 and not stats.all_correct and torch.equal(loose, torch.zeros(3))
+
+
+def test_stop_prob_trains_on_past_the_argmax_and_still_ends_where_it_cannot_be_reached(tiny_dir):
+    """Early stop at the first all-argmax step leaves a thin margin; with `stop_prob` the same edit trains on,
+    and where the probability cannot reach it (this random model's logits are flat: ~0.004 per token) it
+    still ends well before max_steps: at the first all-argmax step from twice the first one on."""
+    loaded = load_model(tiny_dir)
+
+    def steps(stop_prob: float) -> tuple[int, bool]:
+        method = MEMoE(loaded, MEMoEConfig(**{**FAST, "max_steps": 400, "stop_prob": stop_prob}), seed=0)
+        stats = method.apply_batch(RECORDS[:1], 0)
+        method.remove()
+        return stats["steps"], stats["all_correct"]
+
+    (thin, ok_thin), (wide, ok_wide) = steps(0.0), steps(0.9)
+    assert ok_thin and ok_wide and 2 * thin <= wide < 400
+
+
+def test_stop_prob_needs_every_target_token_at_that_probability():
+    from moecli.training import _all_hit
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]))
+    answers = torch.tensor([0, 1])
+    assert _all_hit(logits, answers, 0.0) and _all_hit(logits, answers, 0.6)
+    assert not _all_hit(logits, answers, 0.65) and not _all_hit(logits, torch.tensor([1, 1]), 0.0)
 
 
 @pytest.mark.parametrize("method", ["memoe", "lemoe", "scen"])

@@ -29,8 +29,9 @@ OTHER = "The capital of France is"
 NEW = 4  # generated tokens per test
 
 METHODS = {
-    "memoe": (MEMoE, MEMoEConfig, {"lr": 0.02, "max_steps": 200, "retain": "none"}, EDIT),
-    "scen": (SCEN, SCENConfig, {"lr": 0.02, "max_steps": 60, "neuron_loss": "hinge", "neuron_steps": 200}, EDIT),
+    "memoe": (MEMoE, MEMoEConfig, {"lr": 0.02, "max_steps": 200, "retain": "none", "stop_prob": 0.0}, EDIT),
+    "scen": (SCEN, SCENConfig, {"lr": 0.02, "max_steps": 60, "neuron_loss": "hinge", "neuron_steps": 200,
+                                "stop_prob": 0.0}, EDIT),
     "grace": (GRACE, GRACEConfig, {}, SHORT),  # one-token answer: see tests/test_baselines.py
 }
 

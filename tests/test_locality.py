@@ -71,6 +71,24 @@ def test_relation_test_is_pairwise_not_transitive():
     assert test.same(0, 1) and test.same(1, 2) and not test.same(0, 2)
 
 
+def test_forms_that_records_pair_twice_are_one_relation_through_chains():
+    """"_ died at" ~ "_ passed away at" ~ "_ expired at" by (prompt, rephrasing) pairs of two records each:
+    records asking any of them are one relation; one pairing (support 1) joins nothing; rephrasings that
+    carry a random first sentence are compared from the subject's sentence on."""
+    def rec(prompt: str, rephrase: str, subject: str, target: str) -> EditRecord:
+        return EditRecord(prompt=prompt.format(subject), target=target, subject=subject,
+                          rephrases=[rephrase.format(subject)])
+
+    died, passed, expired, born = "{} died at", "{} passed away at", "{} expired at", "{} was born in"
+    recs = [rec(died, "It rained. " + passed, "Ann", "Rome"), rec(died, passed, "Bo", "Oslo"),
+            rec(passed, expired, "Cy", "Lima"), rec(passed, "Then he left! " + expired, "Di", "Kyiv"),
+            rec(expired, expired, "Ed", "Pune"), rec(born, died, "Fay", "Riga"), rec(born, born, "Gus", "Baku")]
+    test = RelationTest(recs)
+    assert test.same(0, 4) and test.same(1, 2)  # chained, no shared answer, no shared content word
+    assert not test.same(6, 4)  # "born"–"died" paired once only
+    assert RelationTest(recs, support=3).same(0, 4) is False
+
+
 @pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
 @pytest.mark.parametrize("name", ["counterfact_edit.json", "zsre_eval_3k.json"])
 def test_real_files_get_three_probes_per_edit_that_are_not_its_own_questions(name):

@@ -44,7 +44,7 @@ def test_calibrate_then_route_by_the_codes_and_keep_them_in_the_adapter(world, c
                                  str(world / "q.safetensors"), "--json"], capsys)
     assert code == 0, err
     info = json.loads(out)
-    assert info["records"] == 40 and info["layer"] >= 0 and 0 <= info["false_match_rate"] <= 0.05
+    assert info["records"] == 40 and min(info["layers"]) >= 0 and 0 <= info["false_match_rate"] <= 0.05
     assert -1.0 <= info["threshold"] <= 1.0 and "auc" in info
     code, out, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--batch-size", "4", "--out",
                                  str(world / "run"), "--no-generate", "--json", "--set", "query_feature=learned",
@@ -77,19 +77,25 @@ def test_bad_encoder_files_and_options_are_one_line_errors(world, tmp_path, caps
         QuestionEncoder.load(damaged)
     with pytest.raises(UserError, match="no such file"):
         QuestionEncoder.load(tmp_path / "missing.safetensors")
-    enc = QuestionEncoder(1, torch.randn(8, 16), torch.zeros(16), 0.5, {"model": "x"})
+    enc = QuestionEncoder((0, 1), torch.randn(8, 4), torch.zeros(32), 0.5, {"model": "x"}, torch.randn(4, 32),
+                          torch.randn(4))
     enc.save(tmp_path / "narrow.safetensors")
     with pytest.raises(UserError, match="width 16"):
         QuestionEncoder.load(tmp_path / "narrow.safetensors", d_model=32)
     back = QuestionEncoder.load(tmp_path / "narrow.safetensors")
-    assert torch.equal(back.weight, enc.weight) and back.layer == 1 and back.info == {"model": "x"}
+    assert torch.equal(back.weight, enc.weight) and torch.equal(back.w1, enc.w1) and back.layers == (0, 1)
+    assert back.info == {"model": "x"} and back.layer == 1
+    h = torch.randn(3, 32)
+    assert torch.allclose(back.encode(h), enc.encode(h))
     code, _, err = run_moecli(["calibrate", "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "o"),
                                "--records", "1:2:3"], capsys)
     assert code == 2 and "--records" in err and "Traceback" not in err
 
 
-def test_training_separates_the_pairs_it_is_given():
-    """Synthetic features: same-question pairs share a direction, other questions do not; held-out AUC ≈ 1."""
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_training_separates_the_pairs_it_is_given(hidden):
+    """Synthetic features: same-question pairs share a direction, other questions do not; held-out AUC ≈ 1
+    (linear map and one hidden layer)."""
     g = torch.Generator().manual_seed(0)
     relations = torch.randn(6, 32, generator=g)
     feats, pairs = [], []
@@ -101,7 +107,7 @@ def test_training_separates_the_pairs_it_is_given():
                   relations[other] + subject]
         pairs += [(base, base + 1, "rephrase"), (base, base + 2, "other")]
     held = {3 * i for i in range(0, 60, 5)}
-    _, _, metrics = train_encoder(torch.stack(feats), pairs, held, dim=8, steps=200)
+    _, metrics = train_encoder(torch.stack(feats), pairs, held, dim=8, hidden=hidden, steps=200)
     assert metrics["auc"] > 0.95 and metrics["recall_at_threshold"] > 0.5
 
 

@@ -17,7 +17,8 @@ def test_single_edit_takes_and_is_gated(tmp_path):
     loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
     rec = EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau")
     base = compute_baseline(loaded.model, loaded.tokenizer, [rec])
-    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200), seed=0)
+    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200, stop_prob=0.0),
+                  seed=0)
     stats = method.apply_batch([rec], 0)
     assert stats["all_correct"]
     after = evaluate_records(loaded.model, loaded.tokenizer, [rec], base, generation=True).summary
@@ -55,7 +56,8 @@ def test_scoped_edits_one_at_a_time_each_reach_their_own_expert(tmp_path):
             for s, t in (("Alice Moreau", "Tokyo"), ("Bruno Silva", "Lima"), ("Chen Wei", "Oslo"))]
     unrelated = EditRecord(prompt="Dora Blum was born in", target="Rome", subject="Dora Blum")
     base = compute_baseline(loaded.model, loaded.tokenizer, recs + [unrelated])
-    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200), seed=0)
+    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=200, stop_prob=0.0),
+                  seed=0)
     assert method.config.scope and method.matcher is not None
     method.apply_batch(recs, 0)
     assert method.expert_of(2) == 2

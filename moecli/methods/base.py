@@ -19,7 +19,7 @@ from moecli.anchors import AnchorContext, AnchorTrie
 from moecli.batching import collate, forward, length_groups, logits_at, pad_id_of, prompt_only
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
-from moecli.modeling import LoadedModel, decoder_layers, default_layer, find_target_module, module_dims
+from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
 from moecli.question import Capture, QuestionEncoder
 from moecli.records import EditRecord
 from moecli.routing import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
@@ -35,11 +35,12 @@ class MethodConfig:
     max_steps: int = 200
     weight_decay: float = 0.0
     early_stop: bool = True
+    stop_prob: float = 0.0  # early stop once every target token is the argmax with at least this probability
     prefix_cache: bool = True  # run the frozen layers below the edited one once per batch (off: every step)
 
     def train_config(self, **over: Any) -> TrainConfig:
         cfg = TrainConfig(lr=self.lr, max_steps=self.max_steps, weight_decay=self.weight_decay,
-                          early_stop=self.early_stop, prefix_cache=self.prefix_cache)
+                          early_stop=self.early_stop, stop_prob=self.stop_prob, prefix_cache=self.prefix_cache)
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
@@ -48,6 +49,8 @@ class MethodConfig:
         """Raise UserError for values out of range (called after recipe + flags are merged)."""
         if self.lr <= 0:
             raise UserError(f"lr must be > 0 (got {self.lr})")
+        if not 0.0 <= self.stop_prob < 1.0:
+            raise UserError(f"stop_prob must be a probability in [0, 1) (got {self.stop_prob})")
         if self.max_steps < 1:
             raise UserError(f"max_steps must be ≥ 1 (got {self.max_steps})")
 
@@ -56,6 +59,10 @@ class MethodConfig:
 class BypassConfig(MethodConfig):
     """Options of the MoE-bypass methods (MEMoE, LEMoE, SCEN)."""
 
+    # [choice] train until every target token has probability ≥ 0.9, not just the argmax: a rephrasing
+    # routed to the edit gets the same expert output in another context and needs the margin (SmolLM2,
+    # MEMoE@100, counterfact_train 9000–9099: Gen among routed rephrasings 0.875 → 0.958, same edit time)
+    stop_prob: float = 0.9
     expert_form: str = "lowrank"  # dense | lowrank
     rank: int = 16  # rank of low-rank experts
     scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
@@ -65,11 +72,13 @@ class BypassConfig(MethodConfig):
     retain_weight: float = 1.0
     positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
     key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
-    scope_negatives: int = 16  # [choice] other question forms put on each edit's entity, kept apart from it
+    # [choice] other question forms put on each edit's entity, kept apart from it; None: 16, and 0 with
+    # query_feature learned (its threshold is calibrated on such probes; the stream's forms include other
+    # wordings of the edit's own relation, and raising the threshold above them turns rephrasings away)
+    scope_negatives: int | None = None
     scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
     anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
     query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)
-    # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
     # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
     query_feature: str = "output"
     question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
@@ -94,6 +103,8 @@ class BypassConfig(MethodConfig):
             if not self.question_encoder:
                 raise UserError("query_feature learned needs question_encoder: a file `moecli calibrate` wrote")
             QuestionEncoder.load(self.question_encoder)
+        if self.scope_negatives is not None and self.scope_negatives < 0:
+            raise UserError(f"scope_negatives must be ≥ 0 (got {self.scope_negatives})")
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
@@ -200,16 +211,16 @@ class BypassMethod(EditMethod):
 
     def _use_question(self, encoder: QuestionEncoder) -> None:
         """Route by `encoder`'s question codes: capture its layer's output in every prompt forward."""
-        if encoder.weight.shape[1] != self.d_anchor:
-            raise UserError(f"question encoder: made for a model of width {encoder.weight.shape[1]}, this one has "
+        if encoder.d_model != self.d_anchor:
+            raise UserError(f"question encoder: made for a model of width {encoder.d_model}, this one has "
                             f"{self.d_anchor}")
-        if not 0 <= encoder.layer < self.layer:
+        if not (min(encoder.layers) >= 0 and encoder.layer < self.layer):
             raise UserError(f"question encoder: it reads layer {encoder.layer}, which must be below the edited "
                             f"layer {self.layer}")
         if self._capture is not None:
             self._capture.remove()
         self.question = encoder
-        self._capture = Capture(decoder_layers(self.loaded.model)[encoder.layer], self.context)
+        self._capture = Capture(self.loaded.model, encoder.layers, self.context)
         if self.matcher is not None:
             self.matcher.encoder = encoder
 
@@ -325,7 +336,7 @@ class BypassMethod(EditMethod):
         base = float(self.matcher.query_threshold)
         thresholds = torch.full((len(records),), base)
         confusable: list[tuple[int, torch.Tensor]] = []
-        k, margin = self.config.scope_negatives, self.config.scope_margin
+        k, margin = self.scope_negatives(), self.config.scope_margin
         if k > 0 and len(self._skeletons) > 1:
             negs, owner = [], []
             for i, r in enumerate(records):
@@ -347,6 +358,11 @@ class BypassMethod(EditMethod):
                     elif sim >= base:  # answered the same way: only the input can tell them apart
                         confusable.append((i, neg_q[j]))
         self.matcher.add(anchors, queries, values, thresholds, sigs, confusable, raw=inputs)
+
+    def scope_negatives(self) -> int:
+        """How many other question forms each new edit's threshold is raised above (config; None: by feature)."""
+        k = self.config.scope_negatives
+        return k if k is not None else (0 if self.config.query_feature == "learned" else 16)
 
     def make_matcher(self, null_route: bool = True, index: str = "auto") -> KeyMatcher:
         """The key matcher of the methods that route or scope by (entity, question)."""
