@@ -570,6 +570,10 @@ def calibrate(
         "--layer", help="Decoder layer(s) to encode, repeat for several (default: 0.4, 0.55 and 0.7 of depth).")
                      ] = None,
     hidden: Annotated[int, typer.Option("--hidden", min=0, help="Hidden width of the encoder (0: linear).")] = 0,
+    install: Annotated[bool, typer.Option(
+        "--install",
+        help="Also put it in $MOECLI_CACHE/questions: the default key for this model (query_feature auto).")
+                       ] = False,
     dim: Annotated[int, typer.Option("--dim", min=8, help="Width of the question codes.")] = 128,
     same_subject: Annotated[int, typer.Option("--same-subject", min=1, help="Other-question probes per record.")] = 3,
     fmt: FormatOpt = None,
@@ -613,6 +617,17 @@ def calibrate(
         encoder.save(out)
     except OSError as exc:
         raise RunError(f"--out {out}: cannot write it: {exc.strerror or exc}") from exc
+    if install:
+        from moecli.question import QUESTIONS_DIR
+        from moecli.sources import cache_root
+
+        where = cache_root() / QUESTIONS_DIR / f"{encoder.info['fingerprint']['weights_hash'][:16]}.safetensors"
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            encoder.save(where)
+        except OSError as exc:
+            raise RunError(f"--install: cannot write {where}: {exc.strerror or exc}") from exc
+        encoder.info["installed"] = str(where)
     info = encoder.info
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")

@@ -110,6 +110,41 @@ class QuestionEncoder:
         return enc
 
 
+QUESTIONS_DIR = "questions"  # under `$MOECLI_CACHE` (`moecli calibrate --install`) and `moecli/assets`
+
+
+def encoder_dirs() -> list[Path]:
+    """Where `find_encoder` looks: the user's cache first, then the encoders moecli ships."""
+    from moecli.sources import cache_root
+
+    return [cache_root() / QUESTIONS_DIR, Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR]
+
+
+def find_encoder(model: torch.nn.Module) -> Path | None:
+    """The calibrated question encoder made for `model` (same fingerprint), if one is installed or shipped.
+
+    Why: `query_feature: auto` (the default) routes by the learned key wherever one exists for the model,
+    and by the unedited model's answer otherwise (the only test that needs no calibration)."""
+    from safetensors import SafetensorError, safe_open
+
+    from moecli.modeling import fingerprint, fingerprints_match
+
+    mine = None
+    for folder in encoder_dirs():
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                with safe_open(str(path), "pt") as f:
+                    info = json.loads((f.metadata() or {}).get("moecli", "{}"))
+            except (OSError, ValueError, SafetensorError):
+                continue  # a damaged file is not an encoder for anything
+            theirs = info.get("fingerprint")
+            if isinstance(theirs, dict):
+                mine = mine or fingerprint(model)
+                if fingerprints_match(theirs, mine):
+                    return path
+    return None
+
+
 def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({round(f * (num_layers - 1)) for f in LAYER_FRACTIONS}))
 
@@ -268,7 +303,7 @@ def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | Non
               progress: Callable[[str, int, int], None] | None = None) -> QuestionEncoder:
     """Train and calibrate a question encoder for `loaded`'s model on train-split `records` (which carry
     rephrasings and `same_subject` probes; see `moecli.locality.with_same_subject`)."""
-    from moecli.modeling import num_layers
+    from moecli.modeling import fingerprint, num_layers
 
     n_layers = num_layers(loaded.model)
     layers = default_layers(n_layers) if not layers else tuple(sorted(set(layers)))
@@ -282,7 +317,8 @@ def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | Non
     held = set(random.Random(seed).sample(anchors, max(1, int(held_out_share * len(anchors)))))
     features = layer_features(loaded.model, loaded.tokenizer, prompts, layers, progress=progress)
     fitted, metrics = train_encoder(features, pairs, held, dim=dim, hidden=hidden, n_layers=len(layers), seed=seed)
-    info = {"model": str(loaded.path), "family": loaded.family, "layers": list(layers), "num_layers": n_layers,
+    info = {"model": str(loaded.path), "fingerprint": fingerprint(loaded.model), "family": loaded.family,
+            "layers": list(layers), "num_layers": n_layers,
             "dim": dim, "hidden": hidden, "records": len(records), "prompts": len(prompts),
             "sources": list(sources), **metrics}
     return QuestionEncoder(layers, fitted["weight"], fitted["mean"], float(metrics["threshold"]), info,

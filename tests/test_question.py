@@ -63,6 +63,28 @@ def test_calibrate_then_route_by_the_codes_and_keep_them_in_the_adapter(world, c
     assert again["rel"] == summary["rel"] and again["routing"]["rel_own"] == 1.0
 
 
+def test_an_installed_encoder_is_the_default_key_for_its_model_only(world, tmp_path, monkeypatch, capsys):
+    """`calibrate --install` puts the encoder where `query_feature: auto` (the default) finds it by the model's
+    fingerprint: edits of that model route by it; another model keeps the answer-distribution test."""
+    monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_moecli(["calibrate", "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "q"),
+                                 "--install", "--json"], capsys)
+    assert code == 0, err
+    installed = json.loads(out)["installed"]
+    assert os.path.isfile(installed) and installed.startswith(str(tmp_path / "cache"))
+    code, out, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--batch-size", "4", "--out",
+                                 str(tmp_path / "run"), "--no-generate", "--json"], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert config["query_feature"] == "learned" and config["question_encoder"] == installed
+    assert json.loads(out)["routing"]["rel_own"] == 1.0
+    other = load_model(make_tiny_model("llama", tmp_path / "other"))
+    from moecli.methods.memoe import MEMoE, MEMoEConfig
+
+    method = MEMoE(other, MEMoEConfig(), seed=0)
+    assert method.config.query_feature == "output" and method.question is None
+
+
 def test_a_new_edit_without_the_encoder_file_is_refused(world, capsys):
     code, _, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--out", str(world / "none"),
                                "--no-generate", "--set", "query_feature=learned"], capsys)

@@ -20,7 +20,7 @@ from moecli.batching import collate, forward, length_groups, logits_at, pad_id_o
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
-from moecli.question import Capture, QuestionEncoder
+from moecli.question import Capture, QuestionEncoder, find_encoder
 from moecli.records import EditRecord
 from moecli.routing import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 from moecli.training import Progress, RetainSet, TrainConfig
@@ -44,6 +44,9 @@ class MethodConfig:
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
+
+    def resolve(self, model: torch.nn.Module) -> None:
+        """Settle what depends on the model (`auto` values) before run.json and the checkpoint record it."""
 
     def validate(self) -> None:
         """Raise UserError for values out of range (called after recipe + flags are merged)."""
@@ -80,7 +83,8 @@ class BypassConfig(MethodConfig):
     anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
     query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)
     # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
-    query_feature: str = "output"
+    # | auto: learned with the encoder calibrated for the model if one is installed or shipped, else output
+    query_feature: str = "auto"
     question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
     signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 
@@ -94,8 +98,9 @@ class BypassConfig(MethodConfig):
             raise UserError(f"positions must be 'all' or 'answer' (got {self.positions!r})")
         if self.retain not in ("none", "swap"):
             raise UserError(f"retain must be 'none' or 'swap' (got {self.retain!r})")
-        if self.query_feature not in QUERY_FEATURES:
-            raise UserError(f"query_feature must be one of {', '.join(QUERY_FEATURES)} (got {self.query_feature!r})")
+        if self.query_feature not in (*QUERY_FEATURES, "auto"):
+            raise UserError(f"query_feature must be one of {', '.join(QUERY_FEATURES)}, auto "
+                            f"(got {self.query_feature!r})")
         for name in ("anchor_threshold", "query_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be a similarity in [-1, 1] (got {getattr(self, name)})")
@@ -107,6 +112,13 @@ class BypassConfig(MethodConfig):
             raise UserError(f"scope_negatives must be ≥ 0 (got {self.scope_negatives})")
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
+
+    def resolve(self, model: torch.nn.Module) -> None:
+        """`query_feature: auto`: learned with the encoder calibrated for `model` (`find_encoder`), else output."""
+        if self.query_feature == "auto":
+            found = find_encoder(model)
+            self.query_feature = "learned" if found else "output"
+            self.question_encoder = str(found) if found else self.question_encoder
 
 
 PROBE_CHUNK = 64
@@ -196,6 +208,7 @@ class BypassMethod(EditMethod):
         self.question: QuestionEncoder | None = None  # query_feature learned: codes of a layer below this one
         self._capture: Capture | None = None
         self._question_missing = ""
+        config.resolve(model)
         if config.query_feature == "learned":
             path = config.question_encoder
             if path and Path(path).is_file():
