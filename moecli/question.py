@@ -36,6 +36,19 @@ FALSE_MATCH_RATE = 0.01  # [choice] the threshold lets this share of held-out sa
 PROBE_LIST = 1000  # [choice] calibrate builds same-subject probes within lists of this many records
 
 
+def layer_rms(h: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Concatenated layer outputs [B, d · n_layers], each layer's part scaled to unit RMS."""
+    return unit_rms(h.float().reshape(len(h), n_layers, -1)).flatten(1)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
+    """Unit-norm codes of centred features `x`: one map, or a GELU hidden layer and a map (the encoder's
+    forward, shared by training and routing)."""
+    if w1 is not None:
+        x = F.gelu(x @ w1.t() + b1)
+    return F.normalize(x @ weight.t(), dim=-1)
+
+
 @dataclass
 class QuestionEncoder:
     """`encode(h) = normalize(W · act(W1 · (x − mean) + b1))`, x the RMS-normalised outputs of decoder layers
@@ -61,10 +74,10 @@ class QuestionEncoder:
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
         """Codes [B, k] of the concatenated layer outputs `h` [B, d_model · len(layers)]."""
-        x = unit_rms(h.float().reshape(len(h), len(self.layers), -1)).flatten(1) - self.mean.to(h.device)
-        if self.w1 is not None:
-            x = F.gelu(x @ self.w1.to(h.device).t() + self.b1.to(h.device))
-        return F.normalize(x @ self.weight.to(h.device).t(), dim=-1)
+        x = layer_rms(h, len(self.layers)) - self.mean.to(h.device)
+        dev = h.device
+        return project(x, self.weight.to(dev), None if self.w1 is None else self.w1.to(dev),
+                       None if self.b1 is None else self.b1.to(dev))
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {f"{prefix}weight": self.weight.contiguous(), f"{prefix}mean": self.mean.contiguous(),
@@ -208,7 +221,7 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
     question and set the threshold that lets `FALSE_MATCH_RATE` of the other questions through.
     `features` [N, d_model · n_layers]. Returns (tensors: weight, mean, w1, b1; metrics)."""
     g = torch.Generator().manual_seed(seed)
-    x = unit_rms(features.float().reshape(len(features), n_layers, -1)).flatten(1)
+    x = layer_rms(features, n_layers)
     fit = [p for p in pairs if p[0] not in held_out]
     test = [p for p in pairs if p[0] in held_out]
     mean = x[sorted({i for p in fit for i in p[:2]})].mean(0)
@@ -223,8 +236,7 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
     opt = torch.optim.Adam(params.values(), lr=lr)
 
     def codes() -> torch.Tensor:
-        h = F.gelu(xc @ params["w1"].t() + params["b1"]) if hidden else xc
-        return F.normalize(h @ params["weight"].t(), dim=-1)
+        return project(xc, params["weight"], params.get("w1"), params.get("b1"))
 
     a, b = torch.tensor([p[0] for p in fit]), torch.tensor([p[1] for p in fit])
     y = torch.tensor([0.0 if p[2] == "other" else 1.0 for p in fit])

@@ -133,7 +133,7 @@ def train_on_pairs(
                     extra = extra_loss() if extra_loss else None
                     if extra is not None:
                         loss = loss + extra
-                    correct &= _all_hit(logits.detach(), answers, 0.0)
+                    correct &= _hits(logits.detach(), answers, 0.0)[0]
                     if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
                         loss.backward()
                     total_loss += float(loss.detach())
@@ -151,14 +151,14 @@ def train_on_pairs(
                 loss_value = total_loss
                 if progress:
                     progress(stage, step, cfg.max_steps)
-                all_correct = correct and cfg.early_stop and _all_correct_eval(batches, train_modules, prefix, prompts)
+                all_correct, sure = (_all_correct_eval(batches, train_modules, prefix, prompts, cfg.stop_prob)
+                                     if correct and cfg.early_stop else (False, False))
                 if all_correct:
                     first_correct = first_correct or step
                     # [choice] the margin gets as many steps again as the argmax took: from then on the first
                     # all-argmax step ends training, so a model whose probabilities cannot reach stop_prob
                     # (flat logits) still stops
-                    if cfg.stop_prob <= 0 or step >= 2 * first_correct or _all_correct_eval(
-                            batches, train_modules, prefix, prompts, cfg.stop_prob):
+                    if sure or step >= 2 * first_correct:
                         break
                 opt.step()
     finally:
@@ -169,33 +169,37 @@ def train_on_pairs(
     return TrainStats(steps=step, loss=loss_value, all_correct=all_correct, seconds=time.perf_counter() - t0)
 
 
-def _all_hit(logits: torch.Tensor, answers: torch.Tensor, min_prob: float) -> bool:
-    """Whether every target token is the argmax and, with `min_prob` > 0, has at least that probability.
+def _hits(logits: torch.Tensor, answers: torch.Tensor, min_prob: float) -> tuple[bool, bool]:
+    """(every target token is the argmax, and also has at least `min_prob` probability; True when 0).
 
     Why a probability: an edit trained only until its target is the argmax holds it by the narrowest
     margin on its own prompt, and a rephrasing that gets the same expert output in another context
     loses it; a margin on the edit prompt is what carries over."""
     if not bool((logits.argmax(-1) == answers).all()):
-        return False
+        return False, False
     if min_prob <= 0:
-        return True
+        return True, True
     probs = logits.float().softmax(-1).gather(-1, answers.unsqueeze(-1))
-    return bool((probs >= min_prob).all())
+    return True, bool((probs >= min_prob).all())
 
 
 @torch.no_grad()
 def _all_correct_eval(batches: list[Batch], train_modules: Sequence[torch.nn.Module], prefix: FrozenPrefix,
-                      prompts: PromptCache, min_prob: float = 0.0) -> bool:
-    """Whether every target token is the argmax (at ≥ `min_prob`) with the trainable modules in eval mode."""
+                      prompts: PromptCache, min_prob: float = 0.0) -> tuple[bool, bool]:
+    """With the trainable modules in eval mode, in one pass: (every target token is the argmax, and every
+    one also has probability ≥ `min_prob`)."""
     for m in train_modules:
         m.eval()
+    sure = True
     try:
         for j, batch in enumerate(batches):
             with prefix.batch(j):
                 logits, answers = prompts.answer_logits(j, batch)
-            if not _all_hit(logits, answers, min_prob):
-                return False
-        return True
+            hit, confident = _hits(logits, answers, min_prob)
+            if not hit:
+                return False, False
+            sure &= confident
+        return True, sure
     finally:
         for m in train_modules:
             m.train()

@@ -150,12 +150,12 @@ def test_stop_prob_trains_on_past_the_argmax_and_still_ends_where_it_cannot_be_r
 
 
 def test_stop_prob_needs_every_target_token_at_that_probability():
-    from moecli.training import _all_hit
+    from moecli.training import _hits
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]))
     answers = torch.tensor([0, 1])
-    assert _all_hit(logits, answers, 0.0) and _all_hit(logits, answers, 0.6)
-    assert not _all_hit(logits, answers, 0.65) and not _all_hit(logits, torch.tensor([1, 1]), 0.0)
+    assert _hits(logits, answers, 0.0) == (True, True) and _hits(logits, answers, 0.6) == (True, True)
+    assert _hits(logits, answers, 0.65) == (True, False) and _hits(logits, torch.tensor([1, 1]), 0.0) == (False, False)
 
 
 @pytest.mark.parametrize("method", ["memoe", "lemoe", "scen"])
