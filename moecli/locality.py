@@ -162,3 +162,41 @@ def with_same_subject(records: Sequence[EditRecord], per_edit: int = 3, seed: in
         probes = [LocalityPair(sk.replace(BLANK, r.subject), "", "same_subject") for sk in picked]
         out.append(dataclasses.replace(r, locality=[*r.locality, *probes]))
     return out
+
+
+def _names(text: str, name: str) -> bool:
+    """Whether `text` names `name` as a whole: not inside a word, not followed by more of a name (the text
+    form of `anchors.continues_name`: "Nissan Primera P12" does not name "Nissan Primera")."""
+    for m in re.finditer(re.escape(name), text):
+        before, after = text[m.start() - 1 : m.start()], text[m.end() : m.end() + 2]
+        if before.isalnum() or after[:1].isalnum():
+            continue
+        if after[:1] == " " and after[1:2] and (after[1].isupper() or after[1].isdigit()):
+            continue
+        return True
+    return False
+
+
+def without_edited_neighbours(records: Sequence[EditRecord]) -> tuple[list[EditRecord], int]:
+    """The records without the `neighborhood` probes that ask another record's edit, and how many went.
+
+    Why: CounterFact's neighbours of record i are other subjects asked i's relation; when one of them is
+    the subject of record j of the same list and j asks that relation too ("What sport does Hank Aaron
+    play?" among one record's neighbours, Hank Aaron's sport edited by another), the edited model *should*
+    answer it differently: the probe is j's rephrasing, not a locality probe. Measured on
+    `counterfact_edit.json` 0–999: 11 of the 26 neighbourhood misses of a LEMoE run were such. Same relation
+    by `RelationTest`, names matched as whole names (`_names`).
+    """
+    test = RelationTest(records)
+    subjects = [(j, r.subject) for j, r in enumerate(records) if r.subject]
+    out, dropped = [], 0
+    for i, r in enumerate(records):
+        keep = []
+        for lp in r.locality:
+            if lp.group == "neighborhood" and any(
+                    j != i and s in lp.prompt and _names(lp.prompt, s) and test.same(i, j) for j, s in subjects):
+                dropped += 1
+                continue
+            keep.append(lp)
+        out.append(r if len(keep) == len(r.locality) else dataclasses.replace(r, locality=keep))
+    return out, dropped

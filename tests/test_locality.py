@@ -121,3 +121,26 @@ def test_cli_option_adds_the_group_and_its_routing(tmp_path, capsys):
         assert code == 2 and "--same-subject" in err and "Traceback" not in err
     finally:
         os.chdir(old)
+
+
+def test_neighbours_that_ask_another_records_edit_are_not_locality_probes():
+    from moecli.locality import without_edited_neighbours
+
+    def rec(prompt, subject, target, neighbours):
+        return EditRecord(prompt=prompt, target=target, subject=subject,
+                          locality=[LocalityPair(p, f"{target} {k}", "neighborhood") for k, p in enumerate(neighbours)])
+
+    records = [
+        rec("Hank Aaron plays the sport of", "Hank Aaron", "soccer", []),
+        rec("Babe Ruth plays the sport of", "Babe Ruth", "golf", [
+            "Hank Aaron plays the sport of",  # Hank Aaron's sport is edited: the edit should change it
+            "Hank Aaron Stadium plays the sport of",  # a longer name: another subject
+            "Ty Cobb plays the sport of",
+        ]),
+        rec("Ty Cobb was born in", "Ty Cobb", "Oslo", ["Hank Aaron was born in"]),  # not an edited relation
+    ]
+    out, dropped = without_edited_neighbours(records)
+    assert dropped == 1
+    assert [lp.prompt for lp in out[1].locality] == ["Hank Aaron Stadium plays the sport of",
+                                                      "Ty Cobb plays the sport of"]
+    assert out[2].locality == records[2].locality and out[0] is records[0]

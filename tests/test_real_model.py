@@ -143,3 +143,45 @@ def test_subject_found_with_either_first_letter_but_never_inside_a_word(cache):
     assert found("Where is the Eiffel Tower? It is in") == eiffel  # the same anchor, lower-case article
     assert found("Giacomo Furia, who has a citizenship from") is None  # not "tizen" inside "citizenship"
     assert found("Samsung phones run Tizen") is not None
+
+
+def test_a_longer_name_that_contains_a_known_one_is_not_it(cache):
+    from moecli.anchors import AnchorTrie
+
+    tok = load_model("smollm2").tokenizer
+    trie = AnchorTrie()
+    for subject in ("Nissan Primera", "United Nations", "Bay"):
+        trie.add_subject(tok, subject)
+
+    def found(text: str) -> bool:
+        return trie.find(tok(text, add_special_tokens=False)["input_ids"], tok.decode) is not None
+
+    assert found("Nissan Primera is produced by") and found("The United Nations, founded in")
+    assert found("What does Nissan Primera's engine use?")
+    assert not found("Nissan Primera P12 is produced by")  # a number goes on naming
+    assert not found("In United Nations General Assembly, an official language is")  # a capitalised word
+    assert not found("The mother tongue of François Bayrou is")  # a word piece: "Bay|rou"
+    assert found("Nissan Primera P12 is produced by".replace(" P12", ""))
+
+
+def test_teacher_forced_routing_reads_the_prompt_not_the_answer(cache):
+    """Generation routes on the prompt; scoring `prompt + answer` must too, or an answer that names an
+    edited subject ("... a citizen of| Japan") takes that edit."""
+    from moecli.anchors import PROMPT_LENGTHS, AnchorContext
+    from moecli.batching import collate, encode_pair, pad_id_of
+
+    loaded = load_model("smollm2")
+    tok = loaded.tokenizer
+    ctx = AnchorContext(decode=tok.decode)
+    ctx.trie.add_subject(tok, "Japan")
+    pairs = [encode_pair(tok, "Takeshi Kitano is a citizen of", "Japan"), encode_pair(tok, "Japan is in", "Asia")]
+    batch = collate(pairs, pad_id_of(tok))
+    emb = loaded.model.get_input_embeddings()
+    ctx.compute(emb, batch.input_ids, batch.attention_mask)
+    assert ctx.matched.tolist() == [True, True]  # without prompt lengths: the whole input
+    token = PROMPT_LENGTHS.set(batch.prompt_lengths)
+    try:
+        ctx.compute(emb, batch.input_ids, batch.attention_mask)
+    finally:
+        PROMPT_LENGTHS.reset(token)
+    assert ctx.matched.tolist() == [False, True]

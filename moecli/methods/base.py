@@ -147,9 +147,11 @@ class EditMethod:
         return target
 
     def new_context(self) -> AnchorContext:
-        """A routing context that skips the tokenizer's BOS and pad tokens when it looks for anchors."""
+        """A routing context that skips the tokenizer's BOS and pad tokens when it looks for anchors, and
+        does not take a known name inside a longer one (`anchors.continues_name`)."""
         tok = self.loaded.tokenizer
-        return AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+        return AnchorContext(skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None},
+                             decode=tok.decode)
 
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
         """Edit the model so it answers `records`; returns training statistics for the ledger."""
