@@ -133,7 +133,7 @@ def encoder_dirs() -> list[Path]:
     return [cache_root() / QUESTIONS_DIR, Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR]
 
 
-def find_encoder(model: torch.nn.Module) -> Path | None:
+def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) -> Path | None:
     """The calibrated question encoder made for `model` (same fingerprint), if one is installed or shipped.
 
     Why: `query_feature: auto` (the default) routes by the learned key wherever one exists for the model,
@@ -142,7 +142,7 @@ def find_encoder(model: torch.nn.Module) -> Path | None:
 
     from moecli.modeling import fingerprint, fingerprints_match
 
-    mine = None
+    mine = model_fingerprint
     for folder in encoder_dirs():
         for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             try:

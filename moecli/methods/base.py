@@ -45,8 +45,9 @@ class MethodConfig:
             setattr(cfg, k, v)
         return cfg
 
-    def resolve(self, model: torch.nn.Module) -> None:
-        """Settle what depends on the model (`auto` values) before run.json and the checkpoint record it."""
+    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None) -> None:
+        """Settle what depends on the model (`auto` values) before run.json and the checkpoint record it
+        (`model_fingerprint`: the model's, when the caller has it already)."""
 
     def validate(self) -> None:
         """Raise UserError for values out of range (called after recipe + flags are merged)."""
@@ -113,10 +114,10 @@ class BypassConfig(MethodConfig):
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
-    def resolve(self, model: torch.nn.Module) -> None:
+    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None) -> None:
         """`query_feature: auto`: learned with the encoder calibrated for `model` (`find_encoder`), else output."""
         if self.query_feature == "auto":
-            found = find_encoder(model)
+            found = find_encoder(model, model_fingerprint)
             self.query_feature = "learned" if found else "output"
             self.question_encoder = str(found) if found else self.question_encoder
 

@@ -194,18 +194,25 @@ class WiseLayer(nn.Module):
         return mask
 
     @torch.no_grad()
-    def choose(self, x: torch.Tensor) -> torch.Tensor:
-        """Side memory per row [B] (index into `candidates()`), −1 where none passes its threshold."""
+    def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Side memory per row [B] (index into `candidates()`), −1 where none passes its threshold; and the
+        chosen memories' change `x·Dᵀ` [B, T, d_out] (zero on rows without one; None when no row has one),
+        kept from the activation test so that it is not computed twice."""
         b = x.shape[0]
         choice = torch.full((b,), -1, dtype=torch.long, device=x.device)
         best = torch.full((b,), -math.inf, device=x.device)
+        change = None
         mask = self.prompt_mask(x)
         for i, (delta, threshold) in enumerate(self.candidates()):
-            act = activation(x, delta.to(x.device), mask)
+            product = x.float() @ delta.to(x.device).t().float()
+            act = mean_embedding(product.norm(dim=-1).unsqueeze(-1), mask)[:, 0]  # = activation(x, delta, mask)
             take = (act >= threshold) & (act > best)
+            if bool(take.any()):
+                keep = take.view(-1, 1, 1)
+                change = torch.where(keep, product, change if change is not None else torch.zeros_like(product))
             choice = torch.where(take, torch.full_like(choice, i), choice)
             best = torch.where(take, act, best)
-        return choice
+        return choice, change
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -223,11 +230,11 @@ class WiseLayer(nn.Module):
             return y + (x @ self.current.t().to(x.dtype)).to(y.dtype)
         ctx = self.context
         cached = self.last_choice
-        if ctx.continuation and cached is not None and cached.shape[0] == x.shape[0]:
-            choice = cached.to(x.device)  # a later generation step: keep the prompt's decision
-        else:
-            choice = self.choose(x)
+        if not (ctx.continuation and cached is not None and cached.shape[0] == x.shape[0]):
+            choice, change = self.choose(x)
             self.last_choice = choice
+            return y if change is None else y + change.to(y.dtype)
+        choice = cached.to(x.device)  # a later generation step: keep the prompt's decision
         if not bool((choice >= 0).any()):
             return y
         out = y.clone()
