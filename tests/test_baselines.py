@@ -56,7 +56,7 @@ METHODS = tuple(FAST)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_model(family, root / family) for family in ("llama", "gpt2")}
+    return {family: make_tiny_model(family, root / family) for family in ("llama", "gpt2", "opt")}
 
 
 def _build(loaded, method: str, **over):
@@ -83,6 +83,18 @@ def test_edit_changes_the_answer(tiny, method, over):
     assert stats["all_correct"]
     assert before["rel"] < 0.5 and after["rel"] == 1.0
     assert after["rel_em"] == 1.0  # greedy generation agrees with the teacher-forced score
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_codebook_and_side_memory_route_opts_flattened_ffn_rows(tiny, method):
+    """OPT runs its FFN on the batch's tokens flattened to [B·T, d]: each row must still be routed as the
+    input it belongs to (GRACE indexed it as [B, T, d] and failed)."""
+    loaded = load_model(tiny["opt"])
+    records = DATA[method]
+    base = compute_baseline(loaded.model, loaded.tokenizer, records)
+    stats = _build(loaded, method).apply_batch(records, 0)
+    after = evaluate_records(loaded.model, loaded.tokenizer, records, base, generation=True).summary
+    assert stats["all_correct"] and after["rel"] == 1.0 and after["rel_em"] == 1.0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -51,7 +51,7 @@ from torch import nn
 
 from moecli.anchors import AnchorContext
 from moecli.batching import collate, forward, pad_id_of, prompt_only
-from moecli.bypass import Injection
+from moecli.bypass import Injection, flat_batch
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
 from moecli.modeling import LoadedModel
@@ -149,6 +149,12 @@ class GraceLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        b = flat_batch(x, self.context)
+        if b is not None:  # OPT feeds its FFN the batch's tokens flattened
+            return self._forward3(x.view(b, -1, x.shape[-1]), y.view(b, -1, y.shape[-1])).view_as(y)
+        return self._forward3(x, y)
+
+    def _forward3(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         ctx = self.context
         rows = torch.arange(b, device=x.device)
