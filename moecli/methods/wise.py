@@ -122,8 +122,12 @@ class WISEConfig(MethodConfig):
 
 def activation(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Δ_act per row [B]: the mean over the tokens set in `mask` [B, T] of ‖x·deltaᵀ‖₂ (x [B, T, d_in])."""
-    norms = (x.float() @ delta.t().float()).norm(dim=-1)
-    return mean_embedding(norms.unsqueeze(-1), mask)[:, 0]
+    return activation_of(x.float() @ delta.t().float(), mask)
+
+
+def activation_of(change: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Δ_act per row [B] from the change x·deltaᵀ [B, T, d_out] itself (`WiseLayer.choose` keeps it)."""
+    return mean_embedding(change.norm(dim=-1).unsqueeze(-1), mask)[:, 0]
 
 
 def positive_mean(values: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,7 @@ class WiseLayer(nn.Module):
         mask = self.prompt_mask(x)
         for i, (delta, threshold) in enumerate(self.candidates()):
             product = x.float() @ delta.to(x.device).t().float()
-            act = mean_embedding(product.norm(dim=-1).unsqueeze(-1), mask)[:, 0]  # = activation(x, delta, mask)
+            act = activation_of(product, mask)
             take = (act >= threshold) & (act > best)
             if bool(take.any()):
                 keep = take.view(-1, 1, 1)
