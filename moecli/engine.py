@@ -290,7 +290,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
             records = chat_records(spec.records, tok) if spec.chat else spec.records
         if not resume:
-            spec.config.resolve(model, base_fp)  # `auto` options, as the method will use them
+            spec.config.resolve(model, base_fp, spec.batch_size)  # `auto` options, as the method will use them
             try:
                 atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
             except OSError as exc:

@@ -186,3 +186,25 @@ def test_routing_diagnosis_says_where_each_input_went(tiny_dir, tmp_path):
     routing = report["summary"]["routing"]
     assert routing["rel_own"] == 1.0 and routing["loc_none"] == 1.0
     assert len(rows[RECORDS[0].id]["route_gen"]) == len(RECORDS[0].rephrases) == 1
+
+
+def test_memoe_expert_rank_grows_with_the_edits_each_expert_takes(tiny_dir, tmp_path):
+    """`rank: None` (the default) is settled from the run's batch size before run.json records it: 16 per
+    50 edits an expert takes; the experts are built at that rank; a rank the user sets is kept."""
+    from moecli.checkpoint import load_checkpoint
+    from moecli.recipes import build_config
+
+    records = [EditRecord(prompt=f"Person {i} was born in", target="Tokyo", subject=f"Person {i}", id=str(i))
+               for i in range(51)]
+    spec = RunSpec(command="batch-edit", method="memoe", records=records, batch_size=51, out_dir=tmp_path / "run",
+                   config=build_config("memoe", overrides={**FAST, "max_steps": 1, "n_experts": 1}),
+                   model_path=tiny_dir, generation=False, evaluate_before=False)
+    run_edits(spec)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["rank"] == 32
+    tensors = load_checkpoint(tmp_path / "run" / "adapter").tensors
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith(".A")} == {32}
+    small = MEMoEConfig(query_feature="output", n_experts=1)
+    small.resolve(torch.nn.Linear(2, 2), batch_size=50)
+    kept = MEMoEConfig(query_feature="output", rank=8)
+    kept.resolve(torch.nn.Linear(2, 2), batch_size=1000)
+    assert (small.rank, kept.rank) == (16, 8)

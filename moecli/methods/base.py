@@ -45,9 +45,11 @@ class MethodConfig:
             setattr(cfg, k, v)
         return cfg
 
-    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None) -> None:
-        """Settle what depends on the model (`auto` values) before run.json and the checkpoint record it
-        (`model_fingerprint`: the model's, when the caller has it already)."""
+    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None,
+                batch_size: int | None = None) -> None:
+        """Settle what depends on the model or the run (`auto` values) before run.json and the checkpoint
+        record it (`model_fingerprint`: the model's, when the caller has it already; `batch_size`: edits
+        trained together, when the caller knows it)."""
 
     def validate(self) -> None:
         """Raise UserError for values out of range (called after recipe + flags are merged)."""
@@ -93,7 +95,7 @@ class BypassConfig(MethodConfig):
         super().validate()
         if self.expert_form not in EXPERT_FORMS:
             raise UserError(f"expert_form must be one of {', '.join(EXPERT_FORMS)} (got {self.expert_form!r})")
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise UserError(f"rank must be ≥ 1 (got {self.rank})")
         if self.positions not in ("all", "answer"):
             raise UserError(f"positions must be 'all' or 'answer' (got {self.positions!r})")
@@ -114,7 +116,8 @@ class BypassConfig(MethodConfig):
         if self.signature_topk < 1:
             raise UserError(f"signature_topk must be ≥ 1 (got {self.signature_topk})")
 
-    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None) -> None:
+    def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None,
+                batch_size: int | None = None) -> None:
         """`query_feature: auto`: learned with the encoder calibrated for `model` (`find_encoder`), else output."""
         if self.query_feature == "auto":
             found = find_encoder(model, model_fingerprint)
