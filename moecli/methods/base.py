@@ -239,7 +239,7 @@ class BypassMethod(EditMethod):
         if self._capture is not None:
             self._capture.remove()
         self.question = encoder
-        self._capture = Capture(self.loaded.model, encoder.layers, self.context)
+        self._capture = Capture(self.loaded.model, encoder.layers, self.context, text=encoder.text_dim > 0)
         if self.matcher is not None:
             self.matcher.encoder = encoder
 
