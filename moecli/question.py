@@ -212,15 +212,18 @@ class Capture:
                 hidden = torch.cat([self.parts[i] for i in self.layers], -1)
                 ctx.question_hidden = hidden
                 if self.text:
-                    ctx.pending_question = self._with_text(hidden, [question_text(t) for t in ctx.skeletons()])
+                    ctx.pending_question = self._with_text(hidden, ctx)
 
         return hook
 
     @staticmethod
-    def _with_text(hidden: torch.Tensor, texts: list[str]) -> Callable[[], torch.Tensor]:
+    def _with_text(hidden: torch.Tensor, ctx) -> Callable[[], torch.Tensor]:
+        """The layers then the skeletons' MiniLM embeddings, decoded when read: the read comes within the
+        same forward's context (the next forward's `compute` drops what is still pending)."""
         from moecli.sentence import embed_texts
 
         def compute() -> torch.Tensor:
+            texts = [question_text(t) for t in ctx.skeletons()]
             return torch.cat([hidden, embed_texts(texts, hidden.device).to(hidden)], -1)
 
         return compute
