@@ -328,6 +328,16 @@ def test_fail_under_is_exit_1_with_a_line(work, capsys):
 # --------------------------------------------------------------------------------- option rows
 
 
+def test_calibrate_without_minilm(work, capsys, monkeypatch):
+    from moecli import sentence
+
+    monkeypatch.setattr(sentence, "available", lambda: False)
+    before = listing(work)
+    code, out, err = run(["calibrate", "--data", "edits.jsonl", "--out", "q.safetensors"], capsys)
+    check_row("o11", code, err)
+    assert out == "" and listing(work) == before
+
+
 @pytest.mark.parametrize("row, args", [
     ("o1", ["batch-edit", "--data", "edits.jsonl", "--recipe", "typo.yaml"]),
     ("o2", ["batch-edit", "--data", "edits.jsonl", "--set", "lr=-1"]),
@@ -527,6 +537,7 @@ COVERED = {
     "m8": "test_damaged_foreign_and_unsupported_gguf_files",
     "m9": "test_damaged_foreign_and_unsupported_gguf_files",
     "m10": "test_packaged_model_not_installed",
+    "o11": "test_calibrate_without_minilm",
     "a1": "test_adapter_for_another_base_model",
     "a6": "test_revert_refusals_leave_the_adapter_as_it_was",
     "a7": "test_revert_refusals_leave_the_adapter_as_it_was",
