@@ -204,14 +204,12 @@ class AnchorContext:
         from moecli.locality import blanked
 
         out = []
-        for b, ids in enumerate(self.input_ids.tolist()):
-            last = int(self.prompt_last[b])
-            keep = self.attention[b].tolist() if self.attention is not None else [1] * len(ids)
+        for ids, keep, last, span in zip(self.input_ids.tolist(), self.attention.tolist(), self.prompt_last.tolist(),
+                                         self.spans):
 
             def text(lo: int, hi: int, ids=ids, keep=keep) -> str:
                 return self.decode([t for t, a in zip(ids[lo:hi], keep[lo:hi]) if a and t not in self.skip_token_ids])
 
-            span = self.spans[b] if b < len(self.spans) else None
             out.append(text(0, last + 1) if span is None else blanked(text(0, span[0]), text(span[1], last + 1)))
         return out
 

@@ -48,12 +48,10 @@ import numpy as np
 from moecli.errors import UserError
 from moecli.records import EditRecord, read_records, write_jsonl
 
-if TYPE_CHECKING:  # pragma: no cover - typing only; torch/transformers are imported lazily
-
+if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is imported lazily
     from moecli.modeling import LoadedModel
 
 EMBEDDERS = ("anchor", "minilm")
-
 
 # k-means iterations (FAISS's default): on ZsRE-1000 / batch 10 the plan is the same with 10, 20 or 50.
 KMEANS_ITERATIONS = 20

@@ -71,8 +71,8 @@ class QuestionEncoder:
     map); two prompts ask the same question when the cosine of their codes is ≥ `threshold`."""
 
     layers: tuple[int, ...]
-    weight: torch.Tensor  # [k, hidden or d_model · len(layers)]
-    mean: torch.Tensor  # [d_model · len(layers)], centring of the training features
+    weight: torch.Tensor  # [k, hidden or d_model · len(layers) + text_dim]
+    mean: torch.Tensor  # [d_model · len(layers) + text_dim], centring of the training features
     threshold: float
     info: dict  # how it was trained and what it measured (written into the file)
     w1: torch.Tensor | None = None  # [hidden, d_model · len(layers)]
@@ -89,7 +89,7 @@ class QuestionEncoder:
         return (self.mean.shape[0] - self.text_dim) // len(self.layers)
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
-        """Codes [B, k] of the concatenated layer outputs `h` [B, d_model · len(layers)]."""
+        """Codes [B, k] of the concatenated layer outputs (and text part) `h` [B, d_model · len(layers) + text_dim]."""
         x = layer_rms(h, len(self.layers), self.text_dim) - self.mean.to(h.device)
         dev = h.device
         return project(x, self.weight.to(dev), None if self.w1 is None else self.w1.to(dev),
@@ -178,7 +178,9 @@ def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) 
                 if fingerprints_match(theirs, mine):
                     if not info.get("text_dim") or sentence.available():
                         return path
-                    fallback = fallback or path  # reads text, and MiniLM is not installed: the next best
+                    # reads text, and MiniLM is not installed: taken only when nothing else is found (routing
+                    # by it then says MiniLM is missing, rather than quietly routing by a weaker test)
+                    fallback = fallback or path
     return fallback
 
 
