@@ -341,8 +341,9 @@ METRICS = ("rel", "gen", "loc", "avg", "known", "port")
 
 
 def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overrides: dict | None = None,
-        eval_every: int = 0, eval_sample: int = 100, seed: int = 0, order: str = "file") -> dict:
-    """One editing run through `moecli.engine.run_edits` (generation off, no before-evaluation).
+        eval_every: int = 0, eval_sample: int = 100, seed: int = 0, order: str = "file",
+        generation: bool = False) -> dict:
+    """One editing run through `moecli.engine.run_edits` (no before-evaluation; greedy EM with `generation`).
 
     `order`: file (as given), random (shuffled with `seed`, as `lifelong --order random`) or planned
     (the engine runs the planner, as `lifelong --order planned`).
@@ -362,7 +363,7 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
     with tempfile.TemporaryDirectory(prefix=f"moecli-bench-{method}-") as tmp:
         spec = RunSpec(command=f"bench-{protocol}", method=method, config=config, records=records,
                        batch_size=batch_size, out_dir=Path(tmp) / "run", model_path=ds.model_dir, device="cpu",
-                       dtype="float32", seed=seed, data=ds.data, protocol=protocol, generation=False,
+                       dtype="float32", seed=seed, data=ds.data, protocol=protocol, generation=generation,
                        evaluate_before=False, eval_every=eval_every, eval_sample=eval_sample, order=order)
         t = time.perf_counter()
         with final_checkpoint_only():
@@ -379,12 +380,24 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
         "n_batches": report["n_batches"], **{k: s.get(k) for k in METRICS},
         "loc_by_group": s.get("loc_by_group", {}),
         "strict": {k: s.get(f"{k}_strict") for k in ("rel", "gen", "loc", "port") if s.get(f"{k}_strict") is not None},
+        "em": {k: s.get(f"{k}_em") for k in ("rel", "gen") if s.get(f"{k}_em") is not None},
+        "avg_min_loc": avg_min_loc(s), "routing": s.get("routing"),
         "seconds": wall, "edit_s": tm.get("edit"), "eval_s": tm.get("evaluate_after"),
         "edits_per_s": len(records) / tm["edit"] if tm.get("edit") else None,
         "adapter_tensor_bytes": a_bytes, "adapter_dir_bytes": a_dir,
         "overrides": overrides or {}, "retention": report.get("retention", []),
     }
     return row
+
+
+def avg_min_loc(summary: dict) -> float | None:
+    """Mean of Rel, Gen and the *lowest* Loc group (issue 16's Avg): a method cannot hide a locality
+    failure on the same-subject probes behind the other-subject prompts, which entity routing passes by
+    construction. None without Rel, Gen and at least one Loc group."""
+    groups = summary.get("loc_by_group") or {}
+    if summary.get("rel") is None or summary.get("gen") is None or not groups:
+        return None
+    return (summary["rel"] + summary["gen"] + min(groups.values())) / 3
 
 
 def fmt(v: Any, nd: int = 3) -> str:

@@ -1,13 +1,18 @@
 """Edit quality of every method: Rel / Gen / Loc / Avg (+ Known, Port, Loc per group) per dataset × protocol.
 
     python benchmarks/quality.py --quick     # fact world only, tiny sizes (smoke check, a few minutes)
-    python benchmarks/quality.py --full      # fact world, ZsRE and CounterFact knowledge models (≤ budget)
+    python benchmarks/quality.py --full      # SmolLM2 (CounterFact, ZsRE) first, then the fact world and the
+                                             # ZsRE / CounterFact knowledge models (≤ budget)
+    python benchmarks/quality.py --full --exact --generate --datasets counterfact_smollm2,zsre_smollm2 \
+        --protocols lifelong:100:10 --out benchmarks/results/smollm2   # chosen cells at their exact sizes
 
 Protocols (EVALUATION.md): batch (all N edits at once, N = 100 and 1000) and lifelong (a stream of T =
-1000 edits in batches of 10 and of 1, every edit evaluated on the final model). Metrics are the
-teacher-forced token metrics; generation metrics are off (greedy decoding of every answer is slow on CPU;
-`moecli evaluate` has them). Lifelong runs also evaluate a fixed sample of already-edited records every
-few batches: the retention curves (`retention_<dataset>.png`).
+1000 edits in batches of 10 and of 1, every edit evaluated on the final model); `--protocols` picks
+others. Metrics are the teacher-forced token metrics, Loc per group (`same_subject` on real data: the
+case entity routing can fail), Avg with the lowest Loc group, and the routing diagnosis of the bypass
+methods; greedy-generation EM with `--generate` (off by default: decoding every answer is slow on CPU).
+Lifelong runs also evaluate a fixed sample of already-edited records every few batches: the retention
+curves (`retention_<dataset>.png`).
 
 Budget (full mode). The issue's sizes do not all fit 60 minutes on 2 CPU cores: one dataset at the
 full sizes (N = 100 and 1000, T = 1000 in batches of 10 and of 1) takes an hour or more here by itself
@@ -19,7 +24,8 @@ estimated time fits. Estimates are each method's observed seconds per edit (seed
 measured here). A table below its target says so in its `N/T used` column (`↓ (target …)`) and the
 JSON keeps `target` beside `n`; a cell that no longer fits is listed as absent with that reason.
 Lifelong runs cap every method's `max_steps` at 50 (ft keeps its 25): per edit, the bypass methods
-early-stop after ~10 steps, so the cap only bounds the cost of edits that do not converge.
+early-stop after ~10 steps, so the cap only bounds the cost of edits that do not converge. With
+`--exact` there is no budget and no cap: every method runs its defaults, as `moecli lifelong` would.
 The edit step saves its checkpoint once, at the end (the engine saves after every batch; with 1000
 batches that would time disk writes, not editing).
 """
@@ -134,6 +140,28 @@ PLANNER = Planner()
 
 
 QUESTION_ENCODER: Path | None = None  # --question-encoder: learned question keys on the real-model datasets
+CAP_LIFELONG_STEPS = True  # off with --exact: every method runs its own defaults, as the CLI does
+GENERATION = False  # --generate: greedy-generation exact match (Rel EM, Gen EM) beside the token metrics
+
+
+def parse_protocols(spec: str) -> list[Protocol]:
+    """`--protocols`: comma-separated `batch:N` and `lifelong:T:B` (e.g. `lifelong:100:10,batch:1000`)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        kind, *nums = part.split(":")
+        try:
+            sizes = [int(x) for x in nums]
+        except ValueError:
+            sizes = []
+        if kind == "batch" and len(sizes) == 1 and sizes[0] > 0:
+            out.append(Protocol("batch", sizes[0]))
+        elif kind == "lifelong" and len(sizes) == 2 and min(sizes) > 0:
+            out.append(Protocol("lifelong", sizes[0], sizes[1]))
+        else:
+            raise SystemExit(f"--protocols: {part!r} is not batch:N or lifelong:T:B")
+    if not out:
+        raise SystemExit("--protocols: no protocol given")
+    return out
 BYPASS_METHODS = ("memoe", "lemoe", "scen")
 
 
@@ -141,7 +169,7 @@ def _overrides(method: str, proto: Protocol, ds_name: str = "") -> dict:
     out: dict = {}
     if QUESTION_ENCODER is not None and "_" in ds_name and method in BYPASS_METHODS:
         out = {"query_feature": "learned", "question_encoder": str(QUESTION_ENCODER)}
-    if proto.kind != "lifelong":
+    if proto.kind != "lifelong" or not CAP_LIFELONG_STEPS:
         return out
     from moecli.recipes import build_config
 
@@ -202,7 +230,8 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
                 continue
             log(f"{ds_name} | {p.title} | {m}: N/T={n}{f' (target {p.n})' if n != p.n else ''}, batch {bs}")
             try:
-                row = run(m, ds, p.kind, n, bs, _overrides(m, p, ds_name), eval_every=eval_every)
+                row = run(m, ds, p.kind, n, bs, _overrides(m, p, ds_name), eval_every=eval_every,
+                          generation=GENERATION)
             except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 mark_absent(p, m, f"failed: {type(exc).__name__}: {first}")
@@ -212,16 +241,28 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
             row.update(protocol_title=p.title, target=p.n, protocol_key=p.key)
             rows.append(row)
             log(f"  rel {fmt(row['rel'])} gen {fmt(row['gen'])} loc {fmt(row['loc'])} avg {fmt(row['avg'])} "
-                f"({row['seconds']:.1f} s)")
+                f"loc by group {row['loc_by_group']} ({row['seconds']:.1f} s)")
     info["seconds"] = time.perf_counter() - t_start
     return rows, absent, info
 
 
 # ------------------------------------------------------------------ output
+# Columns shown when a row has them: issue 16's Avg (Loc = the lower group), greedy EM, routing diagnosis.
+EXTRA_COLUMNS = (
+    ("Avg (min Loc)", lambda r: r.get("avg_min_loc")),
+    ("Rel EM", lambda r: (r.get("em") or {}).get("rel")),
+    ("Gen EM", lambda r: (r.get("em") or {}).get("gen")),
+    ("reph. reaching edit", lambda r: (r.get("routing") or {}).get("gen_own")),
+    ("Gen when reached", lambda r: (r.get("routing") or {}).get("gen_when_reached")),
+    ("loc probes reaching own edit", lambda r: (r.get("routing") or {}).get("loc_own")),
+)
+
+
 def _table(rows: list[dict], absent: list[dict], methods: tuple[str, ...]) -> list[str]:
     groups = sorted({g for r in rows for g in (r.get("loc_by_group") or {})})
+    extra = [(name, get) for name, get in EXTRA_COLUMNS if any(get(r) is not None for r in rows)]
     head = ["method", "N/T used", *[k.capitalize() for k in METRICS], *[f"Loc:{g}" for g in groups],
-            "edit s", "total s"]
+            *[name for name, _ in extra], "edit s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_method = {r["method"]: r for r in rows}
     for m in methods:
@@ -233,7 +274,7 @@ def _table(rows: list[dict], absent: list[dict], methods: tuple[str, ...]) -> li
         used = str(r["n"]) + ("" if r["n"] == r["target"] else f" ↓ (target {r['target']})")
         cells = [m, used, *[fmt(r.get(k)) for k in METRICS],
                  *[fmt((r.get("loc_by_group") or {}).get(g)) for g in groups],
-                 fmt(r.get("edit_s"), 1), fmt(r.get("seconds"), 1)]
+                 *[fmt(get(r)) for _, get in extra], fmt(r.get("edit_s"), 1), fmt(r.get("seconds"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -242,10 +283,16 @@ def render_markdown(result: dict) -> str:
     m = result["meta"]
     out = ["# moecli edit quality", "", *meta_lines(m),
            "- metrics: teacher-forced token accuracy (EVALUATION.md); Avg = mean(Rel, Gen, Loc); Known = the "
-           "unedited model's accuracy on the old answer; Port = one-hop portability (fact world only). "
-           "**Generation metrics are off** (greedy decoding is slow on CPU).",
-           "- these are small knowledge models trained here, **not** the 7B models of the papers "
-           "(published LLaMA2-7B numbers: /work/shared/docs/METHODS.md); compare methods within a table only.",
+           "unedited model's accuracy on the old answer; Port = one-hop portability (fact world only); "
+           "Avg (min Loc) = mean(Rel, Gen, the lowest Loc group) (issue 16). "
+           + ("Rel EM / Gen EM: greedy generation, exact match after normalisation."
+              if m.get("generation_metrics") else "**Generation metrics are off** (greedy decoding is slow on CPU)."),
+           "- routing (bypass methods): `reph. reaching edit` = share of rephrasings routed to their own edit, "
+           "`Gen when reached` = Gen among those, `loc probes reaching own edit` = locality prompts that took the "
+           "record's own edit (the same-subject failure of entity routing).",
+           "- `*_smollm2`: SmolLM2-135M, a real pretrained model; the others are small knowledge models trained "
+           "here, **not** the 7B models of the papers (published LLaMA2-7B numbers: /work/shared/docs/METHODS.md); "
+           "compare methods within a table only.",
            f"- {m['budget_note']}", ""]
     for ds_name, info in result["datasets"].items():
         out.append(f"## {ds_name}")
@@ -311,15 +358,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))
     ap.add_argument("--no-build", action="store_true", help="skip a dataset whose model is not built yet")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results[/quick])")
+    ap.add_argument("--protocols", default=None,
+                    help="replace the mode's protocols: comma-separated batch:N and lifelong:T:B")
+    ap.add_argument("--exact", action="store_true",
+                    help="full mode: run every protocol at its target size (no time budget, no size ladder)")
+    ap.add_argument("--generate", action="store_true",
+                    help="greedy-generation exact match (Rel EM, Gen EM) beside the token metrics (slow on CPU)")
     ap.add_argument("--question-encoder", type=Path, default=None,
                     help="a `moecli calibrate` file: MEMoE, LEMoE and SCEN route by it on the real-model datasets")
     args = ap.parse_args(argv)
-    global QUESTION_ENCODER
+    global QUESTION_ENCODER, GENERATION, CAP_LIFELONG_STEPS
     QUESTION_ENCODER = args.question_encoder
+    GENERATION = args.generate
+    CAP_LIFELONG_STEPS = not args.exact
     quick = not args.full
     methods = tuple(m for m in args.methods.split(",") if m)
     datasets = tuple(args.datasets.split(",")) if args.datasets else (("fact_world",) if quick else DATASETS)
-    protocols = QUICK if quick else FULL
+    protocols = parse_protocols(args.protocols) if args.protocols else QUICK if quick else FULL
     t0 = time.perf_counter()
     result: dict = {"meta": {}, "methods": list(methods), "protocols": [p.title for p in protocols],
                     "datasets": {}, "rows": [], "absent": []}
@@ -330,8 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
             avail.append(d)
         except Skip:
             pass
-    per_ds = None if quick else args.budget_min * 60 / max(len(avail), 1)
+    per_ds = None if quick or args.exact else args.budget_min * 60 / max(len(avail), 1)
     budget_note = ("quick mode: fixed tiny sizes, no time budget" if quick else
+                   "full mode, --exact: every protocol at its target size, no time budget" if args.exact else
                    f"full mode: budget {args.budget_min:.0f} min for quality, {per_ds / 60:.1f} min per available "
                    f"dataset; cells below their target size say so (see benchmarks/quality.py docstring)")
     out_dir = args.out or results_dir(quick)
@@ -346,8 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["absent"] += absent
         result["datasets"][d] = info
     result["meta"] = meta(quick, {
-        "budget_note": budget_note, "generation_metrics": False, "evaluate_before": False,
-        "lifelong_max_steps_cap": LIFELONG_STEP_CAP, "checkpoint": "saved once at the end of each run",
+        "budget_note": budget_note, "generation_metrics": GENERATION, "evaluate_before": False,
+        "lifelong_max_steps_cap": LIFELONG_STEP_CAP if CAP_LIFELONG_STEPS else None,
+        "checkpoint": "saved once at the end of each run",
         "protocols": [p.__dict__ | {"title": p.title} for p in protocols],
         "question_encoder": str(QUESTION_ENCODER) if QUESTION_ENCODER else None,
         "seconds": time.perf_counter() - t0,
