@@ -140,6 +140,8 @@ PLANNER = Planner()
 
 
 QUESTION_ENCODER: Path | None = None  # --question-encoder: learned question keys on the real-model datasets
+RETENTION_POINTS = 10  # --retention-points: about this many points on each lifelong retention curve
+RETENTION_SAMPLE = 100  # --retention-sample: earlier edits evaluated at each point
 CAP_LIFELONG_STEPS = True  # off with --exact: every method runs its own defaults, as the CLI does
 GENERATION = False  # --generate: greedy-generation exact match (Rel EM, Gen EM) beside the token metrics
 
@@ -223,7 +225,7 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
             log(f"{ds_name} | {p.title}: {allowance:.0f} s allowed, running N/T={n} "
                 f"(estimate {PLANNER.estimate(ds_name, ms, p.key, n):.0f} s)")
         bs = n if p.kind == "batch" else p.batch_size
-        eval_every = max(1, math.ceil(n / bs) // 10) if p.kind == "lifelong" else 0
+        eval_every = max(1, math.ceil(n / bs) // RETENTION_POINTS) if p.kind == "lifelong" else 0
         for m in ms:
             if budget_s is not None and time.perf_counter() - t_start > budget_s:
                 mark_absent(p, m, f"time budget of {budget_s / 60:.1f} min for this dataset used up by earlier cells")
@@ -231,7 +233,7 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
             log(f"{ds_name} | {p.title} | {m}: N/T={n}{f' (target {p.n})' if n != p.n else ''}, batch {bs}")
             try:
                 row = run(m, ds, p.kind, n, bs, _overrides(m, p, ds_name), eval_every=eval_every,
-                          generation=GENERATION)
+                          eval_sample=RETENTION_SAMPLE, generation=GENERATION)
             except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 mark_absent(p, m, f"failed: {type(exc).__name__}: {first}")
@@ -364,10 +366,17 @@ def main(argv: list[str] | None = None) -> dict:
                     help="full mode: run every protocol at its target size (no time budget, no size ladder)")
     ap.add_argument("--generate", action="store_true",
                     help="greedy-generation exact match (Rel EM, Gen EM) beside the token metrics (slow on CPU)")
+    ap.add_argument("--retention-points", type=int, default=10,
+                    help="lifelong: about this many retention-curve points (each evaluates a sample of earlier edits)")
+    ap.add_argument("--retention-sample", type=int, default=100,
+                    help="lifelong: earlier edits evaluated at each retention point")
     ap.add_argument("--question-encoder", type=Path, default=None,
                     help="a `moecli calibrate` file: MEMoE, LEMoE and SCEN route by it on the real-model datasets")
     args = ap.parse_args(argv)
-    global QUESTION_ENCODER, GENERATION, CAP_LIFELONG_STEPS
+    global QUESTION_ENCODER, GENERATION, CAP_LIFELONG_STEPS, RETENTION_POINTS, RETENTION_SAMPLE
+    if args.retention_points < 1 or args.retention_sample < 1:
+        raise SystemExit("--retention-points and --retention-sample must be ≥ 1")
+    RETENTION_POINTS, RETENTION_SAMPLE = args.retention_points, args.retention_sample
     QUESTION_ENCODER = args.question_encoder
     GENERATION = args.generate
     CAP_LIFELONG_STEPS = not args.exact
@@ -404,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["meta"] = meta(quick, {
         "budget_note": budget_note, "generation_metrics": GENERATION, "evaluate_before": False,
         "lifelong_max_steps_cap": LIFELONG_STEP_CAP if CAP_LIFELONG_STEPS else None,
+        "retention": {"points": RETENTION_POINTS, "sample": RETENTION_SAMPLE},
         "checkpoint": "saved once at the end of each run",
         "protocols": [p.__dict__ | {"title": p.title} for p in protocols],
         "question_encoder": str(QUESTION_ENCODER) if QUESTION_ENCODER else None,
