@@ -104,6 +104,7 @@ def machine() -> dict:
         "load_avg_1m_at_start": load, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "faiss": getattr(faiss, "__version__", "?"),
         "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -137,7 +138,7 @@ def meta_lines(m: dict) -> list[str]:
         f"- mode: **{m['mode']}**, date {m['date']}, moecli commit `{m['moecli_commit']}`",
         f"- machine: {mc['cpu']}, {mc['cores']} cores (torch threads {mc['torch_threads']}), "
         f"{mc['mem_gib']} GiB, load avg {mc['load_avg_1m_at_start']} at start; torch {mc['torch']}, "
-        f"transformers {mc['transformers']}, faiss {mc['faiss']}",
+        f"transformers {mc['transformers']}, faiss {mc['faiss']}" + (f"; GPU {mc['gpu']}" if mc.get("gpu") else ""),
     ]
 
 
@@ -342,8 +343,10 @@ METRICS = ("rel", "gen", "loc", "avg", "known", "port")
 
 def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overrides: dict | None = None,
         eval_every: int = 0, eval_sample: int = 100, seed: int = 0, order: str = "file",
-        generation: bool = False) -> dict:
+        generation: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     """One editing run through `moecli.engine.run_edits` (no before-evaluation; greedy EM with `generation`).
+
+    `device` / `dtype` as the CLI's `--device` / `--dtype` (the defaults are this machine's: CPU, fp32).
 
     `order`: file (as given), random (shuffled with `seed`, as `lifelong --order random`) or planned
     (the engine runs the planner, as `lifelong --order planned`).
@@ -362,8 +365,8 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
     config = build_config(method, None, overrides or {})
     with tempfile.TemporaryDirectory(prefix=f"moecli-bench-{method}-") as tmp:
         spec = RunSpec(command=f"bench-{protocol}", method=method, config=config, records=records,
-                       batch_size=batch_size, out_dir=Path(tmp) / "run", model_path=ds.model_dir, device="cpu",
-                       dtype="float32", seed=seed, data=ds.data, protocol=protocol, generation=generation,
+                       batch_size=batch_size, out_dir=Path(tmp) / "run", model_path=ds.model_dir, device=device,
+                       dtype=dtype, seed=seed, data=ds.data, protocol=protocol, generation=generation,
                        evaluate_before=False, eval_every=eval_every, eval_sample=eval_sample, order=order)
         t = time.perf_counter()
         with final_checkpoint_only():

@@ -143,6 +143,7 @@ QUESTION_ENCODER: Path | None = None  # --question-encoder: learned question key
 RETENTION_POINTS = 10  # --retention-points: about this many points on each lifelong retention curve
 RETENTION_SAMPLE = 100  # --retention-sample: earlier edits evaluated at each point
 CAP_LIFELONG_STEPS = True  # off with --exact: every method runs its own defaults, as the CLI does
+DEVICE, DTYPE = "cpu", "float32"  # --device / --dtype: a GPU runs the full sizes (bf16 there)
 GENERATION = False  # --generate: greedy-generation exact match (Rel EM, Gen EM) beside the token metrics
 
 
@@ -233,7 +234,7 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
             log(f"{ds_name} | {p.title} | {m}: N/T={n}{f' (target {p.n})' if n != p.n else ''}, batch {bs}")
             try:
                 row = run(m, ds, p.kind, n, bs, _overrides(m, p, ds_name), eval_every=eval_every,
-                          eval_sample=RETENTION_SAMPLE, generation=GENERATION)
+                          eval_sample=RETENTION_SAMPLE, generation=GENERATION, device=DEVICE, dtype=DTYPE)
             except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 mark_absent(p, m, f"failed: {type(exc).__name__}: {first}")
@@ -295,7 +296,7 @@ def render_markdown(result: dict) -> str:
            "- `*_smollm2`: SmolLM2-135M, a real pretrained model; the others are small knowledge models trained "
            "here, **not** the 7B models of the papers (published LLaMA2-7B numbers: /work/shared/docs/METHODS.md); "
            "compare methods within a table only.",
-           f"- {m['budget_note']}", ""]
+           f"- {m['budget_note']}; device {m.get('device', 'cpu')}, {m.get('dtype', 'float32')}", ""]
     for ds_name, info in result["datasets"].items():
         out.append(f"## {ds_name}")
         out.append("")
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="full mode: run every protocol at its target size (no time budget, no size ladder)")
     ap.add_argument("--generate", action="store_true",
                     help="greedy-generation exact match (Rel EM, Gen EM) beside the token metrics (slow on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (as `moecli --device`)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (as `moecli --dtype`)")
     ap.add_argument("--retention-points", type=int, default=10,
                     help="lifelong: about this many retention-curve points (each evaluates a sample of earlier edits)")
     ap.add_argument("--retention-sample", type=int, default=100,
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--question-encoder", type=Path, default=None,
                     help="a `moecli calibrate` file: MEMoE, LEMoE and SCEN route by it on the real-model datasets")
     args = ap.parse_args(argv)
-    global QUESTION_ENCODER, GENERATION, CAP_LIFELONG_STEPS, RETENTION_POINTS, RETENTION_SAMPLE
+    global QUESTION_ENCODER, GENERATION, CAP_LIFELONG_STEPS, RETENTION_POINTS, RETENTION_SAMPLE, DEVICE, DTYPE
+    DEVICE, DTYPE = args.device, args.dtype
     if args.retention_points < 1 or args.retention_sample < 1:
         raise SystemExit("--retention-points and --retention-sample must be ≥ 1")
     RETENTION_POINTS, RETENTION_SAMPLE = args.retention_points, args.retention_sample
@@ -412,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["datasets"][d] = info
     result["meta"] = meta(quick, {
         "budget_note": budget_note, "generation_metrics": GENERATION, "evaluate_before": False,
+        "device": DEVICE, "dtype": DTYPE,
         "lifelong_max_steps_cap": LIFELONG_STEP_CAP if CAP_LIFELONG_STEPS else None,
         "retention": {"points": RETENTION_POINTS, "sample": RETENTION_SAMPLE},
         "checkpoint": "saved once at the end of each run",
