@@ -299,14 +299,15 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
         raise UserError(f"{data}: no {what}{_skipped_note(read)}")
     if read.skipped:
         err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
-    from moecli.locality import with_same_subject, without_edited_neighbours
+    from moecli.locality import relation_evidence, with_same_subject, without_edited_neighbours
 
-    read.records, dropped = without_edited_neighbours(read.records)
+    evidence = relation_evidence(read.records, data, fmt)
+    read.records, dropped = without_edited_neighbours(read.records, evidence)
     if dropped:
         err_console.print(f"{data}: {dropped} neighborhood probes ask another record's edited fact; not scored "
                           "as locality", markup=False, highlight=False, soft_wrap=True)
     if same_subject:
-        read.records = with_same_subject(read.records, same_subject)
+        read.records = with_same_subject(read.records, same_subject, evidence=evidence)
     return read
 
 
@@ -595,8 +596,7 @@ def calibrate(
     """Train a question encoder for --model on train records: the learned same-question test of the key
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
     records and sets its threshold there (0.5% of other questions about the same subject let through)."""
-    from moecli.locality import with_same_subject
-    from moecli.question import PROBE_LIST
+    from moecli.locality import RELATION_EVIDENCE, with_same_subject
 
     spans = list(records or [])
     if spans and len(spans) != len(data):
@@ -611,8 +611,8 @@ def calibrate(
                 raise UserError(f"--records {spans[i]!r}: expected START:END, e.g. 2000:3000") from None
         read = _load_records(path, fmt, False, end)
         chosen = read.records[start:]
-        for at in range(0, len(chosen), PROBE_LIST):  # the relation test's joins grow with the list: lists
-            picked += with_same_subject(chosen[at:at + PROBE_LIST], same_subject, seed)  # of the benchmarks' size
+        for at in range(0, len(chosen), RELATION_EVIDENCE):  # the relation test's joins grow with the list:
+            picked += with_same_subject(chosen[at:at + RELATION_EVIDENCE], same_subject, seed)  # lists of its size
     from moecli.modeling import load_model
     from moecli.question import calibrate as train
 

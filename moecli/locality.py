@@ -18,8 +18,9 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
-from moecli.records import EditRecord, LocalityPair
+from moecli.records import EditRecord, LocalityPair, read_records
 
 # [choice] What a single edit given on the command line is checked against, so that `moecli edit
 # --prompt ...` reports locality too: general-knowledge prompts about other subjects and the edited
@@ -31,6 +32,12 @@ NEIGHBORHOOD_PROBES = (
     "The largest planet of the solar system is",
 )
 SAME_SUBJECT_PROBES = ("{} is a", "{} is famous for", "The history of {} began")
+# [choice] The relation test reads at least this many records of the file, whatever the number edited:
+# its joins grow with the list (a form pair needs `support` records), so on the first 100 CounterFact
+# records alone 11 of the 12 probes a LEMoE run took for its own edit asked the edited relation in other
+# words ("Ferrari F40 is produced by" for "Ferrari F40, developed by"); read from 1000 records the test
+# knows those forms for one relation. Lists of 1000 or more records are their own evidence, as before.
+RELATION_EVIDENCE = 1000
 
 BLANK = "\x00"
 # words that say nothing about the relation a prompt asks
@@ -137,15 +144,17 @@ class RelationTest:
         return any(len(a & b) >= self.overlap * len(a | b) for a in self.forms[i] for b in self.forms[j] if a | b)
 
 
-def with_same_subject(records: Sequence[EditRecord], per_edit: int = 3, seed: int = 0) -> list[EditRecord]:
+def with_same_subject(records: Sequence[EditRecord], per_edit: int = 3, seed: int = 0,
+                      evidence: Sequence[EditRecord] | None = None) -> list[EditRecord]:
     """The records with up to `per_edit` `same_subject` locality probes each: the prompt of another record
     of the list that asks another relation (`RelationTest`), with this record's subject in place of its
     own. Deterministic: the choice depends on `seed`, the record's position and the list. Answers are
     left empty (the unedited model's continuation is compared). A record without a subject in its
-    prompt gets none."""
+    prompt gets none. `evidence`: more records of the file, for the relation test (`relation_test`,
+    `RELATION_EVIDENCE`); the probes' prompts still come from `records`."""
     if per_edit <= 0:
         return list(records)
-    test = RelationTest(records)
+    test = relation_test(records, evidence)
     forms: dict[str, int] = {}  # prompt skeleton -> the first record that has it
     for j, r in enumerate(records):
         if r.subject and (sk := skeleton(r.prompt, r.subject)) is not None:
@@ -182,7 +191,26 @@ def _names(text: str, name: str) -> bool:
     return False
 
 
-def without_edited_neighbours(records: Sequence[EditRecord]) -> tuple[list[EditRecord], int]:
+def relation_test(records: Sequence[EditRecord], evidence: Sequence[EditRecord] | None = None) -> RelationTest:
+    """The relation test of `records`, learned from `evidence` when that is longer: more records of the same
+    file that begin with `records` (same prompts, same order), so indices into `records` stay valid."""
+    if evidence is None or len(evidence) <= len(records):
+        return RelationTest(records)
+    if any(a.prompt != b.prompt or a.subject != b.subject for a, b in zip(records, evidence)):
+        raise ValueError("relation evidence must begin with the records themselves")
+    return RelationTest(evidence)
+
+
+def relation_evidence(records: Sequence[EditRecord], path: str | Path, format: str | None = None) -> list[EditRecord]:
+    """What the relation test of `records` (read from `path`) learns from: the first `RELATION_EVIDENCE`
+    valid records of the file when `records` are fewer (a `--limit` run), else `records` themselves."""
+    if len(records) >= RELATION_EVIDENCE:
+        return list(records)
+    return read_records(path, format, skip_invalid=True, limit=RELATION_EVIDENCE).records
+
+
+def without_edited_neighbours(records: Sequence[EditRecord],
+                              evidence: Sequence[EditRecord] | None = None) -> tuple[list[EditRecord], int]:
     """The records without the `neighborhood` probes that ask another record's edit, and how many went.
 
     Why: CounterFact's neighbours of record i are other subjects asked i's relation; when one of them is
@@ -190,9 +218,9 @@ def without_edited_neighbours(records: Sequence[EditRecord]) -> tuple[list[EditR
     play?" among one record's neighbours, Hank Aaron's sport edited by another), the edited model *should*
     answer it differently: the probe is j's rephrasing, not a locality probe. Measured on
     `counterfact_edit.json` 0–999: 11 of the 26 neighbourhood misses of a LEMoE run were such. Same relation
-    by `RelationTest`, names matched as whole names (`_names`).
+    by `RelationTest` (learned from `evidence`, see `relation_test`), names matched as whole names (`_names`).
     """
-    test = RelationTest(records)
+    test = relation_test(records, evidence)
     subjects = [(j, r.subject) for j, r in enumerate(records) if r.subject]
     out, dropped = [], 0
     for i, r in enumerate(records):

@@ -43,7 +43,6 @@ LAYER_FRACTIONS = (0.4, 0.55, 0.7)  # [choice] encoded layers: round(f · (num_l
 HIDDEN = 0  # [choice] width of an optional hidden layer (0: a linear map; 512 measured: CounterFact 0.98, ZsRE 0.45)
 FALSE_MATCH_RATE = 0.005  # [choice] the threshold lets this share of held-out same-subject probes through
 # (0.01 before the skeleton: ZsRE same_subject 0.979 at 2.6 % false matches; Loc ≥ 0.99 needs < 1 %)
-PROBE_LIST = 1000  # [choice] calibrate builds same-subject probes within lists of this many records
 
 
 def layer_rms(h: torch.Tensor, n_layers: int, text_dim: int = 0) -> torch.Tensor:

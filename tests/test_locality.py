@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_moecli
 
-from moecli.locality import RelationTest, with_same_subject
+from moecli.locality import RelationTest, relation_evidence, relation_test, with_same_subject
 from moecli.records import EditRecord, LocalityPair, read_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -30,6 +30,12 @@ RECORDS = [
     _rec("Eve Moss works for", "Eve Moss", "Google", "Apple"),
     _rec("Fay Ross was born in", "Fay Ross", "Oslo", "Rome"),
 ]
+
+
+def _formed(prompt: str, rephrase: str, subject: str, target: str) -> EditRecord:
+    """A record whose prompt and rephrasing are forms ("{} died at") put on `subject`."""
+    return EditRecord(prompt=prompt.format(subject), target=target, subject=subject,
+                      rephrases=[rephrase.format(subject)])
 
 
 def _probes(rec: EditRecord) -> list[str]:
@@ -75,18 +81,48 @@ def test_forms_that_records_pair_twice_are_one_relation_through_chains():
     """"_ died at" ~ "_ passed away at" ~ "_ expired at" by (prompt, rephrasing) pairs of two records each:
     records asking any of them are one relation; one pairing (support 1) joins nothing; rephrasings that
     carry a random first sentence are compared from the subject's sentence on."""
-    def rec(prompt: str, rephrase: str, subject: str, target: str) -> EditRecord:
-        return EditRecord(prompt=prompt.format(subject), target=target, subject=subject,
-                          rephrases=[rephrase.format(subject)])
-
     died, passed, expired, born = "{} died at", "{} passed away at", "{} expired at", "{} was born in"
-    recs = [rec(died, "It rained. " + passed, "Ann", "Rome"), rec(died, passed, "Bo", "Oslo"),
-            rec(passed, expired, "Cy", "Lima"), rec(passed, "Then he left! " + expired, "Di", "Kyiv"),
-            rec(expired, expired, "Ed", "Pune"), rec(born, died, "Fay", "Riga"), rec(born, born, "Gus", "Baku")]
+    recs = [_formed(died, "It rained. " + passed, "Ann", "Rome"), _formed(died, passed, "Bo", "Oslo"),
+            _formed(passed, expired, "Cy", "Lima"), _formed(passed, "Then he left! " + expired, "Di", "Kyiv"),
+            _formed(expired, expired, "Ed", "Pune"), _formed(born, died, "Fay", "Riga"),
+            _formed(born, born, "Gus", "Baku")]
     test = RelationTest(recs)
     assert test.same(0, 4) and test.same(1, 2)  # chained, no shared answer, no shared content word
     assert not test.same(6, 4)  # "born"–"died" paired once only
     assert RelationTest(recs, support=3).same(0, 4) is False
+
+
+def test_a_short_list_learns_its_relations_from_the_evidence():
+    """Two forms joined only by records outside the edited list (a `--limit` run) still count as one
+    relation: the probe "Ann at" (the form of record 1) is not made for Ann, whose relation it asks."""
+    edited = [_formed("{} died in", "{} died in", "Ann", "Rome"),
+              _formed("{} passed away at", "{} passed away at", "Bo", "Oslo"),
+              _formed("{} was born in", "{} was born in", "Cy", "Lima")]
+    evidence = [*edited, _formed("{} died in", "{} passed away at", "Di", "Kyiv"),
+                _formed("{} died in", "{} passed away at", "Ed", "Pune")]
+    assert not RelationTest(edited).same(0, 1)
+    assert relation_test(edited, evidence).same(0, 1) and not relation_test(edited, evidence).same(0, 2)
+    probes = _probes(with_same_subject(edited, per_edit=2, evidence=evidence)[0])
+    assert probes == ["Ann was born in"]  # the only form of another relation
+    assert len(_probes(with_same_subject(edited, per_edit=2)[0])) == 2  # without it, "Ann passed away at" too
+    with pytest.raises(ValueError):
+        relation_test(edited, evidence[1:])  # evidence that does not begin with the list is refused
+
+
+@pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
+def test_first_100_counterfact_records_get_no_probe_in_other_words():
+    """The case measured on SmolLM2: on its own, the first 100 records' relation test let "Ferrari F40 is
+    produced by" be a probe for "Ferrari F40, developed by"; learned from 1000 records it is not."""
+    path = SHARED / "counterfact_edit.json"
+    records = read_records(path, limit=100).records
+    ferrari = next(i for i, r in enumerate(records) if r.prompt == "Ferrari F40, developed by")
+    evidence = relation_evidence(records, path)
+    assert len(evidence) == 1000
+    produced = next(j for j, r in enumerate(records) if r.prompt.endswith(" is produced by"))
+    assert not relation_test(records).same(ferrari, produced)
+    assert relation_test(records, evidence).same(ferrari, produced)
+    probes = _probes(with_same_subject(records, 3, evidence=evidence)[ferrari])
+    assert len(probes) == 3 and "Ferrari F40 is produced by" not in probes
 
 
 @pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
