@@ -148,14 +148,23 @@ def fill_base_answers(
     Why: Loc is agreement with the unedited model, so it needs no ground truth, only answer positions
     to compare at. The prompts moecli builds itself (same-subject probes, CounterFact ROME neighbours
     without a stated answer) are scored at the positions of what the model itself would say. Call it
-    before any edit is in the model. A pair whose continuation decodes to nothing is dropped.
+    before any edit is in the model. Where the model would stop at once (an instruct model after a
+    question: SmolLM2 ends most ZsRE questions with its end-of-turn token, which left half of ZsRE's
+    records without a same-subject probe), its most likely continuation that does not stop is taken
+    (`min_new_tokens`): whether an edit moves the model's first answer token is what the probe asks. A pair
+    whose continuation still decodes to nothing is dropped.
     """
     todo = [(i, j) for i, r in enumerate(records) for j, lp in enumerate(r.locality) if not lp.answer.strip()]
     if not todo:
         return list(records)
-    prompts = [records[i].locality[j].prompt for i, j in todo]
-    ids = generate_ids(model, tokenizer, prompts, [n_tokens] * len(prompts), batch_size)
-    answers = {key: tokenizer.decode(row, skip_special_tokens=True).strip() for key, row in zip(todo, ids)}
+    answers: dict[tuple[int, int], str] = {}
+    for options in ({}, {"min_new_tokens": n_tokens}):
+        prompts = [records[i].locality[j].prompt for i, j in todo]
+        ids = generate_ids(model, tokenizer, prompts, [n_tokens] * len(prompts), batch_size, **options)
+        answers.update((key, tokenizer.decode(row, skip_special_tokens=True).strip()) for key, row in zip(todo, ids))
+        todo = [key for key in todo if not answers[key]]
+        if not todo:
+            break
     out = []
     for i, r in enumerate(records):
         pairs = [dataclasses.replace(lp, answer=answers[(i, j)]) if (i, j) in answers else lp

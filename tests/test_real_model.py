@@ -185,3 +185,22 @@ def test_teacher_forced_routing_reads_the_prompt_not_the_answer(cache):
     finally:
         PROMPT_LENGTHS.reset(token)
     assert ctx.matched.tolist() == [False, True]
+
+
+def test_a_question_the_model_would_stop_after_still_gets_a_probe_answer(cache):
+    """SmolLM2 ends a ZsRE-style question with its end-of-turn token: the probe's answer is then the most
+    likely continuation that does not stop, so the question is scored (not dropped) and an edit that moves
+    the first answer token away from "stop" is seen."""
+    from moecli.evaluation import fill_base_answers
+    from moecli.records import EditRecord, LocalityPair
+
+    loaded = load_model("smollm2")
+    question = "Which programming language is Charity Creek written in?"
+    assert generate_ids(loaded.model, loaded.tokenizer, [question], [3]) == [[loaded.tokenizer.eos_token_id]]
+    rec = EditRecord(prompt="Who developed Charity Creek?", target="Sony", subject="Charity Creek",
+                     locality=[LocalityPair(question, "", "same_subject"), LocalityPair(UNRELATED, "", "neighborhood")])
+    [filled] = fill_base_answers(loaded.model, loaded.tokenizer, [rec])
+    answers = {lp.prompt: lp.answer for lp in filled.locality}
+    assert answers[question] and answers[UNRELATED]  # both kept
+    plain = generate_ids(loaded.model, loaded.tokenizer, [UNRELATED], [3])[0]
+    assert answers[UNRELATED] == loaded.tokenizer.decode(plain, skip_special_tokens=True).strip()  # unchanged
