@@ -278,16 +278,14 @@ def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
         raise Skip(f"{name}: the knowledge model knows only the first {KNOWLEDGE_N} records; asked for {n}")
     else:
         model_dir, how, secs = benchmark_model(name, build)
-    from moecli.locality import relation_evidence, with_same_subject, without_edited_neighbours
+    from moecli.locality import with_probes
     from moecli.records import read_records
 
     path = DATA_DIR / DATA_FILES[file]
     if not path.is_file():
         raise Skip(f"{path} is absent (set $MOECLI_BENCH_DATA to the folder holding {DATA_FILES[file]})")
     result = read_records(path, limit=n)
-    evidence = relation_evidence(result.records, path)
-    recs, dropped = without_edited_neighbours(result.records, evidence)
-    recs = with_same_subject(recs, SAME_SUBJECT_PER_EDIT, evidence=evidence)
+    recs, dropped = with_probes(result.records, path, SAME_SUBJECT_PER_EDIT)
     data = f"{path.name} ({result.format}), first {n} records, {SAME_SUBJECT_PER_EDIT} same_subject probes each"
     if dropped:
         data += f", {dropped} neighborhood probes that ask another record's edit dropped"

@@ -289,7 +289,7 @@ StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Maximum train
 def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit: int | None, same_subject: int = 0,
                   what: str = "valid records"):
     """Read --data (one stderr line for what --skip-invalid left out), with `same_subject` probes added and
-    the neighbourhood probes that ask another record's edit dropped (`locality.without_edited_neighbours`)."""
+    the neighbourhood probes that ask another record's edit dropped (`locality.with_probes`)."""
     from moecli.records import read_records
 
     if data is None:
@@ -299,15 +299,12 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
         raise UserError(f"{data}: no {what}{_skipped_note(read)}")
     if read.skipped:
         err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
-    from moecli.locality import relation_evidence, with_same_subject, without_edited_neighbours
+    from moecli.locality import with_probes
 
-    evidence = relation_evidence(read.records, data, fmt)
-    read.records, dropped = without_edited_neighbours(read.records, evidence)
+    read.records, dropped = with_probes(read.records, data, same_subject, fmt)
     if dropped:
         err_console.print(f"{data}: {dropped} neighborhood probes ask another record's edited fact; not scored "
                           "as locality", markup=False, highlight=False, soft_wrap=True)
-    if same_subject:
-        read.records = with_same_subject(read.records, same_subject, evidence=evidence)
     return read
 
 

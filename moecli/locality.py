@@ -209,6 +209,16 @@ def relation_evidence(records: Sequence[EditRecord], path: str | Path, format: s
     return read_records(path, format, skip_invalid=True, limit=RELATION_EVIDENCE).records
 
 
+def with_probes(records: Sequence[EditRecord], path: str | Path, per_edit: int,
+                format: str | None = None) -> tuple[list[EditRecord], int]:
+    """The records of `path` as moecli scores them, for the CLI and the benchmarks alike: the neighbourhood
+    probes that ask another record's edit dropped, `per_edit` same_subject probes added, both judged by the
+    relation test learned from `relation_evidence`; and how many neighbourhood probes were dropped."""
+    evidence = relation_evidence(records, path, format)
+    kept, dropped = without_edited_neighbours(records, evidence)
+    return with_same_subject(kept, per_edit, evidence=evidence), dropped
+
+
 def without_edited_neighbours(records: Sequence[EditRecord],
                               evidence: Sequence[EditRecord] | None = None) -> tuple[list[EditRecord], int]:
     """The records without the `neighborhood` probes that ask another record's edit, and how many went.
