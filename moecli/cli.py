@@ -582,6 +582,10 @@ def calibrate(
     text: Annotated[bool, typer.Option(
         "--text/--no-text", help="Also read the MiniLM embedding of the prompt with its entity blanked "
                                  "(the embed extra); --no-text: the model's layers alone.")] = True,
+    false_match_rate: Annotated[float | None, typer.Option(
+        "--false-match-rate", min=0.0001, max=0.5,
+        help="Share of held-out other questions about the same subject the threshold lets through "
+             "(default: moecli.question.FALSE_MATCH_RATE, 0.0025).")] = None,
     fmt: FormatOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -592,7 +596,7 @@ def calibrate(
 ) -> None:
     """Train a question encoder for --model on train records: the learned same-question test of the key
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
-    records and sets its threshold there (0.5% of other questions about the same subject let through)."""
+    records and sets its threshold there (0.25% of other questions about the same subject let through)."""
     from moecli.locality import RELATION_EVIDENCE, with_same_subject
 
     spans = list(records or [])
@@ -617,7 +621,8 @@ def calibrate(
     sources = [f"{p}[{r}]" if spans else str(p) for p, r in zip(data, spans or [""] * len(data))]
     with progress_reporter(not (quiet or as_json)) as progress:
         encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=sources,
-                        progress=progress, text=text)
+                        progress=progress, text=text,
+                        **({} if false_match_rate is None else {"false_match_rate": false_match_rate}))
     try:
         encoder.save(out)
     except OSError as exc:

@@ -132,6 +132,12 @@ def test_training_separates_the_pairs_it_is_given(hidden):
     held = {3 * i for i in range(0, 60, 5)}
     _, metrics = train_encoder(torch.stack(feats), pairs, held, dim=8, hidden=hidden, steps=200)
     assert metrics["auc"] > 0.95 and metrics["recall_at_threshold"] > 0.5
+    # a stricter rate sets a higher threshold, and the reported curve loses rephrasings with it
+    _, lenient = train_encoder(torch.stack(feats), pairs, held, dim=8, hidden=hidden, steps=200,
+                               false_match_rate=0.3)
+    assert lenient["threshold"] < metrics["threshold"] and lenient["false_match_rate"] > metrics["false_match_rate"]
+    curve = [metrics["recall_at_rate"][k] for k in sorted(metrics["recall_at_rate"], key=float)]
+    assert curve == sorted(curve) and lenient["recall_at_rate"] == metrics["recall_at_rate"]
 
 
 def test_calibration_pairs_label_rephrasings_neighbours_and_other_questions():
