@@ -585,7 +585,7 @@ def calibrate(
     false_match_rate: Annotated[float | None, typer.Option(
         "--false-match-rate", min=0.0001, max=0.5,
         help="Share of held-out other questions about the same subject the threshold lets through "
-             "(default: moecli.question.FALSE_MATCH_RATE, 0.0025).")] = None,
+             "(default: moecli.question.FALSE_MATCH_RATE).")] = None,
     fmt: FormatOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -615,6 +615,7 @@ def calibrate(
         for at in range(0, len(chosen), RELATION_EVIDENCE):  # the relation test's joins grow with the list:
             picked += with_same_subject(chosen[at:at + RELATION_EVIDENCE], same_subject, seed)  # lists of its size
     from moecli.modeling import load_model
+    from moecli.question import FALSE_MATCH_RATE
     from moecli.question import calibrate as train
 
     loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
@@ -622,7 +623,7 @@ def calibrate(
     with progress_reporter(not (quiet or as_json)) as progress:
         encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=sources,
                         progress=progress, text=text,
-                        **({} if false_match_rate is None else {"false_match_rate": false_match_rate}))
+                        false_match_rate=FALSE_MATCH_RATE if false_match_rate is None else false_match_rate)
     try:
         encoder.save(out)
     except OSError as exc:

@@ -327,10 +327,14 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
     same, other = cosines("rephrase"), cosines("other")
     metrics: dict = {"fit_pairs": len(fit), "held_out_pairs": len(test), "threshold": 0.5}
     if len(same) and len(other):
-        threshold = float(torch.quantile(other, 1.0 - false_match_rate))
-        curve = {str(r): float((same >= torch.quantile(other, 1.0 - r)).float().mean()) for r in CURVE_RATES}
-        metrics.update({"recall_at_rate": curve, "auc": float((same.unsqueeze(1) > other.unsqueeze(0)).float().mean()),
-                        "threshold": threshold, "recall_at_threshold": float((same >= threshold).float().mean()),
+        def passing(rate: float) -> tuple[float, float]:  # the threshold at `rate`, the rephrasings it passes
+            threshold = float(torch.quantile(other, 1.0 - rate))
+            return threshold, float((same >= threshold).float().mean())
+
+        threshold, recall = passing(false_match_rate)
+        metrics.update({"recall_at_rate": {str(r): passing(r)[1] for r in CURVE_RATES},
+                        "auc": float((same.unsqueeze(1) > other.unsqueeze(0)).float().mean()),
+                        "threshold": threshold, "recall_at_threshold": recall,
                         "false_match_rate": float((other >= threshold).float().mean())})
     return {k: v.detach() for k, v in params.items()} | {"mean": mean}, metrics
 
