@@ -198,6 +198,9 @@ def _write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
         if isinstance(exc, OSError) or code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(target, 0o666 & ~umask)  # safetensors writes 0600; every other file of the checkpoint has the umask's
     fd = os.open(target, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -234,6 +237,16 @@ def resolve_adapter_dir(path: str | Path, option: str = "--adapter") -> Path:
     raise UserError(
         f"{option} {path}: not a moecli checkpoint (no {MANIFEST_NAME}, and no {RUN_ADAPTER_SUBDIR}/ inside)"
     )
+
+
+def inside_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint directory that `path` lies in (or is), if any: such a place is replaced whole by the
+    checkpoint's next save or revert, so no run may write there."""
+    here = Path(path).absolute()
+    for d in (here, *here.parents):
+        if _looks_like_checkpoint(d):
+            return d
+    return None
 
 
 def checkpoint_exists(path: str | Path) -> bool:

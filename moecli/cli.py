@@ -213,10 +213,13 @@ def evaluate(
     Without --adapter, the model is its own locality baseline (Loc = 1.0) and Known shows how well
     it states the old facts.
     """
-    from moecli.reports import parse_fail_under, write_report
+    from moecli.reports import check_report_free, parse_fail_under, write_report
 
     gates = parse_fail_under(fail_under)
     quiet = quiet or as_json
+    out_dir = out or default_out_dir("evaluate")
+    check_out_dir(out_dir)
+    check_report_free(out_dir)
     if adapter is not None:
         from moecli.checkpoint import resolve_adapter_dir
 
@@ -255,7 +258,6 @@ def evaluate(
             if routing is not None:
                 result.summary["routing"] = routing
             columns = {"edited": result.summary}
-    out_dir = out or default_out_dir("evaluate")
     report = {
         "command": "evaluate", "moecli_version": __version__, "model": str(loaded.path),
         "data": str(data), "format": read.format, "adapter": str(adapter) if adapter else None,
@@ -392,17 +394,22 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
     """Shared body of edit / batch-edit / lifelong: build the spec, run it, print and write reports."""
     from moecli.engine import RunSpec
     from moecli.recipes import build_config, read_recipe
-    from moecli.reports import parse_fail_under
+    from moecli.reports import check_report_free, parse_fail_under
 
     gates = parse_fail_under(opts.fail_under)  # a malformed check is refused before minutes of editing
     quiet = opts.quiet or opts.as_json
-    recipe_values = read_recipe(opts.recipe) if opts.recipe else {}
-    method = opts.method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
+    out_dir = opts.out or default_out_dir(command)
+    check_out_dir(out_dir)
     overrides = {"layer": opts.layer, "expert_form": opts.expert_form, "lr": opts.lr, "max_steps": opts.max_steps}
-    config = build_config(method, recipe_values, overrides, opts.sets, source=str(opts.recipe or "options"))
+    if opts.adapter is not None:
+        method, config, recipe_values = _continued_config(opts, overrides)
+    else:
+        recipe_values = read_recipe(opts.recipe) if opts.recipe else {}
+        method = opts.method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
+        config = build_config(method, recipe_values, overrides, opts.sets, source=str(opts.recipe or "options"))
     spec = RunSpec(
         command=command, method=method, config=config, records=records, batch_size=batch_size,
-        out_dir=opts.out or default_out_dir(command), model_path=resolve_model_path(opts.model, quiet),
+        out_dir=out_dir, model_path=resolve_model_path(opts.model, quiet),
         device=opts.device, dtype=opts.dtype, device_map=opts.device_map, seed=opts.seed,
         data=str(data) if data else None, data_format=read_format, recipe=recipe_values, adapter=opts.adapter,
         eval_batch_size=opts.eval_batch_size, generation=opts.generate, perplexity=read_format == "hallucination",
@@ -416,7 +423,53 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
     if (spec.out_dir / "adapter").exists() and opts.adapter is None:
         raise UserError(f"--out {spec.out_dir} already holds an adapter; finish it with `moecli lifelong --resume "
                         f"{spec.out_dir}`, continue it with --adapter, or pick another --out")
+    check_report_free(spec.out_dir)
     _execute(spec, opts.as_json, quiet, gates=gates, junit=opts.junit)
+
+
+def _continued_config(opts: EditingOptions, overrides: dict):
+    """`--adapter`: the method and options the adapter was made with (its tensors are that method's, in that
+    shape). Another method, or an option that would change them, is refused rather than ignored."""
+    from moecli.checkpoint import load_checkpoint
+    from moecli.engine import adapter_method_config
+
+    ckpt = load_checkpoint(opts.adapter)
+    name, config = adapter_method_config(ckpt, opts.adapter)
+    asked = opts.method or (read_recipe_method(opts.recipe) if opts.recipe else None)
+    if asked is not None and asked != name:
+        raise UserError(f"--method {asked}: --adapter {opts.adapter} is a {name} adapter; continue it with "
+                        f"--method {name} (or leave --method out), or start a new adapter")
+    given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+    given += ["--recipe"] * bool(opts.recipe) + [f"--set {s}" for s in opts.sets or []]
+    if given:
+        raise UserError(f"--adapter {opts.adapter} is continued with the options it was made with; drop "
+                        f"{', '.join(given)} (they are in its adapter_config.json)")
+    return name, config, dict(ckpt.manifest.get("recipe") or {})
+
+
+def read_recipe_method(recipe: Path) -> str | None:
+    from moecli.recipes import read_recipe
+
+    return read_recipe(recipe).get("method")
+
+
+def check_out_dir(out: Path, option: str = "--out") -> None:
+    """Refuse an output directory moecli cannot or must not write, before anything runs: a file, an
+    unwritable place, or a place inside a checkpoint (a later save or revert of that checkpoint would
+    replace the whole directory, and the run with it)."""
+    from moecli.checkpoint import inside_checkpoint
+
+    holder = inside_checkpoint(out)
+    if holder is not None:
+        raise UserError(f"{option} {out}: is inside the adapter checkpoint {holder}; a save or revert of it would "
+                        f"delete this run; pick a directory outside it")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only disk as well (EROFS), for root too
+        raise UserError(f"{option} {out}: cannot write in {existing} (read-only or no permission)")
 
 
 def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict | None = None,
@@ -768,8 +821,8 @@ def show(
     """What an adapter holds: method, base model, when it was saved, the stream position, and its edits."""
     from moecli.checkpoint import load_checkpoint, resolve_adapter_dir
 
-    path = resolve_adapter_dir(adapter)
-    ckpt = load_checkpoint(path)
+    path = resolve_adapter_dir(adapter, "show")  # errors name the command: its adapter is an argument
+    ckpt = load_checkpoint(path, "show")
     m = ckpt.manifest
     edits = ckpt.ledger
     if grep:
@@ -778,7 +831,7 @@ def show(
                                          for k in ("id", "prompt", "target", "subject"))]
     info = {"adapter": str(path), "method": ckpt.config.get("method"),
             "base_model": m.get("base_model", {}).get("path"), "saved": m.get("saved"), "command": m.get("command"),
-            "stream": m.get("stream", {}),
+            "stream": m.get("stream", {}), "history": m.get("history", []),
             "n_edits": len(ckpt.ledger), "n_reverted": sum(1 for e in ckpt.ledger if e.get("reverted")),
             "edits": edits}
     if as_json:
@@ -817,7 +870,9 @@ def revert(
 
     if not ids and not batches:
         raise UserError("name the edits to take back with --id ID or --batch N")
-    result = revert_edits(adapter, list(ids or []), list(batches or []), out)
+    if out is not None:
+        check_out_dir(out)
+    result = revert_edits(adapter, list(ids or []), list(batches or []), out, option="revert")
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -131,14 +132,9 @@ _LEGACY_DEFAULTS: dict[str, dict] = {
 }
 
 
-def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None,
-                   option: str = "--adapter", ckpt: Checkpoint | None = None) -> tuple[EditMethod, Checkpoint]:
-    """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model.
-
-    `ckpt`: the checkpoint already read by `checked_checkpoint` (else it is read here).
-    """
-    if ckpt is None:
-        ckpt = checked_checkpoint(adapter_dir, base_fp or fingerprint(loaded.model), option)
+def adapter_method_config(ckpt: Checkpoint, adapter_dir: str | Path,
+                          option: str = "--adapter") -> tuple[str, MethodConfig]:
+    """The method name and config an adapter was made with, as its adapter_config.json says."""
     cfg = dict(ckpt.config)
     name = cfg.pop("method", None)
     if name is None:
@@ -149,7 +145,36 @@ def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict |
         if key in fields:
             cfg.setdefault(key, value)
     config = config_from_dict(cls.config_class, {k: v for k, v in cfg.items() if k in fields}, str(adapter_dir))
-    method = cls(loaded, config, ckpt.manifest.get("seed", 0))
+    try:
+        config.validate()
+    except UserError as exc:
+        raise UserError(f"{option} {adapter_dir}: adapter_config.json: {exc}") from None
+    return name, config
+
+
+def check_expert_count(ckpt: Checkpoint, adapter_dir: str | Path, option: str) -> None:
+    """A bypass adapter's `n_experts` must be the number of experts its tensors hold: a hand-edited count
+    (say 1e9) would otherwise make the load build experts until memory or patience runs out."""
+    n = ckpt.config.get("n_experts")
+    if n is None:
+        return
+    stored = {k.split(".")[1] for k in ckpt.tensors if k.startswith("experts.")}
+    if not isinstance(n, int) or isinstance(n, bool) or n != len(stored):
+        raise UserError(f"{option} {adapter_dir}: adapter_config.json says n_experts {n!r} but "
+                        f"adapter_model.safetensors holds {len(stored)} experts; the checkpoint is damaged")
+
+
+def restore_method(loaded: LoadedModel, adapter_dir: str | Path, base_fp: dict | None = None,
+                   option: str = "--adapter", ckpt: Checkpoint | None = None) -> tuple[EditMethod, Checkpoint]:
+    """Rebuild a method from a checkpoint onto `loaded`, refusing one made for another base model.
+
+    `ckpt`: the checkpoint already read by `checked_checkpoint` (else it is read here).
+    """
+    if ckpt is None:
+        ckpt = checked_checkpoint(adapter_dir, base_fp or fingerprint(loaded.model), option)
+    name, config = adapter_method_config(ckpt, adapter_dir, option)
+    check_expert_count(ckpt, adapter_dir, option)
+    method = get_method(name)(loaded, config, ckpt.manifest.get("seed", 0))
     method.load_state(ckpt.config, ckpt.tensors, ckpt.files)
     return method, ckpt
 
@@ -203,16 +228,21 @@ def load_edited(model, adapter_dir: str | Path, tokenizer=None, checkpoint: Chec
 
 
 def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict], position: int,
-          n_batches: int, timings: dict, retention: list[dict]) -> Path:
+          n_batches: int, timings: dict, retention: list[dict], offset: int = 0,
+          history: list[dict] | None = None) -> Path:
     config, tensors, files = method.export_state()
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # checked on what would be written: the tensors every method exports
+        diverged(f"weight {bad}", offset + position - 1, spec.out_dir)
     manifest = {
         "format_version": 1,
         "moecli_version": __version__,
         "base_model": {"path": str(spec.model_path), "fingerprint": loaded_fp},
         "command": spec.command, "method": spec.method, "seed": spec.seed, "recipe": spec.recipe,
         "data": spec.data, "data_format": spec.data_format, "batch_size": spec.batch_size,
-        "stream": {"position": position, "n_batches": n_batches, "record_ids": _records_key(spec.records)},
-        "timings": timings, "retention": retention,
+        "stream": {"position": position, "n_batches": n_batches, "record_ids": _records_key(spec.records),
+                   "batch_offset": offset},
+        "history": history or [], "timings": timings, "retention": retention,
         "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -223,6 +253,41 @@ def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict]
             f"cannot save the checkpoint {spec.out_dir / 'adapter'}: {exc.strerror or exc}; "
             f"{saved_so_far(spec.out_dir)}; {fix}, then run `moecli lifelong --resume {spec.out_dir}`"
         ) from exc
+
+
+def check_continuation(ckpt: Checkpoint, spec: RunSpec, adapter: Path) -> None:
+    """Refuse what continuing `adapter` with `spec` cannot do: another method (the adapter's tensors are that
+    method's), or an id the adapter already holds (revert --id and the locality baseline go by id)."""
+    made_with = ckpt.config.get("method")
+    if made_with is not None and made_with != spec.method:
+        raise UserError(f"--method {spec.method}: --adapter {adapter} is a {made_with} adapter; continue it with "
+                        f"--method {made_with} (or leave --method out), or start a new adapter")
+    held = {e.get("id") for e in ckpt.ledger}
+    for rec in spec.records:
+        if rec.id in held:
+            raise UserError(f"{spec.data or 'records'}: id {rec.id!r} is already an edit of --adapter {adapter}; "
+                            f"give the record another id (or revert the old edit first and use a new id)")
+
+
+def _history_entry(manifest: dict, adapter: Path, n_edits: int) -> dict:
+    """What a continued adapter was before this run: kept in the manifest's `history`, oldest first."""
+    return {"adapter": str(Path(adapter).absolute()), "command": manifest.get("command"),
+            "data": manifest.get("data"), "saved": manifest.get("saved"), "n_edits": n_edits,
+            "batches": manifest.get("stream", {}).get("batch_offset", 0) + manifest.get("stream", {}).get(
+                "position", 0), "reverts": len(manifest.get("reverts", []))}
+
+
+def check_finite(stats: dict, batch: int, out_dir: Path) -> None:
+    """Stop a run whose training diverged (an infinite lr, an overflow in half precision) before it saves:
+    a non-finite loss or weight would be written as an adapter that answers NaN to every routed input."""
+    loss = stats.get("loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        diverged(f"loss {loss}", batch, out_dir)
+
+
+def diverged(what: str, batch: int, out_dir: Path) -> None:
+    raise RunError(f"training diverged in batch {batch}: non-finite {what}; nothing of that batch is saved, "
+                   f"{saved_so_far(out_dir)}; lower --lr and start again")
 
 
 def saved_so_far(out_dir: Path) -> str:
@@ -281,6 +346,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
     if continue_from is not None and not resuming:
         continue_from = resolve_adapter_dir(continue_from, option)
         ckpt = checked_checkpoint(continue_from, base_fp, option)
+        check_continuation(ckpt, spec, continue_from)
     with RunLock(spec.out_dir):
         if resuming:
             ckpt = checked_checkpoint(continue_from, base_fp, option)
@@ -307,28 +373,37 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
         retention: list[dict] = []
+        history: list[dict] = []
         sample = _sample(records, spec.eval_sample, spec.seed)
-        start = 0
+        start = offset = 0  # offset: batches the adapter held before this run (a continued adapter)
         if continue_from is not None:
             method, ckpt = restore_method(loaded, continue_from, base_fp, option, ckpt)
+            # A continued adapter keeps its whole ledger and history, so that show, ask (routes are ledger
+            # rows) and revert see the earlier edits; a resumed run also finds its own batches in them.
+            ledger = list(ckpt.ledger)
+            history = list(ckpt.manifest.get("history", []))
+            stream = ckpt.manifest.get("stream", {})
             if resuming:
-                stream = ckpt.manifest.get("stream", {})
                 if stream.get("record_ids") != _records_key(spec.records):
                     raise UserError(f"--resume {spec.out_dir}: the records differ from the interrupted run's")
                 start = int(stream.get("position", 0))
-                ledger = list(ckpt.ledger)
+                offset = int(stream.get("batch_offset", 0))
                 retention = list(ckpt.manifest.get("retention", []))
                 timings.update({k: v for k, v in ckpt.manifest.get("timings", {}).items() if k.startswith("edit")})
+            else:
+                offset = 1 + max((int(e.get("batch", -1)) for e in ledger), default=-1)
+                history.append(_history_entry(ckpt.manifest, continue_from, len(ledger)))
         else:
             method = build_method(loaded, spec.method, spec.config, spec.seed)
         t = time.perf_counter()
         for b in range(start, len(batches)):
-            torch.manual_seed(spec.seed * 1_000_003 + b)
-            stats = method.apply_batch(batches[b], b, progress)
+            torch.manual_seed(spec.seed * 1_000_003 + offset + b)
+            stats = method.apply_batch(batches[b], offset + b, progress)
+            check_finite(stats, offset + b, spec.out_dir)
             for i, r in enumerate(batches[b]):
                 ledger.append({"id": r.id, "prompt": r.prompt, "target": r.target, "subject": r.subject,
-                               "batch": b, "expert": method.expert_of(i), **{f"train_{k}": v for k, v in
-                                                                             stats.items()}})
+                               "batch": offset + b, "expert": method.expert_of(i),
+                               **{f"train_{k}": v for k, v in stats.items()}})
             timings["edit"] = timings.get("edit", 0.0) + (time.perf_counter() - t)
             t = time.perf_counter()
             if spec.eval_every and ((b + 1) % spec.eval_every == 0 or b + 1 == len(batches)):
@@ -339,13 +414,13 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                 retention.append({"step": b + 1, "n_edited": len(seen), **{k: summ.get(k) for k in
                                                                             ("rel", "gen", "loc", "avg")}})
                 t = time.perf_counter()
-            _save(spec, method, base_fp, ledger, b + 1, len(batches), timings, retention)
+            _save(spec, method, base_fp, ledger, b + 1, len(batches), timings, retention, offset, history)
             if progress:
                 progress("batches", b + 1, len(batches))
         t = time.perf_counter()
         after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
                                  generation=spec.generation, perplexity=spec.perplexity, progress=progress)
-        routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size)
+        routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size, ledger)
         if routing is not None:
             after.summary["routing"] = routing
         timings["evaluate_after"] = time.perf_counter() - t
@@ -395,15 +470,16 @@ def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None =
     return rows
 
 
-def revert_edits(adapter_dir: str | Path, ids: list[str], batches: list[int], out: Path | None = None) -> dict:
+def revert_edits(adapter_dir: str | Path, ids: list[str], batches: list[int], out: Path | None = None,
+                 option: str = "--adapter") -> dict:
     """Take edits back from an adapter without retraining the rest (see `EditMethod.revert_tensors`).
 
     The edits are named by id or by batch; the ledger keeps them, marked `reverted`, and the manifest
     records the revert. The checkpoint is rewritten atomically in place, or written to `out` (a new run
     directory) leaving the original untouched. Returns what was done.
     """
-    adapter = resolve_adapter_dir(adapter_dir)
-    ckpt = load_checkpoint(adapter)
+    adapter = resolve_adapter_dir(adapter_dir, option)
+    ckpt = load_checkpoint(adapter, option)
     name = ckpt.config.get("method")
     if name is None:
         raise UserError(f"{adapter_dir}: adapter_config.json names no method")

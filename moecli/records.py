@@ -496,6 +496,7 @@ def read_records(
     problems: list[str] = []
     reader: Callable[[dict], EditRecord] | None = _READERS[format] if format else None
     fmt = format
+    seen: dict[str, int] = {}  # id -> record number: the locality baseline and `revert --id` go by id
     for n, obj in raw:
         if limit is not None and len(records) >= limit:
             break
@@ -513,6 +514,8 @@ def read_records(
             problem = validate_record(rec)
             if problem is not None:
                 raise _BadRecord(problem)
+            if rec.id in seen:
+                raise _BadRecord(f"duplicate id {rec.id!r} (record {seen[rec.id]} has it too); ids must be unique")
         except _SkipRecord as skip:
             problems.append(f"{name}:record {n}: {skip}")
             continue
@@ -522,6 +525,7 @@ def read_records(
                 raise UserError(message) from None
             problems.append(message)
             continue
+        seen[rec.id] = n
         records.append(rec)
 
     if fmt is None:

@@ -6,6 +6,7 @@ a number never travels without what it was measured on.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from moecli.fsutil import atomic_write_json, atomic_write_text
@@ -134,7 +135,22 @@ def parse_fail_under(spec: str | None, option: str = "--fail-under") -> dict[str
             out[name] = float(value)
         except ValueError:
             raise UserError(f"{option} {spec}: {name}={value!r} is not a number") from None
+        if not math.isfinite(out[name]):  # `x < nan` is never true: such a check could not fail
+            raise UserError(f"{option} {spec}: {name}={value} is not a finite number")
     return out
+
+
+REPORT_NAMES = ("report.json", "report.md")
+
+
+def check_report_free(out_dir: str | Path, option: str = "--out") -> None:
+    """Refuse an --out that already holds a report (an earlier run's, or a user's own file of that name):
+    a report is never replaced without a word. Checked before the run, so nothing is lost or half done."""
+    from moecli.errors import UserError
+
+    held = [name for name in REPORT_NAMES if (Path(out_dir) / name).exists()]
+    if held:
+        raise UserError(f"{option} {out_dir}: already holds {held[0]}; pick another --out (or move it away)")
 
 
 def shortfalls(summary: dict, thresholds: dict[str, float]) -> list[str]:

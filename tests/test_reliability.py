@@ -604,7 +604,8 @@ TARGET_KEY = {"zsre": "alt", "counterfact": "target_new", "hallucination": "targ
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(TARGET_KEY)),
-       st.lists(st.tuples(valid_records(), st.none() | st.sampled_from(sorted(BREAKERS))), min_size=1, max_size=6),
+       st.lists(st.tuples(valid_records(), st.none() | st.sampled_from(sorted(BREAKERS))), min_size=1, max_size=6,
+                unique_by=lambda item: (item[0].prompt, item[0].target)),  # a repeated record is a duplicate id
        st.booleans())
 def test_property_skip_invalid_keeps_exactly_the_valid_records(fmt, items, lines):
     """Generated records in each format, some broken: --skip-invalid keeps the valid ones in order and

@@ -8,6 +8,7 @@ the bypass, keeping the anchor trie, building retain prompts, and exporting/rest
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,6 +54,10 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise UserError for values out of range (called after recipe + flags are merged)."""
+        for f in fields(self):  # `--lr inf`, `lr: .nan`: no comparison below would catch them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number (got {value})")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0 (got {self.lr})")
         if not 0.0 <= self.stop_prob < 1.0:
