@@ -65,12 +65,16 @@ def chat_records(records: list, tokenizer) -> list:
                                 locality=wrap(r.locality), portability=wrap(r.portability)) for r in records]
 
 
-def encode_pair(tokenizer, prompt: str, answer: str) -> EncodedPair:
+def encode_pair(tokenizer, prompt: str, answer: str, end: bool = False) -> EncodedPair:
     """Encode one (prompt, answer) pair with the answer-token convention above.
 
     When the tokenizer merges across the prompt/answer boundary, the answer starts at the first
     token where the two encodings differ (never at position 0, which has no prediction). A prompt
     that already ends in white space (a chat template's "assistant\n") gets no extra space.
+    `end`: the answer is followed by the token that ends it (`answer_end_id`: the end-of-turn token
+    after a chat prompt, else the end-of-sequence token), so that a model trained on the pair answers
+    and stops; a tokenizer with neither adds nothing. The metrics never set it (their answer tokens
+    are the answer's own).
     """
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     p_ids = _strip_trailing_eos(tokenizer(prompt)["input_ids"], eos, bos)
@@ -83,7 +87,74 @@ def encode_pair(tokenizer, prompt: str, answer: str) -> EncodedPair:
     start = max(start, 1)
     if start >= len(full):  # degenerate (empty answer): score the last token
         start = len(full) - 1
+    stop = answer_end_id(tokenizer, prompt) if end else None
+    if stop is not None:
+        full = [*full, stop]
     return EncodedPair(ids=full, answer_start=start)
+
+
+def _template_parts(tokenizer) -> tuple[str, int | None] | None:
+    """(the text a chat prompt ends with, the id of the token that closes an assistant turn), read off the
+    tokenizer's chat template once; None without a template (or one that cannot render a short exchange)."""
+    cache = tokenizer.__dict__.setdefault("_moecli_template_parts", {})
+    if "parts" in cache:
+        return cache["parts"]
+    parts = None
+    if getattr(tokenizer, "chat_template", None):
+        mark = "moecli7q"
+        try:
+            asked = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                                  add_generation_prompt=True)
+            answered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}], tokenize=False)
+        except Exception:  # a template that insists on other roles: no end-of-turn known
+            asked = answered = ""
+        if mark in asked and mark in answered:
+            after = answered[answered.rindex(mark) + len(mark):]
+            ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+            special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+            eot = ids[0] if ids and ids[0] in special else None
+            parts = (asked[asked.rindex(mark) + len(mark):], eot)
+    cache["parts"] = parts
+    return parts
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in the tokenizer's chat template (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`), None without a chat template."""
+    parts = _template_parts(tokenizer)
+    return parts[1] if parts else None
+
+
+def is_chat_prompt(tokenizer, prompt: str) -> bool:
+    """Whether `prompt` is a user turn in the chat template, ready for the answer (as `chat_prompt` makes)."""
+    parts = _template_parts(tokenizer)
+    return bool(parts and parts[0] and prompt.endswith(parts[0]))
+
+
+def answer_end_id(tokenizer, prompt: str) -> int | None:
+    """The token an answer to `prompt` ends with: the template's end-of-turn token after a chat prompt, else
+    the tokenizer's end-of-sequence token; None when the tokenizer has neither."""
+    if is_chat_prompt(tokenizer, prompt):
+        eot = end_of_turn_id(tokenizer)
+        if eot is not None:
+            return eot
+    eos = tokenizer.eos_token_id
+    return int(eos) if eos is not None else None
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token that ends a free answer: the tokenizer's end of sequence, the model's generation config's
+    (an int or a list: Llama 3 stops at three), and the chat template's end of turn."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    config_eos = getattr(config, "eos_token_id", None)
+    for tid in (tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]),
+                end_of_turn_id(tokenizer)):
+        if tid is not None and int(tid) not in ids:
+            ids.append(int(tid))
+    return ids
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

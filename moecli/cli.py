@@ -73,7 +73,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed and inputs give the same result.")]
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", min=1, help="Batch size for evaluation.")]
 GenerateOpt = Annotated[
-    bool, typer.Option("--generate/--no-generate", help="Also score greedy generation (exact match).")
+    bool, typer.Option("--generate/--no-generate",
+                       help="Also score free generation (greedy, ≤ 32 tokens, to the stop token) and greedy EM.")
 ]
 FailUnderOpt = Annotated[
     str | None, typer.Option("--fail-under", help="CI check: exit 1 when a metric is under its bound, e.g. "
@@ -248,7 +249,8 @@ def evaluate(
 
             ckpt = checked_checkpoint(adapter, fingerprint(loaded.model))  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
-            baseline = compute_baseline(loaded.model, loaded.tokenizer, records, eval_batch_size, progress)
+            baseline = compute_baseline(loaded.model, loaded.tokenizer, records, eval_batch_size, progress,
+                                        generation=generate)
             method = load_edited(loaded, adapter, checkpoint=ckpt)
             result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, progress=progress,
                                       **kwargs)

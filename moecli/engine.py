@@ -365,11 +365,13 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         # Locality prompts without an answer are scored where the unedited model's own answer stands.
         records = fill_base_answers(model, tok, records, spec.eval_batch_size)
         batches = [records[i : i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
-        baseline: Baseline = compute_baseline(model, tok, records, spec.eval_batch_size, progress)
+        baseline: Baseline = compute_baseline(model, tok, records, spec.eval_batch_size, progress,
+                                              generation=spec.generation)
         before = None
         if spec.evaluate_before:
             before = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
-                                      generation=spec.generation, perplexity=spec.perplexity, progress=progress)
+                                      generation=spec.generation, perplexity=spec.perplexity, progress=progress,
+                                      unedited=True)
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
         retention: list[dict] = []

@@ -1,9 +1,26 @@
 """Metrics and protocols of EVALUATION.md: Rel, Gen, Loc, Port, Known, strict and generation forms.
 
-Everything is teacher-forced (`prompt + " " + answer` fed once, argmax at each answer position
-compared with the answer token), batched, and right-padded by `moecli.batching`, so left- and
-right-padding tokenizers score identically. Locality compares against the *unedited* model's argmax
-predictions, computed once before editing and kept in a `Baseline`.
+Rel, Gen, Loc, Port and Known are teacher-forced (`prompt + " " + answer` fed once, argmax at each
+answer position compared with the answer token), batched, and right-padded by `moecli.batching`, so
+left- and right-padding tokenizers score identically. Locality compares against the *unedited* model's
+argmax predictions, computed once before editing and kept in a `Baseline`.
+
+**Free generation** (`generation=True`; the keys `*_free_*`), what the model says when asked, with
+nothing of the answer given:
+- decoding: greedy, batched (prompts sorted by length, left-padded, KV cache: HF `generate`), at most
+  `FREE_NEW_TOKENS` (32) new tokens, stopping at the first stop token (`batching.stop_token_ids`: the
+  tokenizer's end of sequence, the model's generation config's, the chat template's end of turn); the
+  answer is the text before the stop, decoded without special tokens and stripped;
+- per Rel and Gen prompt two verdicts on SQuAD-normalised text (`normalize_answer`: lower case, no
+  punctuation, no articles a/an/the, single spaces): `exact`, the whole answer equals the target
+  (the model said it and stopped), and `first`, the answer begins with the target at a word boundary
+  (it said it first, whatever followed): `rel_free_exact`, `rel_free_first`, `gen_free_exact`,
+  `gen_free_first`;
+- per locality prompt, `loc_free`: the free answer is the unedited model's, as text (the `Baseline`
+  keeps the unedited model's free answers; the same prompts in the same batches, so an untouched
+  prompt decodes bit for bit alike), also per group (`loc_free_by_group`).
+The older `rel_em` / `gen_em` decode exactly as many tokens as the target has (they know its length)
+and are kept for comparison.
 
 The evaluator knows nothing about adapters: an edited model routes its own inputs (the bypass
 computes anchors from the input ids), so the same code scores a base model and an edited one.
@@ -21,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecli.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of
+from moecli.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of, stop_token_ids
 from moecli.records import EditRecord
 
 Progress = Callable[[str, int, int], None]
@@ -91,16 +108,28 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
 
 
+def free_verdicts(answer: str, target: str) -> tuple[bool, bool]:
+    """(exact, first) of a free answer against the target, both on normalised text: `exact`, the answer is
+    the target; `first`, the answer begins with the target and then ends or goes on after a space
+    ("Rome, Italy" and "Rome is" for "Rome"; not "Romeo"). A target that normalises to nothing is met
+    only by an answer that does too."""
+    a, t = normalize_answer(answer), normalize_answer(target)
+    exact = a == t
+    return exact, exact or (bool(t) and a.startswith(t + " "))
+
+
 @torch.no_grad()
 def generate_ids(
     model, tokenizer, prompts: Sequence[str], new_tokens: Sequence[int], batch_size: int = 32,
-    progress: Progress | None = None, **generate_kwargs,
+    progress: Progress | None = None, stop_ids: Sequence[int] | None = None, **generate_kwargs,
 ) -> list[list[int]]:
     """Decode up to `new_tokens[i]` tokens after each prompt (greedy unless `generate_kwargs` say
     otherwise); returns each prompt's new token ids.
 
     Prompts are left-padded here (whatever the tokenizer's side) because generation appends on the
-    right, and batched by length so little compute goes to padding.
+    right, and batched by length so little compute goes to padding. `stop_ids`: a row ends at the first
+    of these tokens (`generate` stops a batch once every row has one) and is returned without it; None
+    leaves the stop to the model's generation config, and the ids as generated.
     """
     device = _model_device(model)
     pad = pad_id_of(tokenizer)
@@ -108,6 +137,9 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     options = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
+    stops = set(stop_ids or ())
+    if stops:
+        options["eos_token_id"] = sorted(stops)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -121,9 +153,25 @@ def generate_ids(
                              max_new_tokens=max(new_tokens[i] for i in idx), **options)
         for row, i in enumerate(idx):
             out[i] = gen[row, width : width + new_tokens[i]].tolist()
+            if stops:
+                out[i] = out[i][: next((k for k, t in enumerate(out[i]) if t in stops), len(out[i]))]
         if progress:
             progress("generating", min(start + batch_size, len(order)), len(order))
     return out
+
+
+FREE_NEW_TOKENS = 32
+"""At most this many tokens of a free answer (the protocol in the module docstring)."""
+
+
+def free_answers(
+    model, tokenizer, prompts: Sequence[str], batch_size: int = 32, progress: Progress | None = None,
+    max_new_tokens: int = FREE_NEW_TOKENS,
+) -> list[str]:
+    """Each prompt's free answer: greedy, up to `max_new_tokens`, the text before the first stop token."""
+    ids = generate_ids(model, tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size, progress,
+                       stop_ids=stop_token_ids(tokenizer, model))
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def generate_answers(
@@ -175,10 +223,12 @@ def fill_base_answers(
 
 @dataclass
 class Baseline:
-    """What the unedited model said: argmax on every locality pair, and its Known accuracy."""
+    """What the unedited model said: argmax on every locality pair, its Known accuracy, and (when computed
+    with `generation`) its free answer to every locality prompt."""
 
     loc_preds: dict[str, list[list[int]]] = field(default_factory=dict)  # record id -> per pair
     known: dict[str, float] = field(default_factory=dict)  # record id -> token acc on ground_truth
+    loc_free: dict[str, list[str]] | None = None  # record id -> free answer per locality pair
 
 
 def _loc_pairs(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
@@ -187,13 +237,18 @@ def _loc_pairs(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
 
 def compute_baseline(
     model, tokenizer, records: Sequence[EditRecord], batch_size: int = 64,
-    progress: Progress | None = None,
+    progress: Progress | None = None, generation: bool = False,
 ) -> Baseline:
-    """Run the unedited model once on every locality prompt and ground truth, before editing."""
+    """Run the unedited model once on every locality prompt and ground truth, before editing; with
+    `generation`, also keep its free answer to every locality prompt (what `loc_free` compares with)."""
     base = Baseline()
-    scored = iter(score_pairs(model, tokenizer, _loc_pairs(records), batch_size, progress, "baseline"))
+    loc = _loc_pairs(records)
+    scored = iter(score_pairs(model, tokenizer, loc, batch_size, progress, "baseline"))
     for r in records:
         base.loc_preds[r.id] = [next(scored).preds for _ in r.locality]
+    if generation:
+        answers = iter(free_answers(model, tokenizer, [p for p, _ in loc], batch_size, progress))
+        base.loc_free = {r.id: [next(answers) for _ in r.locality] for r in records}
     known_recs = [r for r in records if r.ground_truth]
     known = score_pairs(model, tokenizer, [(r.prompt, r.ground_truth) for r in known_recs], batch_size)
     for r, s in zip(known_recs, known):
@@ -216,16 +271,20 @@ class EvalReport:
 def evaluate_records(
     model, tokenizer, records: Sequence[EditRecord], baseline: Baseline | None = None, *,
     batch_size: int = 64, generation: bool = True, perplexity: bool = False,
-    progress: Progress | None = None,
+    progress: Progress | None = None, unedited: bool = False,
 ) -> EvalReport:
     """Score every record: Rel on `prompt`, Gen on rephrases, Loc vs `baseline`, Port, Known.
 
     With `baseline=None` the model is its own baseline (Loc = 1 by definition; used to evaluate
     an unedited model). `perplexity=True` adds `rel_ppl`, the perplexity of the target (the
-    hallucination protocol, lower is better).
+    hallucination protocol, lower is better). `generation=True` adds the free-generation verdicts (module
+    docstring) and the older length-bounded `rel_em` / `gen_em`; `loc_free` needs a baseline computed
+    with `generation`. `unedited=True` says the model is the one the baseline was computed on (the engine's
+    "before" column): its free locality answers are the baseline's, not generated again.
     """
     if baseline is None:
-        baseline = compute_baseline(model, tokenizer, records, batch_size, progress)
+        baseline = compute_baseline(model, tokenizer, records, batch_size, progress, generation=generation)
+        unedited = True
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[int, str, str]] = []  # (record index, kind, group)
     for i, r in enumerate(records):
@@ -242,10 +301,21 @@ def evaluate_records(
             slots.append((i, "port", pp.group))
     scored = score_pairs(model, tokenizer, pairs, batch_size, progress, "evaluating")
     gen_text: dict[int, str] = {}
+    free_text: dict[int, str] = {}
+    loc_free_same: dict[int, bool] = {}
     if generation:
         gen_idx = [k for k, s in enumerate(slots) if s[1] in ("rel", "gen")]
         texts = generate_answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress)
         gen_text = dict(zip(gen_idx, texts))
+        free_text = dict(zip(gen_idx, free_answers(model, tokenizer, [pairs[k][0] for k in gen_idx], batch_size,
+                                                   progress)))
+        if baseline.loc_free is not None:
+            # the locality prompts alone, in baseline order: the same batches as the baseline's generation
+            loc_idx = [k for k, s in enumerate(slots) if s[1] == "loc"]
+            before = [a for r in records for a in baseline.loc_free[r.id]]
+            now = before if unedited else free_answers(model, tokenizer, [pairs[k][0] for k in loc_idx],
+                                                       batch_size, progress)
+            loc_free_same = {k: a == b for k, a, b in zip(loc_idx, now, before)}
 
     per: list[dict] = [defaultdict(list) for _ in records]
     loc_pos = [0] * len(records)
@@ -258,6 +328,9 @@ def evaluate_records(
             d["loc"].append(same)
             d["loc_strict"].append(float(same == 1.0))
             d[f"loc:{group}"].append(same)
+            if k in loc_free_same:
+                d["loc_free"].append(float(loc_free_same[k]))
+                d[f"loc_free:{group}"].append(float(loc_free_same[k]))
             continue
         d[kind].append(s.accuracy)
         d[f"{kind}_strict"].append(float(s.accuracy == 1.0))
@@ -266,10 +339,18 @@ def evaluate_records(
         if k in gen_text:
             em = normalize_answer(gen_text[k]) == normalize_answer(pairs[k][1])
             d[f"{kind}_em"].append(float(em))
+        if k in free_text:
+            exact, first = free_verdicts(free_text[k], pairs[k][1])
+            d[f"{kind}_free_exact"].append(float(exact))
+            d[f"{kind}_free_first"].append(float(first))
+            d[f"{kind}_free_answer"].append(free_text[k])
     per_edit: list[dict] = []
     for r, d in zip(records, per):
         row: dict = {"id": r.id, "prompt": r.prompt, "target": r.target}
         for key, vals in d.items():
+            if key.endswith("_free_answer"):  # the texts themselves, to read what the model said
+                row[key] = vals[0] if key.startswith("rel") else list(vals)
+                continue
             row[key] = _mean(vals)
         if d.get("gen"):
             row["gen_each"] = list(d["gen"])  # per rephrase, in record order (the routing diagnosis reads it)
@@ -293,6 +374,9 @@ def summarize(per_edit: Sequence[dict]) -> dict:
     loc_groups = {k.split(":", 1)[1]: summary.pop(k) for k in list(summary) if k.startswith("loc:")}
     if loc_groups:
         summary["loc_by_group"] = loc_groups
+    free_groups = {k.split(":", 1)[1]: summary.pop(k) for k in list(summary) if k.startswith("loc_free:")}
+    if free_groups:
+        summary["loc_free_by_group"] = free_groups
     parts = [summary[k] for k in ("rel", "gen", "loc") if k in summary]
     summary["avg"] = sum(parts) / len(parts) if parts else None
     for k in ("rel", "gen", "loc"):

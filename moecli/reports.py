@@ -13,7 +13,9 @@ from moecli.fsutil import atomic_write_json, atomic_write_text
 
 METRIC_ROWS = [
     ("known", "Known"), ("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("port", "Port"),
-    ("avg", "Avg"), ("rel_strict", "Rel strict"), ("gen_strict", "Gen strict"),
+    ("avg", "Avg"), ("rel_free_exact", "Rel free exact"), ("rel_free_first", "Rel free first"),
+    ("gen_free_exact", "Gen free exact"), ("gen_free_first", "Gen free first"), ("loc_free", "Loc free"),
+    ("rel_strict", "Rel strict"), ("gen_strict", "Gen strict"),
     ("loc_strict", "Loc strict"), ("rel_em", "Rel gen-EM"), ("gen_em", "Gen gen-EM"),
     ("rel_ppl", "Rel PPL"),
 ]
@@ -23,7 +25,7 @@ def public_summary(summary: dict) -> dict:
     """The summary keys every command prints with `--json`: rel, gen, loc, avg, n_edits always;
     port, known, loc_by_group when present; plus the strict and generation forms."""
     out = {k: summary.get(k) for k in ("rel", "gen", "loc", "avg")}
-    for k in ("port", "known", "loc_by_group", "routing"):
+    for k in ("port", "known", "loc_by_group", "loc_free_by_group", "routing"):
         if summary.get(k) is not None:
             out[k] = summary[k]
     for k, _ in METRIC_ROWS:
@@ -42,9 +44,10 @@ def metric_rows(columns: dict[str, dict]) -> list[tuple[str, list[str]]]:
     for key, label in METRIC_ROWS:
         if any(col.get(key) is not None for col in columns.values()):
             rows.append((label, [fmt(col.get(key)) for col in columns.values()]))
-    groups = sorted({g for col in columns.values() for g in (col.get("loc_by_group") or {})})
-    for g in groups:
-        rows.append((f"Loc[{g}]", [fmt((col.get("loc_by_group") or {}).get(g)) for col in columns.values()]))
+    for key, label in (("loc_by_group", "Loc"), ("loc_free_by_group", "Loc free")):
+        groups = sorted({g for col in columns.values() for g in (col.get(key) or {})})
+        for g in groups:
+            rows.append((f"{label}[{g}]", [fmt((col.get(key) or {}).get(g)) for col in columns.values()]))
     return rows
 
 
@@ -114,7 +117,8 @@ def plot_retention(retention: list[dict], path: str | Path, title: str = "retent
 
 
 # ------------------------------------------------------------------ CI checks
-GATED_METRICS = ("rel", "gen", "loc", "port", "avg", "rel_strict", "gen_strict", "loc_strict", "rel_em", "gen_em")
+GATED_METRICS = ("rel", "gen", "loc", "port", "avg", "rel_strict", "gen_strict", "loc_strict", "rel_em", "gen_em",
+                 "rel_free_exact", "rel_free_first", "gen_free_exact", "gen_free_first", "loc_free")
 
 
 def parse_fail_under(spec: str | None, option: str = "--fail-under") -> dict[str, float]:

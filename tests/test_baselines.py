@@ -136,7 +136,7 @@ def test_checkpoint_reload_reproduces_metrics(tiny, tmp_path, method, family, ba
     elif method == "grace" or batch_size == len(DATA[method]):  # FT-L and LoRA may forget in lifelong
         assert report["summary"]["rel"] == 1.0
     loaded = load_model(tiny[family])
-    base = compute_baseline(loaded.model, loaded.tokenizer, DATA[method])
+    base = compute_baseline(loaded.model, loaded.tokenizer, DATA[method], generation=True)
     weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     edited = load_edited(loaded, tmp_path / "run")
     again = evaluate_records(loaded.model, loaded.tokenizer, DATA[method], base, generation=True).summary

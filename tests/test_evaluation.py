@@ -424,6 +424,7 @@ def test_generation_em_uses_normalized_match(tok, vocab, monkeypatch: pytest.Mon
         return [" paris" if a == "The Paris!" and p == recs[0].prompt else " nope" for p, a in pairs]
 
     monkeypatch.setattr(ev, "generate_answers", fake_generate)
+    monkeypatch.setattr(ev, "free_answers", lambda model, tokenizer, prompts, *a, **k: ["x"] * len(prompts))
     report = evaluate_records(oracle(vocab), tok, recs)
     assert report.per_edit[0]["rel_em"] == 1.0
     assert report.per_edit[0]["gen_em"] == 0.0
