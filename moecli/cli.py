@@ -123,7 +123,12 @@ def _root(
 def progress_reporter(enabled: bool):
     """Yield a `progress(stage, done, total)` callback drawing rich bars on stderr (or a no-op)."""
     if not enabled or not err_console.is_terminal:  # bars in a log file would only add blank lines
-        yield lambda *a, **k: None
+        def silent(*a, **k) -> None:
+            pass
+
+        if enabled:  # a log file gets the notes, not the bars
+            silent.note = note
+        yield silent
         return
     bars = Progress(
         TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -136,8 +141,14 @@ def progress_reporter(enabled: bool):
             tasks[stage] = bars.add_task(stage, total=total)
         bars.update(tasks[stage], completed=done, total=total)
 
+    report.note = note  # one line about what is going on (e.g. a question key being calibrated)
     with bars:
         yield report
+
+
+def note(text: str) -> None:
+    """One stderr line from inside a run (through `progress.note`: `--quiet` and `--json` silence it)."""
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def resolve_model_path(model: str | None, quiet: bool = False) -> Path:
@@ -619,19 +630,22 @@ def lifelong(
 
 @app.command()
 def calibrate(
-    data: Annotated[list[Path], typer.Option("--data", help="Train-split records (repeat for several files); "
-                                                            "never the records you evaluate on.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the question encoder (.safetensors).")],
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="Train-split records (repeat for several files); never the records you evaluate on. "
+                       "Default: the train data moecli ships (counterfact_train 0:2000, zsre_train_1k 0:1000).")
+                    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the question encoder (.safetensors); default: only install it.")] = None,
     records: Annotated[list[str] | None, typer.Option(
-        "--records", help="START:END of each --data file, in the same order (default: all; ZsRE: 2000:3000).")] = None,
+        "--records", help="START:END of each --data file, in the same order (default: all).")] = None,
     layer: Annotated[list[int] | None, typer.Option(
         "--layer", help="Decoder layer(s) to encode, repeat for several (default: 0.4, 0.55 and 0.7 of depth).")
                      ] = None,
     hidden: Annotated[int, typer.Option("--hidden", min=0, help="Hidden width of the encoder (0: linear).")] = 0,
     install: Annotated[bool, typer.Option(
         "--install",
-        help="Also put it in $MOECLI_CACHE/questions: the default key for this model (query_feature auto).")
-                       ] = False,
+        help="Also put it in $MOECLI_CACHE/questions: the default key for this model (query_feature auto); "
+             "implied without --out.")] = False,
     dim: Annotated[int, typer.Option("--dim", min=8, help="Width of the question codes.")] = 128,
     same_subject: Annotated[int, typer.Option("--same-subject", min=1, help="Other-question probes per record.")] = 3,
     text: Annotated[bool, typer.Option(
@@ -651,57 +665,62 @@ def calibrate(
 ) -> None:
     """Train a question encoder for --model on train records: the learned same-question test of the key
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
-    records and sets its threshold there (0.25% of other questions about the same subject let through)."""
-    from moecli.locality import RELATION_EVIDENCE, with_same_subject
+    records and sets its threshold there (0.25% of other questions about the same subject let through).
+    Without --data it reads the train data moecli ships; without --out it installs the key only (the one an
+    editing run calibrates itself on first use of a real model)."""
+    from moecli.calibration import SHIPPED, calibration_records
+    from moecli.calibration import install as install_key
 
     spans = list(records or [])
-    if spans and len(spans) != len(data):
-        raise UserError(f"--records: give one START:END per --data file ({len(data)} files, {len(spans)} ranges)")
-    picked = []
-    for i, path in enumerate(data):
+    if data:
+        sources = [(path, spans[i] if spans else None) for i, path in enumerate(data)]
+        if spans and len(spans) != len(data):
+            raise UserError(f"--records: give one START:END per --data file ({len(data)} files, {len(spans)} ranges)")
+    else:  # the shipped train files, their default ranges unless --records gives others
+        if spans and len(spans) != len(SHIPPED):
+            raise UserError(f"--records: give one START:END per shipped file ({', '.join(s.name for s in SHIPPED)})")
+        sources = [(s.path, spans[i] if spans else f"{s.start}:{s.end}") for i, s in enumerate(SHIPPED)]
+    picked, groups, labels = [], [], []
+    for path, span in sources:
         start, end = 0, None
-        if spans:
+        if span is not None:
             try:
-                start, end = (int(v) for v in spans[i].split(":"))
+                start, end = (int(v) for v in span.split(":"))
             except ValueError:
-                raise UserError(f"--records {spans[i]!r}: expected START:END, e.g. 2000:3000") from None
-        read = _load_records(path, fmt, False, end)
-        chosen = read.records[start:]
-        for at in range(0, len(chosen), RELATION_EVIDENCE):  # the relation test's joins grow with the list:
-            picked += with_same_subject(chosen[at:at + RELATION_EVIDENCE], same_subject, seed)  # lists of its size
+                raise UserError(f"--records {span!r}: expected START:END, e.g. 0:1000") from None
+        part = calibration_records(path, start, end, same_subject, seed, fmt)
+        name = str(path) if data else f"shipped:{Path(path).name.split('.')[0]}"
+        label = f"{name}[{span}]" if span else name
+        picked += part
+        groups += [label] * len(part)
+        labels.append(label)
     from moecli.modeling import load_model
     from moecli.question import FALSE_MATCH_RATE
     from moecli.question import calibrate as train
 
     loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
-    sources = [f"{p}[{r}]" if spans else str(p) for p, r in zip(data, spans or [""] * len(data))]
     with progress_reporter(not (quiet or as_json)) as progress:
-        encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=sources,
-                        progress=progress, text=text,
+        encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=labels,
+                        progress=progress, text=text, groups=groups,
                         false_match_rate=FALSE_MATCH_RATE if false_match_rate is None else false_match_rate)
-    try:
-        encoder.save(out)
-    except OSError as exc:
-        raise RunError(f"--out {out}: cannot write it: {exc.strerror or exc}") from exc
-    if install:
-        from moecli.question import QUESTIONS_DIR
-        from moecli.sources import cache_root
-
-        kind = "-text" if encoder.text_dim else ""  # both kinds may be installed: find_encoder picks
-        where = cache_root() / QUESTIONS_DIR / f"{encoder.info['fingerprint']['weights_hash'][:16]}{kind}.safetensors"
+    if out is not None:
         try:
-            where.parent.mkdir(parents=True, exist_ok=True)
-            encoder.save(where)
+            encoder.save(out)
         except OSError as exc:
-            raise RunError(f"--install: cannot write {where}: {exc.strerror or exc}") from exc
-        encoder.info["installed"] = str(where)
+            raise RunError(f"--out {out}: cannot write it: {exc.strerror or exc}") from exc
+    if install or out is None:
+        install_key(encoder)  # both kinds (text, layers alone) may be installed: find_encoder picks
     info = encoder.info
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
         return
-    err_console.print(f"question encoder: {out} (layers {info['layers']}, {info['records']} records; held out: AUC "
-                      f"{info.get('auc', float('nan')):.3f}, rephrasings reached "
-                      f"{info.get('recall_at_threshold', 0):.3f} at threshold {info['threshold']:.3f})", markup=False)
+    where = " ".join(str(p) for p in (out, info.get("installed")) if p)
+    lines = [f"question encoder: {where} (layers {info['layers']}, {info['records']} records; held out: AUC "
+             f"{info.get('auc', float('nan')):.3f}, rephrasings reached {info.get('recall_at_threshold', 0):.3f} "
+             f"at threshold {info['threshold']:.3f})"]
+    lines += [f"  {name}: rephrasings reached {m['recall_at_threshold']:.3f}, false matches "
+              f"{m['false_match_rate']:.4f}" for name, m in info.get("per_source", {}).items()]
+    err_console.print("\n".join(lines), markup=False)
 
 
 @app.command("plan-order")

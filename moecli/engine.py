@@ -77,6 +77,7 @@ class RunSpec:
     eval_sample: int = 100
     order: str = "file"
     chat: bool = False  # wrap every prompt in the model's chat template
+    question_key: dict | None = None  # which question key routes (`moecli.calibration.auto_key`), set at the start
 
     def to_json(self) -> dict:
         """Everything needed to resume this run (records inline, so the data file may move)."""
@@ -356,6 +357,14 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
             records = chat_records(spec.records, tok) if spec.chat else spec.records
         if not resume:
+            if continue_from is None:  # a first run on a real model without a key calibrates one (once per model)
+                from moecli.calibration import auto_key
+
+                spec.question_key = auto_key(loaded, spec.config, base_fp, progress)
+                if "seconds" in spec.question_key:
+                    timings["question_key"] = spec.question_key["seconds"]
+            else:
+                spec.question_key = {"source": "adapter", "path": str(continue_from)}
             spec.config.resolve(model, base_fp, spec.batch_size)  # `auto` options, as the method will use them
             try:
                 atomic_write_json(spec.out_dir / RUN_FILE, spec.to_json())
@@ -436,7 +445,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         "config": dataclasses.asdict(spec.config), "adapter": str(spec.out_dir / "adapter"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
         "columns": columns, "summary": after.summary, "per_edit": after.per_edit, "order": spec.order,
-        "retention": retention, "chat": spec.chat,
+        "retention": retention, "chat": spec.chat, "question_key": spec.question_key,
     }
 
 

@@ -238,6 +238,7 @@ class Capture:
 
 
 # ---------------------------------------------------------------- calibration
+ESTIMATE_PROMPTS = 256  # prompts run (and timed) before the whole calibration's time is estimated
 Pair = tuple[int, int, str]  # (prompt index, prompt index, kind): "rephrase" | "neighbour" | "other"
 
 
@@ -263,7 +264,7 @@ def calibration_pairs(records: Sequence[EditRecord]) -> tuple[list[str], list[Pa
 
 
 def text_features(prompts: Sequence[str], subjects: Sequence[str | None], device: torch.device | str = "cpu",
-                  ) -> torch.Tensor:
+                  progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """MiniLM embeddings [N, 384] of `prompts` with their subjects blanked (`locality.skeleton`, then
     `question_text`; the whole prompt where it does not name its subject): the text part an encoder with
     `text_dim` reads."""
@@ -271,7 +272,7 @@ def text_features(prompts: Sequence[str], subjects: Sequence[str | None], device
     from moecli.sentence import embed_texts
 
     return embed_texts([question_text((skeleton(p, s) if s else None) or p) for p, s in zip(prompts, subjects)],
-                       device)
+                       device, progress=progress)
 
 
 def question_text(skeleton: str) -> str:
@@ -285,12 +286,15 @@ def question_text(skeleton: str) -> str:
 
 def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int], dim: int = 128, hidden: int = 0,
                   n_layers: int = 1, steps: int = 300, lr: float = 1e-3, seed: int = 0,
-                  text_dim: int = 0, false_match_rate: float = FALSE_MATCH_RATE) -> tuple[dict, dict]:
+                  text_dim: int = 0, false_match_rate: float = FALSE_MATCH_RATE,
+                  groups: dict[int, str] | None = None) -> tuple[dict, dict]:
     """Fit the encoder on the pairs whose anchor is not in `held_out` (logistic loss on 10·(cos − 0.5):
     rephrasings and neighbours 1, other questions 0); on the held-out ones measure rephrasing vs other
     question and set the threshold that lets `false_match_rate` of the other questions through (the
     rephrasings that pass at each of `CURVE_RATES` are reported beside it, to choose the rate by).
-    `features` [N, d_model · n_layers + text_dim]. Returns (tensors: weight, mean, w1, b1; metrics)."""
+    `features` [N, d_model · n_layers + text_dim]. `groups`: a name per anchor (the file it came from):
+    the held-out measures at the pooled threshold are also reported per name (`per_source`).
+    Returns (tensors: weight, mean, w1, b1; metrics)."""
     g = torch.Generator().manual_seed(seed)
     x = layer_rms(features, n_layers, text_dim)
     fit = [p for p in pairs if p[0] not in held_out]
@@ -320,8 +324,8 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
     with torch.no_grad():
         z = codes()
 
-    def cosines(kind: str) -> torch.Tensor:
-        ps = [p for p in test if p[2] == kind]
+    def cosines(kind: str, group: str | None = None) -> torch.Tensor:
+        ps = [p for p in test if p[2] == kind and (group is None or groups.get(p[0]) == group)]
         return (z[[p[0] for p in ps]] * z[[p[1] for p in ps]]).sum(-1) if ps else torch.zeros(0)
 
     same, other = cosines("rephrase"), cosines("other")
@@ -336,6 +340,16 @@ def train_encoder(features: torch.Tensor, pairs: list[Pair], held_out: set[int],
                         "auc": float((same.unsqueeze(1) > other.unsqueeze(0)).float().mean()),
                         "threshold": threshold, "recall_at_threshold": recall,
                         "false_match_rate": float((other >= threshold).float().mean())})
+        per_source = {}
+        for name in sorted(set((groups or {}).values())):
+            mine, theirs = cosines("rephrase", name), cosines("other", name)
+            if len(mine) and len(theirs):
+                per_source[name] = {"recall_at_threshold": float((mine >= threshold).float().mean()),
+                                    "false_match_rate": float((theirs >= threshold).float().mean()),
+                                    "auc": float((mine.unsqueeze(1) > theirs.unsqueeze(0)).float().mean()),
+                                    "rephrasings": len(mine), "others": len(theirs)}
+        if per_source:
+            metrics["per_source"] = per_source
     return {k: v.detach() for k, v in params.items()} | {"mean": mean}, metrics
 
 
@@ -386,13 +400,48 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
     return out
 
 
+def timed_features(loaded, prompts: Sequence[str], subjects: Sequence[str | None], layers: Sequence[int],
+                   text: bool, progress: Callable[[str, int, int], None] | None = None,
+                   estimate: Callable[[float, int], None] | None = None) -> torch.Tensor:
+    """The layer features (and with `text` the skeletons' MiniLM embeddings after them) of `prompts`; with
+    `estimate`, the first `ESTIMATE_PROMPTS` (a strided sample: all lengths) are run first and timed, and
+    `estimate(expected seconds of all, number of prompts)` is called before the rest."""
+    import time
+
+    n = len(prompts)
+    first = list(range(0, n, max(1, n // ESTIMATE_PROMPTS)))[:ESTIMATE_PROMPTS] if estimate and n else []
+    rest = sorted(set(range(n)) - set(first))
+
+    def run(idx: list[int], report) -> torch.Tensor:
+        part = layer_features(loaded.model, loaded.tokenizer, [prompts[i] for i in idx], layers, progress=report)
+        if text:
+            part = torch.cat([part, text_features([prompts[i] for i in idx], [subjects[i] for i in idx],
+                                                  loaded.device, progress=report)], 1)
+        return part
+
+    pieces = []
+    if first:
+        t0 = time.perf_counter()
+        pieces.append((first, run(first, None)))
+        estimate((time.perf_counter() - t0) * n / len(first), n)
+    if rest:
+        pieces.append((rest, run(rest, progress)))
+    out = torch.zeros(n, pieces[0][1].shape[1]) if pieces else torch.zeros(0, 0)
+    for idx, part in pieces:
+        out[torch.tensor(idx)] = part
+    return out
+
+
 def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | None = None, dim: int = 128,
               hidden: int = HIDDEN, held_out_share: float = 0.2, seed: int = 0, sources: Sequence[str] = (),
               progress: Callable[[str, int, int], None] | None = None, text: bool = True,
-              false_match_rate: float = FALSE_MATCH_RATE) -> QuestionEncoder:
+              false_match_rate: float = FALSE_MATCH_RATE, groups: Sequence[str] | None = None,
+              estimate: Callable[[float, int], None] | None = None) -> QuestionEncoder:
     """Train and calibrate a question encoder for `loaded`'s model on train-split `records` (which carry
     rephrasings and `same_subject` probes; see `moecli.locality.with_same_subject`); with `text` it reads
-    the MiniLM embedding of each prompt's skeleton beside the layers (needs the `embed` extra)."""
+    the MiniLM embedding of each prompt's skeleton beside the layers (needs the `embed` extra). `groups`:
+    the file each record came from (held-out measures per file, `per_source`). `estimate(seconds, prompts)`
+    is called once the first `ESTIMATE_PROMPTS` prompts have run, with the expected time of the whole."""
     from moecli import sentence
     from moecli.modeling import fingerprint, num_layers
 
@@ -408,12 +457,15 @@ def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | Non
         raise UserError("calibrate: the records need rephrasings and same-subject probes (records with subjects)")
     anchors = sorted({p[0] for p in pairs})
     held = set(random.Random(seed).sample(anchors, max(1, int(held_out_share * len(anchors)))))
-    features = layer_features(loaded.model, loaded.tokenizer, prompts, layers, progress=progress)
-    if text:
-        features = torch.cat([features, text_features(prompts, subjects, loaded.device)], 1)
+    features = timed_features(loaded, prompts, subjects, layers, text, progress, estimate)
     text_dim = sentence.DIM if text else 0
+    group_of = None
+    if groups is not None:
+        owner = [i for i, r in enumerate(records) for _ in range(1 + len(r.rephrases) + sum(
+            lp.group in ("neighborhood", "same_subject") for lp in r.locality))]
+        group_of = {a: groups[owner[a]] for a in anchors}
     fitted, metrics = train_encoder(features, pairs, held, dim=dim, hidden=hidden, n_layers=len(layers), seed=seed,
-                                    text_dim=text_dim, false_match_rate=false_match_rate)
+                                    text_dim=text_dim, false_match_rate=false_match_rate, groups=group_of)
     info = {"model": str(loaded.path), "fingerprint": fingerprint(loaded.model), "family": loaded.family,
             "layers": list(layers), "num_layers": n_layers,
             "dim": dim, "hidden": hidden, "text_dim": text_dim, "records": len(records), "prompts": len(prompts),

@@ -577,6 +577,14 @@ def _read_text(path: Path, name: str) -> str:
         raise UserError(f"{name}: is a directory, not a file") from None
     except OSError as e:
         raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
+    if path.suffix.lower() == ".gz":  # a gzip-compressed JSON or JSONL file (moecli ships its calibration data so)
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{name}: not a valid gzip file ({e})") from None
     try:
         text = data.decode("utf-8-sig")  # -sig: tolerate a BOM some editors write
     except UnicodeDecodeError as e:
@@ -608,7 +616,7 @@ def _iter_raw(path: Path, name: str) -> Iterator[tuple[int, Any]]:
     text = _read_text(path, name)
     first = text.lstrip()[0]
     if first == "{":
-        jsonl = path.suffix.lower() == ".jsonl"
+        jsonl = path.name.lower().removesuffix(".gz").endswith(".jsonl")
         if not jsonl:
             try:
                 whole = json.loads(text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,10 +57,11 @@ def minilm(device: str) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def embed_texts(texts: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+def embed_texts(texts: Sequence[str], device: torch.device | str = "cpu",
+                progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """Sentence embeddings [N, 384] (float32, on CPU, not normalised): mean of the last hidden states over
     real tokens. Texts go through in chunks of similar length, which cuts the padding, and come back in
-    their own order."""
+    their own order. `progress("skeletons", done, total)` after each chunk."""
     model, tokenizer = minilm(str(device))
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
     out = torch.zeros(len(texts), model.config.hidden_size)
@@ -71,4 +72,6 @@ def embed_texts(texts: Sequence[str], device: torch.device | str = "cpu") -> tor
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         out[torch.tensor(rows)] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu()
+        if progress:
+            progress("skeletons", start // CHUNK + 1, -(-len(order) // CHUNK))
     return out

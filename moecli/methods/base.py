@@ -94,6 +94,9 @@ class BypassConfig(MethodConfig):
     # | auto: learned with the encoder calibrated for the model if one is installed or shipped, else output
     query_feature: str = "auto"
     question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
+    # query_feature auto on a real model with no key installed or shipped: calibrate one from the shipped train
+    # data first, once per model (`moecli.calibration.auto_key`); false: route by the answer test instead
+    auto_calibrate: bool = True
     signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 
     def validate(self) -> None:
