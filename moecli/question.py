@@ -400,6 +400,17 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
     return out
 
 
+def training_seconds(n: int, width: int, dim: int, steps: int = 300) -> float:
+    """About how long `train_encoder` takes on `n` prompts of `width` features: each step is one product of
+    the features with the map forward and two backward (x @ W.T of [n, width] by [width, dim], timed once)."""
+    import time
+
+    x, w = torch.randn(n, width), torch.randn(dim, width)
+    t0 = time.perf_counter()
+    x @ w.t()
+    return 3 * steps * (time.perf_counter() - t0)
+
+
 def timed_features(loaded, prompts: Sequence[str], subjects: Sequence[str | None], layers: Sequence[int],
                    text: bool, progress: Callable[[str, int, int], None] | None = None,
                    estimate: Callable[[float, int], None] | None = None) -> torch.Tensor:
@@ -457,8 +468,13 @@ def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | Non
         raise UserError("calibrate: the records need rephrasings and same-subject probes (records with subjects)")
     anchors = sorted({p[0] for p in pairs})
     held = set(random.Random(seed).sample(anchors, max(1, int(held_out_share * len(anchors)))))
-    features = timed_features(loaded, prompts, subjects, layers, text, progress, estimate)
     text_dim = sentence.DIM if text else 0
+    d_model = loaded.model.get_input_embeddings().weight.shape[1]
+
+    def with_training(seconds: float, n: int) -> None:  # the features' time, and the fit's (timed on its shape)
+        estimate(seconds + training_seconds(n, d_model * len(layers) + text_dim, hidden or dim), n)
+
+    features = timed_features(loaded, prompts, subjects, layers, text, progress, estimate and with_training)
     group_of = None
     if groups is not None:
         owner = [i for i, r in enumerate(records) for _ in range(1 + len(r.rephrases) + sum(
