@@ -457,7 +457,7 @@ def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None =
     Returns one row per prompt: `prompt`, `base`, and with an adapter `edited` and `route` (the ledger
     entry of the edit the prompt reached, or None).
     """
-    from moecli.batching import chat_prompt
+    from moecli.batching import chat_prompt, stop_token_ids
     from moecli.evaluation import generate_ids
 
     loaded = load_model(model_path, device, dtype)
@@ -468,7 +468,8 @@ def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None =
     def answers() -> list[str]:
         seed_everything(seed)
         options = {"do_sample": True, "temperature": 1.0, "top_k": 0} if sample else {}
-        ids = generate_ids(loaded.model, tok, texts, [max_new_tokens] * len(texts), **options)
+        ids = generate_ids(loaded.model, tok, texts, [max_new_tokens] * len(texts),
+                           stop_ids=stop_token_ids(tok, loaded.model), **options)  # what `free_answers` stops at
         return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     rows = [{"prompt": p, "base": a} for p, a in zip(prompts, answers())]

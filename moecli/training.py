@@ -41,6 +41,7 @@ class TrainConfig:
     retain_weight: float = 1.0
     optimizer: str = "adamw"
     prefix_cache: bool = True  # run what training cannot change once per batch (FrozenPrefix, PromptCache)
+    eos_target: bool = False  # train each target followed by the token that ends it (`batching.answer_end_id`)
 
 
 @dataclass
@@ -105,12 +106,16 @@ def train_on_pairs(
     leave every position before each prompt's last token alone (a method says so by giving `unedited`,
     a context in which the model runs as the unedited one) so do those positions (`PromptCache`). The
     vocabulary projection runs only at answer positions. Pairs are grouped by length into micro-batches
-    (less padding; the loss is a sum over pairs, so the grouping does not change it).
+    (less padding; the loss is a sum over pairs, so the grouping does not change it). With `cfg.eos_target`
+    each target is followed by its end token (end of turn after a chat prompt, else end of sequence, as
+    LocFT-BF appends `tok.eos_token`), which counts like any target token, early stop included: the edited
+    prompt answers and stops.
     """
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
     pad = pad_id_of(tokenizer)
-    encoded = sorted((encode_pair(tokenizer, p, a) for p, a in pairs), key=lambda e: (e.answer_start, len(e.ids)))
+    encoded = sorted((encode_pair(tokenizer, p, a, end=cfg.eos_target) for p, a in pairs),
+                     key=lambda e: (e.answer_start, len(e.ids)))
     batches = [
         collate(encoded[i : i + cfg.micro_batch], pad).to(device) for i in range(0, len(encoded), cfg.micro_batch)
     ]

@@ -43,7 +43,7 @@ SHORT = [  # one-token answers (see the module docstring)
 # cover every prompt; 0.01 keeps the two edits and the locality prompts apart.
 FAST = {
     "ft": {"lr": 0.05, "max_steps": 60},
-    "lora": {"lr": 0.05, "max_steps": 60},
+    "lora": {"lr": 0.05, "max_steps": 100},  # 72 steps with the end-of-sequence token trained
     "grace": {"lr": 0.5, "max_steps": 40, "eps": 0.01},
     # WISE: margins scaled to the tiny models' activations; one edit per shard, two shards merged (Ties)
     "wise": {"lr": 0.05, "optimizer": "adam", "max_steps": 150, "mask_ratio": 0.5, "early_stop": True, "prefixes": 2,
@@ -92,7 +92,8 @@ def test_codebook_and_side_memory_route_opts_flattened_ffn_rows(tiny, method):
     loaded = load_model(tiny["opt"])
     records = DATA[method]
     base = compute_baseline(loaded.model, loaded.tokenizer, records)
-    stats = _build(loaded, method).apply_batch(records, 0)
+    # the target alone: the tiny random OPT does not learn to stop after it in WISE's side memory (600 steps)
+    stats = _build(loaded, method, eos_target=False).apply_batch(records, 0)
     after = evaluate_records(loaded.model, loaded.tokenizer, records, base, generation=True).summary
     assert stats["all_correct"] and after["rel"] == 1.0 and after["rel_em"] == 1.0
 

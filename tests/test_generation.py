@@ -28,10 +28,13 @@ SHORT = EditRecord(prompt="Alice Moreau was born in", target="London", subject="
 OTHER = "The capital of France is"
 NEW = 4  # generated tokens per test
 
+# Targets trained without the end-of-sequence token: these tests compare generated tokens with the target's
+# own, over NEW tokens (and beam search would rank a beam that stops early first).
 METHODS = {
-    "memoe": (MEMoE, MEMoEConfig, {"lr": 0.02, "max_steps": 200, "retain": "none", "stop_prob": 0.0}, EDIT),
+    "memoe": (MEMoE, MEMoEConfig, {"lr": 0.02, "max_steps": 200, "retain": "none", "stop_prob": 0.0,
+                                   "eos_target": False}, EDIT),
     "scen": (SCEN, SCENConfig, {"lr": 0.02, "max_steps": 60, "neuron_loss": "hinge", "neuron_steps": 200,
-                                "stop_prob": 0.0}, EDIT),
+                                "stop_prob": 0.0, "eos_target": False}, EDIT),
     "grace": (GRACE, GRACEConfig, {}, SHORT),  # one-token answer: see tests/test_baselines.py
 }
 

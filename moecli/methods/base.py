@@ -38,10 +38,12 @@ class MethodConfig:
     early_stop: bool = True
     stop_prob: float = 0.0  # early stop once every target token is the argmax with at least this probability
     prefix_cache: bool = True  # run the frozen layers below the edited one once per batch (off: every step)
+    eos_target: bool = True  # train target + end-of-sequence (end-of-turn with --chat): the edit answers and stops
 
     def train_config(self, **over: Any) -> TrainConfig:
         cfg = TrainConfig(lr=self.lr, max_steps=self.max_steps, weight_decay=self.weight_decay,
-                          early_stop=self.early_stop, stop_prob=self.stop_prob, prefix_cache=self.prefix_cache)
+                          early_stop=self.early_stop, stop_prob=self.stop_prob, prefix_cache=self.prefix_cache,
+                          eos_target=self.eos_target)
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg

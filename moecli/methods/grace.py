@@ -76,6 +76,9 @@ class GRACEConfig(MethodConfig):
     replacement: str = "all"  # [choice] all: every position (EasyEdit replace_all) | last: last prompt token [paper]
     # [choice] default layer = round(fraction · num_layers), where the MoE methods edit (EasyEdit: the last layer)
     layer_fraction: float = 0.56
+    # [choice; EasyEdit appends nothing] one value vector steers every answer position alike, so it cannot
+    # say the target and then stop (a tiny model: not even a one-token target + end of sequence)
+    eos_target: bool = False
 
     def validate(self) -> None:
         super().validate()
