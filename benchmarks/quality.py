@@ -294,7 +294,7 @@ def render_markdown(result: dict) -> str:
            "`Gen when reached` = Gen among those, `loc probes reaching own edit` = locality prompts that took the "
            "record's own edit (the same-subject failure of entity routing).",
            "- `*_smollm2`: SmolLM2-135M, a real pretrained model; the others are small knowledge models trained "
-           "here, **not** the 7B models of the papers (published LLaMA2-7B numbers: /work/shared/docs/METHODS.md); "
+           "here, **not** the 7B models of the papers (published LLaMA2-7B numbers: `shared/docs/METHODS.md`); "
            "compare methods within a table only.",
            f"- {m['budget_note']}; device {m.get('device', 'cpu')}, {m.get('dtype', 'float32')}", ""]
     for ds_name, info in result["datasets"].items():

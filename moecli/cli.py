@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a run that failed, 2 bad input (one line on stderr, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -476,13 +477,25 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
     if holder is not None:
         raise UserError(f"{option} {out}: is inside the adapter checkpoint {holder}; a save or revert of it would "
                         f"delete this run; pick a directory outside it")
+    missing = []
     existing = out
     while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{option} {out}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only disk as well (EROFS), for root too
-        raise UserError(f"{option} {out}: cannot write in {existing} (read-only or no permission)")
+    try:  # tried for real (permissions say nothing to root, nor of a read-only mount), then undone
+        for d in reversed(missing):
+            d.mkdir()
+        probe = out / f".moecli-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{option} {out}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for d in missing:
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict | None = None,

@@ -146,8 +146,12 @@ def adapter_method_config(ckpt: Checkpoint, adapter_dir: str | Path,
         if key in fields:
             cfg.setdefault(key, value)
     config = config_from_dict(cls.config_class, {k: v for k, v in cfg.items() if k in fields}, str(adapter_dir))
+    checked = config
+    if getattr(config, "query_feature", None) == "learned" and not Path(config.question_encoder or "").is_file():
+        # the adapter carries its own copy of the question key: the file it was made from may be gone
+        checked = dataclasses.replace(config, query_feature="output")
     try:
-        config.validate()
+        checked.validate()
     except UserError as exc:
         raise UserError(f"{option} {adapter_dir}: adapter_config.json: {exc}") from None
     return name, config

@@ -515,7 +515,10 @@ def read_records(
             if problem is not None:
                 raise _BadRecord(problem)
             if rec.id in seen:
-                raise _BadRecord(f"duplicate id {rec.id!r} (record {seen[rec.id]} has it too); ids must be unique")
+                raise _BadRecord(
+                    f"duplicate id {rec.id!r} (record {seen[rec.id]} has it too; a record without an id"
+                    " gets one from its prompt and target); ids must be unique"
+                )
         except _SkipRecord as skip:
             problems.append(f"{name}:record {n}: {skip}")
             continue

@@ -2,6 +2,8 @@
 `run_moecli`, the CLI run in-process."""
 
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +33,64 @@ def run_moecli(args: list[str], capsys, threads: int = 1) -> tuple[int, str, str
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def shared_data(name: str) -> Path:
+    """A file of the project's shared data (`$MOECLI_SHARED_DATA`, else `shared/data` beside the repository,
+    where CI and every checkout have it); the test is skipped, saying where it looked, when it is absent."""
+    env = os.environ.get("MOECLI_SHARED_DATA")
+    path = (Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data") / name
+    if not path.is_file():
+        pytest.skip(f"real data {path} not found (set MOECLI_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+@contextmanager
+def batches_trained(monkeypatch):
+    """Record the stream index of every batch the engine trains while the block runs. A resume must train
+    only the batches its checkpoint lacks: one that started over would end with the same adapter, so
+    comparing results alone cannot tell the two apart."""
+    import moecli.engine as engine
+
+    trained: list[int] = []
+    real = engine.check_finite  # called once per trained batch, with its index, before the save
+
+    def spy(stats, batch, out_dir):
+        trained.append(batch)
+        return real(stats, batch, out_dir)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "check_finite", spy)
+        yield trained
+
+
+def assert_same_adapter(a, b) -> None:
+    """Two checkpoints (`moecli.checkpoint.Checkpoint`) hold the same edits: tensor by tensor, file by file and
+    ledger row by row (wall-clock fields aside)."""
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert a.files == b.files
+    assert a.config == b.config
+
+    def rows(ledger):
+        return [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in ledger]
+
+    assert rows(a.ledger) == rows(b.ledger)
+
+
+def interrupter(when: str):
+    """A progress callback that raises KeyboardInterrupt (Ctrl-C) `after_save` (right after the second
+    checkpoint) or `mid_batch` (inside the second batch's training, between two saves)."""
+    saved = 0
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal saved
+        if stage == "batches":
+            saved = done
+            if when == "after_save" and done == 2:
+                raise KeyboardInterrupt
+        elif when == "mid_batch" and saved == 1:
+            raise KeyboardInterrupt
+
+    return progress

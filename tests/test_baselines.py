@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_adapter, batches_trained, interrupter
 
 from moecli.checkpoint import load_checkpoint
 from moecli.engine import RunSpec, load_edited, load_run_spec, run_edits
@@ -217,8 +218,9 @@ def test_configs_refuse_out_of_range_values(method, bad, message):
         build_config(method, overrides=bad)
 
 
+@pytest.mark.parametrize("when", ["after_save", "mid_batch"])
 @pytest.mark.parametrize("method", METHODS)
-def test_interrupted_lifelong_run_resumes_to_the_same_adapter(tiny, tmp_path, method):
+def test_interrupted_lifelong_run_resumes_to_the_same_adapter(tiny, tmp_path, monkeypatch, method, when):
     records = [*DATA[method], EditRecord(prompt="Clara Novak was born in", target="Spanish", subject="Clara Novak")]
 
     def spec(out: Path) -> RunSpec:
@@ -227,18 +229,14 @@ def test_interrupted_lifelong_run_resumes_to_the_same_adapter(tiny, tmp_path, me
                        protocol="lifelong")
 
     full = run_edits(spec(tmp_path / "full"))
-
-    def stop_after_two(stage: str, done: int, total: int) -> None:
-        if stage == "batches" and done == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run_edits(spec(tmp_path / "cut"), progress=stop_after_two)
-    resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
-    a = load_checkpoint(tmp_path / "full" / "adapter")
-    b = load_checkpoint(tmp_path / "cut" / "adapter")
-    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    assert a.files == b.files
+        run_edits(spec(tmp_path / "cut"), progress=interrupter(when))
+    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
+    assert position == (2 if when == "after_save" else 1)
+    with batches_trained(monkeypatch) as trained:
+        resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
+    assert trained == list(range(position, 3))  # only what the checkpoint lacked, not the stream again
+    assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
     assert resumed["summary"] == full["summary"]
 
 

@@ -12,15 +12,13 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_moecli
+from conftest import run_moecli, shared_data
 
 from moecli import calibration
 from moecli.calibration import SHIPPED, Source
 from moecli.errors import UserError
 from moecli.question import find_encoder
 from moecli.records import read_records
-
-SHARED = Path("/work/shared/data")
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +150,11 @@ def test_the_shipped_files_are_in_the_package_data_and_described():
     assert "zsre_eval" not in " ".join(s.file for s in SHIPPED)  # an evaluation split is never calibrated on
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the original files are not here")
 @pytest.mark.parametrize("src", SHIPPED, ids=lambda s: s.name)
 def test_the_shipped_records_are_the_originals(src):
     """Trimmed to the fields calibration reads, the same records in the same order; SOURCES.md gives the
     originals' sha256."""
-    original = SHARED / f"{src.name}.json"
+    original = shared_data(f"{src.name}.json")
     assert hashlib.sha256(original.read_bytes()).hexdigest() in (calibration.CALIBRATION_DIR / "SOURCES.md").read_text()
     ours = read_records(src.path, skip_invalid=True)
     theirs = read_records(original, skip_invalid=True, limit=len(ours.records))

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from moecli.cli import main
 from moecli.modeling import SUPPORTED_FAMILIES
 from moecli.testing import make_tiny_model
 
 ALL_FAMILIES = sorted(SUPPORTED_FAMILIES)
-ZSRE = Path("/work/shared/data/zsre_eval_3k.json")
 MOECLI = Path(sys.executable).with_name("moecli")
 SUMMARY_KEYS = {"rel", "gen", "loc", "avg", "n_edits"}
 
@@ -121,11 +121,10 @@ def test_evaluate_every_family(family: str, tmp_path: Path, data_file: Path, cap
 
 
 def test_evaluate_zsre_llama(tmp_path: Path, llama_dir: Path, capsys) -> None:
-    if not ZSRE.is_file():
-        pytest.skip(f"{ZSRE} is absent (shared data not available here)")
+    zsre = shared_data("zsre_eval_3k.json")
     out = tmp_path / "out"
     code, _, stderr = run_cli(
-        ["evaluate", "--model", str(llama_dir), "--data", str(ZSRE), "--limit", "10", "--out", str(out), "--quiet"],
+        ["evaluate", "--model", str(llama_dir), "--data", str(zsre), "--limit", "10", "--out", str(out), "--quiet"],
         capsys,
     )
     assert code == 0, stderr
@@ -215,7 +214,8 @@ def test_evaluate_default_out_dir_is_under_runs(
 def _prefilled_out(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     out = tmp_path / "out"
     out.mkdir()
-    files = {"report.json": b'{"old": true}\n', "report.md": b"# old report\n", "notes.txt": b"keep me\n"}
+    # A user's own files; an --out that already holds a report is refused before anything is read.
+    files = {"scores.csv": b"rel,gen\n0.9,0.8\n", "summary.md": b"# my notes\n", "notes.txt": b"keep me\n"}
     for name, content in files.items():
         (out / name).write_bytes(content)
     return out, files

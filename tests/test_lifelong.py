@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_same_adapter, batches_trained, interrupter
 
 from moecli.checkpoint import load_checkpoint
 from moecli.engine import RunSpec, load_run_spec, run_edits
@@ -55,18 +55,15 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(tiny_dir, tmp_path):
+@pytest.mark.parametrize("when", ["after_save", "mid_batch"])
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_dir, tmp_path, monkeypatch, when):
     full = run_edits(_spec(tiny_dir, tmp_path / "full"))
-
-    def stop_after_two(stage: str, done: int, total: int) -> None:
-        if stage == "batches" and done == 2:
-            raise KeyboardInterrupt  # Ctrl-C right after the second checkpoint
-
     with pytest.raises(KeyboardInterrupt):
-        run_edits(_spec(tiny_dir, tmp_path / "cut"), progress=stop_after_two)
-    assert load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"] == 2
-    resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
-    a = load_checkpoint(tmp_path / "full" / "adapter").tensors
-    b = load_checkpoint(tmp_path / "cut" / "adapter").tensors
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        run_edits(_spec(tiny_dir, tmp_path / "cut"), progress=interrupter(when))
+    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
+    assert position == (2 if when == "after_save" else 1)
+    with batches_trained(monkeypatch) as trained:
+        resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
+    assert trained == list(range(position, 3))  # only what the checkpoint lacked, not the stream again
+    assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
     assert resumed["summary"] == full["summary"]

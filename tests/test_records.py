@@ -302,7 +302,8 @@ def test_containers(tmp_path: Path) -> None:
 
 def test_jsonl_bad_line_is_a_bad_record(tmp_path: Path) -> None:
     good = json.dumps(EditRecord("Paris is in", "Italy").to_dict())
-    path = write(tmp_path, f"{good}\n\n{good[:-5]}\n{good}\n", "x.jsonl")
+    other = json.dumps(EditRecord("Rome is in", "France").to_dict())
+    path = write(tmp_path, f"{good}\n\n{good[:-5]}\n{other}\n", "x.jsonl")
     with pytest.raises(UserError) as e:
         read_records(path)
     assert str(e.value).startswith(f"{path}:record 2: not valid JSON (line 3, column ")
@@ -528,7 +529,7 @@ def edit_records(draw) -> EditRecord:
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(edit_records(), min_size=1, max_size=5))
+@given(st.lists(edit_records(), min_size=1, max_size=5, unique_by=lambda r: r.id))
 def test_property_round_trip(recs: list[EditRecord]) -> None:
     assert all(validate_record(r) is None for r in recs)
     with tempfile.TemporaryDirectory() as d:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_moecli
+from conftest import assert_same_adapter, batches_trained, run_moecli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_records import draw_prompt_and_subject
@@ -365,12 +365,19 @@ def test_bad_options(work, capsys, row, args):
 def _assert_finished_like_good(work: Path, out: str) -> None:
     """The run in `out` ended with the very adapter of the uninterrupted runs/good."""
     done = load_checkpoint(work / out)
-    good = load_checkpoint(work / "runs" / "good")
     assert done.manifest["stream"]["position"] == 3
-    assert [e["id"] for e in done.ledger] == [e["id"] for e in good.ledger]
-    assert done.tensors.keys() == good.tensors.keys()
-    assert all(torch.equal(done.tensors[k], good.tensors[k]) for k in good.tensors)
+    assert_same_adapter(done, load_checkpoint(work / "runs" / "good"))
     assert (work / out / "report.json").is_file()
+
+
+def _resume(work: Path, capsys, monkeypatch, out: str) -> tuple[int, str, list[int]]:
+    """`moecli lifelong --resume out`: (exit code, stderr, the batches it trained). It must train only those
+    the checkpoint lacks: a resume that started over would end with the same adapter."""
+    position = load_checkpoint(work / out).manifest["stream"]["position"]
+    with batches_trained(monkeypatch) as trained:
+        code, _, err = run(["lifelong", "--resume", out, "--quiet"], capsys)
+    assert trained == list(range(position, 3 if out != "runs/k" else 6)), (position, trained)
+    return code, err, trained
 
 
 def _interrupt_then_resume(work: Path, capsys, out: str, row: str) -> None:
@@ -398,7 +405,7 @@ def test_ctrl_c_during_training(work, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         _ctrl_c_after_first_checkpoint(patch, work / "runs" / "c")
         _interrupt_then_resume(work, capsys, "c", "r1")
-    code, _, err = run(["lifelong", "--resume", "runs/c", "--quiet"], capsys)
+    code, err, _ = _resume(work, capsys, monkeypatch, "runs/c")
     assert code == 0, err
     _assert_finished_like_good(work, "runs/c")
 
@@ -418,7 +425,7 @@ def test_ctrl_c_during_a_save(work, capsys, monkeypatch):
         patch.setattr(ckpt_mod, "_fsync_dir", fsync_dir)
         _interrupt_then_resume(work, capsys, "c2", "r2")
     assert not list((work / "runs" / "c2").glob(".adapter.*"))  # the swap was undone and cleaned up
-    code, _, err = run(["lifelong", "--resume", "runs/c2", "--quiet"], capsys)
+    code, err, _ = _resume(work, capsys, monkeypatch, "runs/c2")
     assert code == 0, err
     _assert_finished_like_good(work, "runs/c2")
 
@@ -441,7 +448,7 @@ def test_full_disk_during_a_save(work, capsys, monkeypatch):
     check_row("r6", code, err)
     assert load_checkpoint(work / "small" / "run").manifest["stream"]["position"] == 1
     assert sorted(p.name for p in (work / "small" / "run").iterdir()) == ["adapter", "run.json"]  # no temp dirs
-    code, _, err = run(["lifelong", "--resume", "small/run", "--quiet"], capsys)
+    code, err, _ = _resume(work, capsys, monkeypatch, "small/run")
     assert code == 0, err
     _assert_finished_like_good(work, "small/run")
 
@@ -460,7 +467,7 @@ def test_two_runs_on_one_out_are_refused(work, capsys):
     check_row("r5", code, err)
 
 
-def test_killed_run_resumes_and_loads(work, capsys):
+def test_killed_run_resumes_and_loads(work, capsys, monkeypatch):
     """SIGKILL a real `moecli lifelong` midway; --resume finishes it and the adapter loads."""
     out = work / "runs" / "k"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -487,7 +494,7 @@ def test_killed_run_resumes_and_loads(work, capsys):
     assert proc.returncode == -signal.SIGKILL, stderr
     assert not (out / "report.json").exists()  # it was killed midway, not after the end
     assert (out / ".moecli.lock").exists()  # the dead run's lock is still there ...
-    code, _, err = run(["lifelong", "--resume", "runs/k", "--quiet"], capsys)  # ... and is taken over
+    code, err, _ = _resume(work, capsys, monkeypatch, "runs/k")  # ... and is taken over
     check_row("r3", code, err)
     ckpt = load_checkpoint(out)
     assert ckpt.manifest["stream"]["position"] == 6 and len(ckpt.ledger) == 6
