@@ -475,7 +475,8 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
 
     holder = inside_checkpoint(out)
     if holder is not None:
-        raise UserError(f"{option} {out}: is inside the adapter checkpoint {holder}; a save or revert of it would "
+        shown = os.path.relpath(holder) if holder.is_relative_to(Path.cwd()) else holder  # as the user wrote it
+        raise UserError(f"{option} {out}: is inside the adapter checkpoint {shown}; a save or revert of it would "
                         f"delete this run; pick a directory outside it")
     missing = []
     existing = out
@@ -724,6 +725,8 @@ def calibrate(
     if install or out is None:
         install_key(encoder)  # both kinds (text, layers alone) may be installed: find_encoder picks
     info = encoder.info
+    if "warning" in info:
+        note(f"moecli: warning: {info['warning']}")
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
         return

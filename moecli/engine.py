@@ -271,7 +271,7 @@ def check_continuation(ckpt: Checkpoint, spec: RunSpec, adapter: Path) -> None:
     for rec in spec.records:
         if rec.id in held:
             raise UserError(f"{spec.data or 'records'}: id {rec.id!r} is already an edit of --adapter {adapter}; "
-                            f"give the record another id (or revert the old edit first and use a new id)")
+                            f"give the new record another id")
 
 
 def _history_entry(manifest: dict, adapter: Path, n_edits: int) -> dict:

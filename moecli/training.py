@@ -166,6 +166,10 @@ def train_on_pairs(
                     if sure or step >= 2 * first_correct:
                         break
                 opt.step()
+            else:
+                if not cfg.early_stop and cfg.max_steps > 0:  # the ledger says whether the edit took, all the same
+                    with torch.no_grad():
+                        all_correct = _all_correct_eval(batches, train_modules, prefix, prompts)[0]
     finally:
         for m, mode in zip(train_modules, modes):
             m.train(mode)

@@ -80,6 +80,17 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert _siblings(out) == ["adapter"]  # no temp or .old dirs left behind
 
 
+def test_every_file_gets_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """The weights were once written 0600 (a temporary file's mode) beside 0644 files: another user of a shared
+    adapter could read its config but not its weights."""
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(tmp_path / "adapter", _ckpt())
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+
+
 def test_save_sets_format_version_and_does_not_mutate_input(tmp_path: Path) -> None:
     c = _ckpt()
     del c.manifest["format_version"]

@@ -210,3 +210,13 @@ def test_memoe_expert_rank_grows_with_the_edits_each_expert_takes(tiny_dir, tmp_
     kept = MEMoEConfig(query_feature="output", rank=8)
     kept.resolve(torch.nn.Linear(2, 2), batch_size=1000)
     assert (small.rank, kept.rank) == (16, 8)
+
+
+def test_without_early_stop_the_ledger_still_says_whether_the_edit_took(tiny_dir):
+    """WISE trains every step (early_stop off); its ledger said `train_all_correct: false` for every edit."""
+    loaded = load_model(tiny_dir)
+    for steps, took in ((150, True), (1, False)):
+        method = MEMoE(loaded, MEMoEConfig(**{**FAST, "max_steps": steps, "early_stop": False}), seed=0)
+        stats = method.apply_batch(RECORDS[:1], 0)
+        method.remove()
+        assert stats["steps"] == steps and stats["all_correct"] is took

@@ -16,6 +16,7 @@ interruption for every method (tests/test_baselines.py, tests/test_lifelong.py).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -528,6 +529,120 @@ def test_killed_between_the_two_renames_of_a_save(work, capsys, monkeypatch):
     assert [e["batch"] for e in ledger] == [0, 0, 1, 1, 2, 2]
 
 
+def test_duplicate_ids_are_refused(work, capsys):
+    lines = (work / "edits.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (work / "twice.jsonl").write_text(lines[0] * 2, encoding="utf-8")
+    before = listing(work)
+    code, out, err = run(["batch-edit", "--data", "twice.jsonl"], capsys)
+    check_row("d15", code, err)
+    assert out == "" and listing(work) == before
+
+
+def test_out_that_cannot_or_must_not_be_written(work, capsys):
+    """A file, an unwritable place, a place inside a checkpoint, a directory with a report: refused before
+    anything runs, and nothing there changes."""
+    (work / "afile").write_text("mine\n")
+    good = {p: p.read_bytes() for p in (work / "runs" / "good").rglob("*") if p.is_file()}
+    for row, out in (("o14", "afile"), ("o15", "/sys/x"), ("a8", "runs/good/adapter/inner")):
+        code, stdout, err = run(["batch-edit", "--data", "edits.jsonl", "--out", out], capsys)
+        check_row(row, code, err)
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--adapter", "runs/good", "--out", "runs/good"], capsys)
+    check_row("o16", code, err)
+    assert (work / "afile").read_text() == "mine\n" and not Path("/sys/x").exists()
+    assert {p: p.read_bytes() for p in (work / "runs" / "good").rglob("*") if p.is_file()} == good
+
+
+def test_hand_edited_expert_count_is_refused(work, capsys):
+    adapter = _copy_good(work, "many") / "adapter"
+    config = adapter / "adapter_config.json"
+    config.write_text(config.read_text().replace('"n_experts": 3', '"n_experts": 1000000000'))
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    data = config.read_bytes()
+    manifest["contents"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (adapter / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(["evaluate", "--data", "edits.jsonl", "--adapter", "runs/many"], capsys)
+    check_row("a9", code, err)
+
+
+def test_show_and_revert_name_their_argument(work, capsys):
+    code, _, err = run(["show", "runs/nope"], capsys)
+    check_row("a10", code, err)
+    code, _, err = run(["revert", "runs/nope", "--id", "x"], capsys)
+    assert code == 2 and err.strip() == "moecli: error: revert runs/nope: no such directory"
+
+
+def test_continuing_an_adapter(work, capsys):
+    """Refused with another method, new options or an edit it holds; else one stream in two runs
+    (tests/test_continue.py checks show, ask, revert and resume of a continued adapter in depth)."""
+    lines = (work / "edits.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (work / "next4.jsonl").write_text("".join(lines[6:10]), encoding="utf-8")
+    before = listing(work)
+    for row, extra in (("c1", ["--data", "next4.jsonl", "--method", "memoe"]),
+                       ("c2", ["--data", "next4.jsonl", "--lr", "0.5"]),
+                       ("c3", ["--data", "edits.jsonl", "--limit", "2"])):
+        code, out, err = run(["lifelong", *extra, "--batch-size", "2", "--adapter", "runs/good"], capsys)
+        check_row(row, code, err)
+        assert out == "" and listing(work) == before
+    code, _, err = run(["lifelong", "--data", "next4.jsonl", "--batch-size", "2", "--adapter", "runs/good",
+                        "--out", "runs/more", "--quiet", "--no-generate"], capsys)
+    check_row("c4", code, err)
+    code, out, _ = run(["show", "runs/more", "--json"], capsys)
+    shown = json.loads(out)
+    assert [e["batch"] for e in shown["edits"]] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [e["id"] for e in shown["edits"]] == [json.loads(line)["id"] for line in lines[:10]]
+
+
+@pytest.mark.parametrize("row, args", [
+    ("o12", ["batch-edit", "--data", "edits.jsonl", "--lr", "inf"]),
+    ("o13", ["evaluate", "--data", "edits.jsonl", "--fail-under", "rel=nan"]),
+])
+def test_non_finite_options(work, capsys, row, args):
+    before = listing(work)
+    code, out, err = run(args, capsys)
+    check_row(row, code, err)
+    assert out == "" and listing(work) == before
+
+
+def test_non_finite_in_a_recipe_or_set(work, capsys):
+    (work / "inf.yaml").write_text("method: memoe\nlr: .inf\n")
+    code, _, err = run(["batch-edit", "--data", "edits.jsonl", "--recipe", "inf.yaml"], capsys)
+    assert code == 2 and err.strip() == "moecli: error: inf.yaml: lr must be a finite number (got inf)", err
+    code, _, err = run(["batch-edit", "--data", "edits.jsonl", "--set", "lr=.nan"], capsys)
+    assert code == 2 and err.strip() == "moecli: error: --set lr=.nan: lr must be a finite number (got nan)", err
+
+
+def test_calibrate_on_few_records_warns(work, capsys):
+    lines = (work / "edits.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (work / "four.jsonl").write_text("".join(lines[:4]), encoding="utf-8")
+    code, out, err = run(["calibrate", "--data", "four.jsonl", "--out", "q4.safetensors", "--json"], capsys)
+    check_row("o17", code, err)
+    info = json.loads(out)
+    assert info["held_out_edits"] == 1 and "warning" in info and (work / "q4.safetensors").is_file()
+
+
+def test_diverged_training_saves_nothing_non_finite(work, capsys, monkeypatch):
+    """A non-finite loss in the second batch: exit 1, one line, and the first batch's checkpoint is the one
+    on disk (it used to save an all-NaN adapter with exit 0)."""
+    code, _, err = run(["lifelong", "--data", "edits.jsonl", "--batch-size", "2", "--steps", "3", "--lr", "1e36",
+                        "--out", "runs/nan", "--quiet", "--no-generate"], capsys)
+    check_row("r7", code, err)
+    assert not (work / "runs" / "nan" / "adapter").exists()  # batch 0 diverged: nothing to keep
+    import moecli.engine as engine
+
+    real = engine.check_finite
+
+    def second_batch_diverges(stats, batch, out_dir):
+        return real({**stats, "loss": float("nan")} if batch == 1 else stats, batch, out_dir)
+
+    monkeypatch.setattr(engine, "check_finite", second_batch_diverges)
+    code, _, err = run(["lifelong", "--data", "edits.jsonl", *RUN, "--out", "runs/nan1"], capsys)
+    check_row("r7", code, err)
+    assert "the last checkpoint (batch 1 of 3) is intact" in err
+    kept = load_checkpoint(work / "runs" / "nan1")
+    assert kept.manifest["stream"]["position"] == 1 and len(kept.ledger) == 2
+    assert all(bool(torch.isfinite(t).all()) for t in kept.tensors.values() if t.is_floating_point())
+
+
 # Which test covers each README row (test_every_readme_row_has_a_test keeps this and the README equal).
 COVERED = {
     **{f"d{i}": "test_bad_data_is_one_line_exit_2_and_writes_nothing" for i in range(1, 10)},
@@ -559,6 +674,18 @@ COVERED = {
     "r4": "test_two_runs_on_one_out_are_refused",
     "r5": "test_two_runs_on_one_out_are_refused",
     "r6": "test_full_disk_during_a_save",
+    "r7": "test_diverged_training_saves_nothing_non_finite",
+    "d15": "test_duplicate_ids_are_refused",
+    "a8": "test_out_that_cannot_or_must_not_be_written",
+    "a9": "test_hand_edited_expert_count_is_refused",
+    "a10": "test_show_and_revert_name_their_argument",
+    **{f"c{i}": "test_continuing_an_adapter" for i in range(1, 5)},
+    "o12": "test_non_finite_options",
+    "o13": "test_non_finite_options",
+    "o14": "test_out_that_cannot_or_must_not_be_written",
+    "o15": "test_out_that_cannot_or_must_not_be_written",
+    "o16": "test_out_that_cannot_or_must_not_be_written",
+    "o17": "test_calibrate_on_few_records_warns",
 }
 
 
