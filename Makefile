@@ -24,7 +24,7 @@ LATEST_TORCH ?= torch
 TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gemma demo test test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
+.PHONY: install install-gemma demo test test-random test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The same tests in a random order (files, and tests within each file); SEED=n repeats an order.
+SEED ?= $(shell date +%s)
+test-random: $(STAMP)
+	$(BIN)/python -m pytest --shuffle $(SEED)
 
 # The newest releases of everything pyproject allows (torch too: set LATEST_TORCH=torch==2.13.0 to keep
 # the local CPU wheel), then the whole suite; the versions it ran with are printed first.

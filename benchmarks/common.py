@@ -172,6 +172,18 @@ def reset_peak_rss() -> bool:
 
 
 # ------------------------------------------------------------------ datasets and models
+def portable(path: str | Path) -> str:
+    """A path as a result file may show it: inside the repository relative to it, inside moecli's cache as
+    `$MOECLI_CACHE/...`, else its name alone (no machine path in a tracked file)."""
+    from moecli.sources import cache_root
+
+    p = Path(path).absolute()
+    for root, shown in ((REPO, "."), (cache_root().absolute(), "$MOECLI_CACHE")):
+        if p.is_relative_to(root):
+            return str(Path(shown) / p.relative_to(root))
+    return p.name
+
+
 @dataclass
 class Dataset:
     name: str
@@ -252,7 +264,7 @@ def benchmark_model(name: str, build: bool = True) -> tuple[Path, str, float]:
     except Exception as exc:  # noqa: BLE001 - report, never crash the whole suite
         raise Skip(f"cannot get the {name} knowledge model: {type(exc).__name__}: {exc}") from None
     how = (f"{name} knowledge model of the first {KNOWLEDGE_N} records of {path.name} "
-           f"({'cached' if is_cached else 'built now'}: {model_dir})")
+           f"({'cached' if is_cached else 'built now'}: {portable(model_dir)})")
     out = (model_dir, how, time.perf_counter() - t)
     _MODEL_CACHE[name] = out
     return out

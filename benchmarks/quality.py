@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     log,
     meta,
     meta_lines,
+    portable,
     results_dir,
     run,
     write_results,
@@ -201,7 +202,7 @@ def run_dataset(ds_name: str, protocols: list[Protocol], budget_s: float | None,
             for m in methods:
                 mark_absent(p, m, str(exc))
         return rows, absent, {"skipped": str(exc)}
-    info = {"model": ds.model, "model_dir": str(ds.model_dir), "data": ds.data, "model_acquire_s": ds.acquire_s,
+    info = {"model": ds.model, "model_dir": portable(ds.model_dir), "data": ds.data, "model_acquire_s": ds.acquire_s,
             "plan": []}
     t_start = time.perf_counter()
     for pi, p in enumerate(protocols):

@@ -1,7 +1,10 @@
-"""Shared test set-up: one torch thread (tiny models run faster without thread overhead on 2 cores), and
-`run_moecli`, the CLI run in-process."""
+"""Shared test set-up: one torch thread (tiny models run faster without thread overhead on 2 cores),
+`run_moecli`, the CLI run in-process, helpers for resume and shared data, and `--shuffle SEED`: the files
+in a random order and the tests of each file too (what `make test-random` runs), so that no test can lean
+on another's leftovers unnoticed. Files stay whole, so each module-scoped fixture is still built once."""
 
 import os
+import random
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,6 +13,31 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                     help="run the test files, and the tests within each, in an order drawn from SEED")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seed = config.getoption("--shuffle")
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.location[0], []).append(item)
+    order = list(files.values())
+    rng.shuffle(order)
+    for tests in order:
+        rng.shuffle(tests)
+    items[:] = [item for tests in order for item in tests]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("--shuffle")
+    return None if seed is None else f"shuffled with --shuffle {seed} (the same seed gives the same order)"
 
 
 @pytest.fixture(autouse=True, scope="session")

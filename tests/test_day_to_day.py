@@ -56,28 +56,33 @@ def test_show_lists_the_edits(work, capsys):
 
 
 def test_ask_revert_then_the_edit_is_gone_and_the_others_stay(work, capsys):
+    """On a copy (runs/r) of the module's adapter: the other tests use runs/a as it was made, in any order."""
+    import shutil
+
+    shutil.rmtree(work / "runs" / "r", ignore_errors=True)
+    shutil.copytree(work / "runs" / "a", work / "runs" / "r")
     first = json.loads((work / "three.jsonl").read_text().splitlines()[0])
-    code, out, _ = run(["ask", "--adapter", "runs/a", first["prompt"], "--max-new-tokens", "2", "--json"], capsys)
+    code, out, _ = run(["ask", "--adapter", "runs/r", first["prompt"], "--max-new-tokens", "2", "--json"], capsys)
     row = json.loads(out)[0]
     assert code == 0 and row["edited"].startswith(first["target"]) and row["base"] != row["edited"]
     assert row["route"]["id"] == first["id"]
-    code, _, err = run(["revert", "runs/a", "--id", first["id"], "--out", "runs/b"], capsys)
+    code, _, err = run(["revert", "runs/r", "--id", first["id"], "--out", "runs/rb"], capsys)
     assert code == 0, err
-    assert len(load_checkpoint(work / "runs" / "a").ledger) == 3  # --out leaves the original alone
-    assert "reverted" not in load_checkpoint(work / "runs" / "a").ledger[0]
-    code, _, err = run(["revert", "runs/a", "--id", first["id"]], capsys)
+    assert len(load_checkpoint(work / "runs" / "r").ledger) == 3  # --out leaves the original alone
+    assert "reverted" not in load_checkpoint(work / "runs" / "r").ledger[0]
+    code, _, err = run(["revert", "runs/r", "--id", first["id"]], capsys)
     assert code == 0, err
-    ledger = load_checkpoint(work / "runs" / "a").ledger
+    ledger = load_checkpoint(work / "runs" / "r").ledger
     assert ledger[0]["reverted"] and not any(e.get("reverted") for e in ledger[1:])
-    code, out, _ = run(["ask", "--adapter", "runs/a", first["prompt"], "--max-new-tokens", "2", "--json"], capsys)
+    code, out, _ = run(["ask", "--adapter", "runs/r", first["prompt"], "--max-new-tokens", "2", "--json"], capsys)
     row = json.loads(out)[0]
     assert row["edited"] == row["base"] and row["route"] is None  # the base model's answer again
-    code, summary, _ = _evaluate(capsys, "runs/a", "three.jsonl", "--out", "ev")
-    rel = _per_edit(work / "ev" / "report.json")
+    code, summary, _ = _evaluate(capsys, "runs/r", "three.jsonl", "--out", "ev_r")
+    rel = _per_edit(work / "ev_r" / "report.json")
     assert rel[first["id"]] == 0.0 and [v for k, v in rel.items() if k != first["id"]] == [1.0, 1.0]
-    code, _, _ = _evaluate(capsys, "runs/b", "three.jsonl", "--out", "ev_b")
-    assert _per_edit(work / "ev_b" / "report.json") == rel  # the same revert, written elsewhere
-    code, _, err = run(["revert", "runs/a", "--id", first["id"]], capsys)
+    code, _, _ = _evaluate(capsys, "runs/rb", "three.jsonl", "--out", "ev_rb")
+    assert _per_edit(work / "ev_rb" / "report.json") == rel  # the same revert, written elsewhere
+    code, _, err = run(["revert", "runs/r", "--id", first["id"]], capsys)
     assert code == 2 and "reverted already" in err
 
 
@@ -107,8 +112,8 @@ def test_parquet_csv_and_save_to_disk_evaluate_like_the_jsonl(work, capsys):
         writer.writeheader()
         for r in records:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    _, reference, _ = _evaluate(capsys, "runs/b", "three.jsonl", "--out", "ev_jsonl")
+    _, reference, _ = _evaluate(capsys, "runs/a", "three.jsonl", "--out", "ev_jsonl")
     for source in ("three.parquet", "three.csv", "three_ds"):
-        code, summary, err = _evaluate(capsys, "runs/b", source, "--out", f"ev_{source}")
+        code, summary, err = _evaluate(capsys, "runs/a", source, "--out", f"ev_{source}")
         assert code == 0, err
         assert summary == reference, source

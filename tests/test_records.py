@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -141,19 +140,6 @@ def test_real_hallucination_mapping(name: str, empty_loc: int) -> None:
     assert all(not x.rephrases and x.ground_truth is None for x in result.records)
     # Prompts keep their whitespace; empty locality answers are kept as the WISE data has them.
     assert sum(1 for x in result.records if x.locality[0].answer == "") == empty_loc
-
-
-def test_real_counterfact_loads_fast() -> None:
-    real("counterfact_edit.json")  # skip if absent
-    path = SHARED / "counterfact_edit.json"
-    best = min(_timed(lambda: read_records(path)) for _ in range(2))
-    assert best < 1.0, f"reading 10,000 CounterFact records took {best:.2f} s"
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def test_real_limit_and_jsonl_round_trip(tmp_path: Path) -> None:
