@@ -122,3 +122,22 @@ def interrupter(when: str):
             raise KeyboardInterrupt
 
     return progress
+
+
+def assert_resume_is_exact(spec, tmp_path: Path, monkeypatch, when: str, n_batches: int = 3) -> None:
+    """A 3-batch stream `spec(out_dir)` (a RunSpec) interrupted `when` (see `interrupter`) and resumed ends with
+    the adapter and summary of the same stream run without interruption, having trained only the batches its
+    checkpoint lacked."""
+    from moecli.checkpoint import load_checkpoint
+    from moecli.engine import load_run_spec, run_edits
+
+    full = run_edits(spec(tmp_path / "full"))
+    with pytest.raises(KeyboardInterrupt):
+        run_edits(spec(tmp_path / "cut"), progress=interrupter(when))
+    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
+    assert position == (2 if when == "after_save" else 1)
+    with batches_trained(monkeypatch) as trained:
+        resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
+    assert trained == list(range(position, n_batches))  # only what the checkpoint lacked, not the stream again
+    assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
+    assert resumed["summary"] == full["summary"]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, batches_trained, interrupter
+from conftest import assert_resume_is_exact
 
-from moecli.checkpoint import load_checkpoint
-from moecli.engine import RunSpec, load_edited, load_run_spec, run_edits
+from moecli.engine import RunSpec, load_edited, run_edits
 from moecli.errors import UserError
 from moecli.evaluation import compute_baseline, evaluate_records
 from moecli.methods import get_method
@@ -228,16 +227,7 @@ def test_interrupted_lifelong_run_resumes_to_the_same_adapter(tiny, tmp_path, mo
                        records=records, batch_size=1, out_dir=out, model_path=tiny["llama"], generation=False,
                        protocol="lifelong")
 
-    full = run_edits(spec(tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):
-        run_edits(spec(tmp_path / "cut"), progress=interrupter(when))
-    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
-    assert position == (2 if when == "after_save" else 1)
-    with batches_trained(monkeypatch) as trained:
-        resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
-    assert trained == list(range(position, 3))  # only what the checkpoint lacked, not the stream again
-    assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
-    assert resumed["summary"] == full["summary"]
+    assert_resume_is_exact(spec, tmp_path, monkeypatch, when)
 
 
 def test_wise_ties_merge_trims_elects_sign_and_averages():

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_adapter, batches_trained, interrupter
+from conftest import assert_resume_is_exact
 
 from moecli.checkpoint import load_checkpoint
-from moecli.engine import RunSpec, load_run_spec, run_edits
+from moecli.engine import RunSpec, run_edits
 from moecli.recipes import build_config
 from moecli.records import EditRecord, LocalityPair
 from moecli.testing import make_tiny_model
@@ -57,13 +57,4 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize("when", ["after_save", "mid_batch"])
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_dir, tmp_path, monkeypatch, when):
-    full = run_edits(_spec(tiny_dir, tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):
-        run_edits(_spec(tiny_dir, tmp_path / "cut"), progress=interrupter(when))
-    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
-    assert position == (2 if when == "after_save" else 1)
-    with batches_trained(monkeypatch) as trained:
-        resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
-    assert trained == list(range(position, 3))  # only what the checkpoint lacked, not the stream again
-    assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
-    assert resumed["summary"] == full["summary"]
+    assert_resume_is_exact(lambda out: _spec(tiny_dir, out), tmp_path, monkeypatch, when)
