@@ -643,6 +643,27 @@ def test_diverged_training_saves_nothing_non_finite(work, capsys, monkeypatch):
     assert all(bool(torch.isfinite(t).all()) for t in kept.tensors.values() if t.is_floating_point())
 
 
+def test_non_finite_weights_are_never_saved(work, capsys, monkeypatch):
+    """The loss can stay finite while a weight overflows (half precision): what is exported is checked too."""
+    from moecli.methods.lemoe import LEMoE
+
+    real = LEMoE.export_state
+
+    def export_state(self):  # the second batch's expert overflows
+        config, tensors, files = real(self)
+        name = next((k for k in tensors if k.startswith("experts.1.") and tensors[k].is_floating_point()), None)
+        if name is not None:
+            tensors = {**tensors, name: torch.full_like(tensors[name], float("inf"))}
+        return config, tensors, files
+
+    monkeypatch.setattr(LEMoE, "export_state", export_state)
+    code, _, err = run(["lifelong", "--data", "edits.jsonl", *RUN, "--out", "runs/inf"], capsys)
+    assert code == 1 and re.fullmatch(r"moecli: error: training diverged in batch 1: non-finite weight experts\.1\."
+                                      r"\S+; nothing of that batch is saved, the last checkpoint \(batch 1 of 3\) is "
+                                      r"intact; lower --lr and start again\n", err), err
+    assert load_checkpoint(work / "runs" / "inf").manifest["stream"]["position"] == 1
+
+
 # Which test covers each README row (test_every_readme_row_has_a_test keeps this and the README equal).
 COVERED = {
     **{f"d{i}": "test_bad_data_is_one_line_exit_2_and_writes_nothing" for i in range(1, 10)},
