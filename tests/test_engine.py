@@ -136,7 +136,8 @@ def test_an_edit_that_routes_nowhere_trains_nothing_and_does_not_crash(tiny_dir)
 def test_stop_prob_trains_on_past_the_argmax_and_still_ends_where_it_cannot_be_reached(tiny_dir):
     """Early stop at the first all-argmax step leaves a thin margin; with `stop_prob` the same edit trains on,
     until every target token has that probability or, where it cannot get there, at the first all-argmax
-    step from twice the first one on: never before the thin run ends, never long after twice it."""
+    step from twice the first one on: later than the thin run, well before max_steps. (How much later depends
+    on where the argmax is lost and regained past twice the first step: no tighter bound holds.)"""
     loaded = load_model(tiny_dir)
 
     def steps(stop_prob: float) -> tuple[int, bool]:
@@ -148,7 +149,7 @@ def test_stop_prob_trains_on_past_the_argmax_and_still_ends_where_it_cannot_be_r
         return stats["steps"], stats["all_correct"]
 
     (thin, ok_thin), (wide, ok_wide) = steps(0.0), steps(0.9)
-    assert ok_thin and ok_wide and thin < wide <= 2 * thin < 400
+    assert ok_thin and ok_wide and thin < wide < 400
 
 
 def test_stop_prob_needs_every_target_token_at_that_probability():
