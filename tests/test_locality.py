@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from conftest import run_moecli
+from conftest import run_moecli, shared_data
 
 from moecli.locality import RelationTest, relation_evidence, relation_test, with_same_subject
 from moecli.records import EditRecord, LocalityPair, read_records
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _rec(prompt: str, subject: str, target: str, truth: str, rephrase: str = "", neighbour_answer: str = ""):
@@ -109,11 +106,10 @@ def test_a_short_list_learns_its_relations_from_the_evidence():
         relation_test(edited, evidence[1:])  # evidence that does not begin with the list is refused
 
 
-@pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
 def test_first_100_counterfact_records_get_no_probe_in_other_words():
     """The case measured on SmolLM2: on its own, the first 100 records' relation test let "Ferrari F40 is
     produced by" be a probe for "Ferrari F40, developed by"; learned from 1000 records it is not."""
-    path = SHARED / "counterfact_edit.json"
+    path = shared_data("counterfact_edit.json")
     records = read_records(path, limit=100).records
     ferrari = next(i for i, r in enumerate(records) if r.prompt == "Ferrari F40, developed by")
     evidence = relation_evidence(records, path)
@@ -125,10 +121,9 @@ def test_first_100_counterfact_records_get_no_probe_in_other_words():
     assert len(probes) == 3 and "Ferrari F40 is produced by" not in probes
 
 
-@pytest.mark.skipif(not (SHARED / "counterfact_edit.json").is_file(), reason="shared data not present")
 @pytest.mark.parametrize("name", ["counterfact_edit.json", "zsre_eval_3k.json"])
 def test_real_files_get_three_probes_per_edit_that_are_not_its_own_questions(name):
-    records = read_records(SHARED / name, limit=300).records
+    records = read_records(shared_data(name), limit=300).records
     out = with_same_subject(records, per_edit=3)
     for rec, new in zip(records, out):
         probes = _probes(new)

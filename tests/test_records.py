@@ -8,12 +8,12 @@ that need it skip with a message when it is absent.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,13 +34,6 @@ HERE = Path(__file__).resolve().parent
 ROME_FIXTURE = HERE / "data" / "counterfact_rome_sample.json"
 
 
-def _shared_data() -> Path:
-    env = os.environ.get("MOECLI_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-SHARED = _shared_data()
-
 # file -> (format, number of records, number of records with an empty locality answer)
 REAL_FILES = {
     "zsre_eval_3k.json": ("zsre", 3000),
@@ -55,9 +48,7 @@ _cache: dict[str, tuple[ReadResult, list[dict]]] = {}
 
 def real(name: str) -> tuple[ReadResult, list[dict]]:
     """The file read by moecli and by plain json (cached: each real file is parsed once per run)."""
-    path = SHARED / name
-    if not path.is_file():
-        pytest.skip(f"real data {path} not found (set MOECLI_SHARED_DATA to the shared/data folder)")
+    path = shared_data(name)
     if name not in _cache:
         _cache[name] = (read_records(path), json.loads(path.read_text(encoding="utf-8")))
     return _cache[name]
@@ -144,7 +135,7 @@ def test_real_hallucination_mapping(name: str, empty_loc: int) -> None:
 
 def test_real_limit_and_jsonl_round_trip(tmp_path: Path) -> None:
     result, _ = real("counterfact_edit.json")
-    assert read_records(SHARED / "counterfact_edit.json", limit=5).records == result.records[:5]
+    assert read_records(shared_data("counterfact_edit.json"), limit=5).records == result.records[:5]
     out = tmp_path / "cf.jsonl"
     write_jsonl(result.records[:2000], out)
     back = read_records(out)
