@@ -40,6 +40,14 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return None if seed is None else f"shuffled with --shuffle {seed} (the same seed gives the same order)"
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch generator state, whatever ran before it (MEMoE's gate noise and
+    weight initialisations draw from it; the engine seeds it per batch, a test calling a method does not).
+    A module-scoped fixture runs before this: one that trains seeds the generator itself."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     old = torch.get_num_threads()
