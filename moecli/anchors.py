@@ -9,6 +9,7 @@ generation all call the same `AnchorContext.compute`, so an input reaches the sa
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ SUFFIX_OF: ContextVar[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = 
 """Set by the training loop when a forward feeds each row of a batch from column `offsets[row]` on, its
 earlier columns sitting in a KV cache (`training.PromptCache`): (the whole batch's input ids, its
 attention mask, offsets [B]). The anchors, routes and signature are those of the whole input."""
+
+
+def prompt_hash(ids: list[int]) -> int:
+    """A stable signed 64-bit hash of a token sequence (the same in every process and Python version)."""
+    digest = hashlib.blake2b(b"".join(int(t).to_bytes(8, "little", signed=True) for t in ids), digest_size=8)
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 def continues_name(decode: Callable[[list[int]], str], ids: list[int], end: int) -> bool:
@@ -54,6 +61,12 @@ class AnchorTrie:
     for byte-level BPE); both variants are matched, and both give the anchor vector of the same
     canonical sequence (the leading-space form), so "Alice Moreau was born in" and "Where was Alice
     Moreau born?" have the same anchor.
+
+    Each edit prompt is also kept whole (`exact`: its hash → the span of its own subject in it and that
+    subject's canonical index), so the prompt an edit was trained on is anchored exactly as it was then,
+    whatever subjects are added later ("leftmost" could otherwise pick a later edit's subject named before
+    it) and even when the record's subject is not written in its prompt ("Who is Obama married to?" for
+    "Barack Obama").
     """
 
     def __init__(self) -> None:
@@ -61,6 +74,9 @@ class AnchorTrie:
         self.sequences: list[list[int]] = []  # every matchable variant
         self.canonical: list[list[int]] = []  # one per subject
         self._canon_of: dict[tuple[int, ...], int] = {}
+        self._variants_of: dict[int, list[list[int]]] = {}  # canonical index → its variants
+        self._known: set[tuple[int, ...]] = set()  # `sequences`, for a constant-time membership test
+        self.exact: dict[int, tuple[int, int, int]] = {}  # prompt hash → (start, end or -1 for none, canonical)
 
     def add(self, ids: list[int], canon: list[int] | None = None) -> None:
         """Register a token sequence whose anchor is `canon` (default: itself)."""
@@ -72,8 +88,10 @@ class AnchorTrie:
         if key not in self._canon_of:
             self._canon_of[key] = len(self.canonical)
             self.canonical.append(canon)
-        if ids in self.sequences:
+        if tuple(ids) in self._known:
             return
+        self._known.add(tuple(ids))
+        self._variants_of.setdefault(self._canon_of[key], []).append(ids)
         node = self.root
         for t in ids:
             node = node.setdefault(t, {})
@@ -90,6 +108,17 @@ class AnchorTrie:
             texts.append(" " + subject[:1].swapcase() + subject[1:])
         for text in texts:
             self.add(tokenizer(text, add_special_tokens=False)["input_ids"], canon)
+
+    def add_exact(self, ids: list[int], subject_ids: list[int]) -> None:
+        """Anchor the prompt `ids` (as `AnchorContext.compute` sees it: no BOS, no padding) on the subject
+        registered with the canonical sequence `subject_ids`: at the leftmost of that subject's variants in
+        it, else (the subject is not written in the prompt) on the whole prompt with the subject's vector."""
+        canon = self._canon_of[tuple(int(t) for t in subject_ids)]
+        own = AnchorTrie()
+        for seq in self._variants_of.get(canon, []):
+            own.add(seq)
+        hit = own.find(ids)  # the record names its subject so: no `continues_name` test
+        self.exact[prompt_hash(ids)] = (hit[0], hit[1], canon) if hit is not None else (0, -1, canon)
 
     def find(self, ids: list[int], decode: Callable[[list[int]], str] | None = None) -> tuple[int, int, int] | None:
         """The leftmost, then longest, known anchor span `(start, end, canonical index)`, or None.
@@ -113,7 +142,8 @@ class AnchorTrie:
 
     def to_json(self) -> dict:
         return {"canonical": self.canonical,
-                "variants": [[seq, self._find_exact(seq)] for seq in self.sequences]}
+                "variants": [[seq, self._find_exact(seq)] for seq in self.sequences],
+                "exact": [[h, *v] for h, v in self.exact.items()]}
 
     def _find_exact(self, seq: list[int]) -> int:
         node = self.root
@@ -126,6 +156,7 @@ class AnchorTrie:
         trie = cls()
         for seq, canon_idx in data.get("variants", []):
             trie.add(seq, data["canonical"][canon_idx])
+        trie.exact = {int(h): (int(a), int(b), int(c)) for h, a, b, c in data.get("exact", [])}
         return trie
 
     def __len__(self) -> int:
@@ -173,6 +204,7 @@ class AnchorContext:
     pending_question: Callable[[], torch.Tensor | None] | None = None
     attention: torch.Tensor | None = None  # [B, T] the prompt forward's attention mask (WISE averages over it)
     input_ids: torch.Tensor | None = None  # [B, T] the prompt forward's tokens (for `skeletons`)
+    prompt_hashes: list[int] = field(default_factory=list)  # [B] `prompt_hash` of each row's prompt tokens
 
     @property
     def signature(self) -> torch.Tensor | None:
@@ -230,14 +262,22 @@ class AnchorContext:
         if lengths is None or len(lengths) != len(rows):
             lengths = None
         span_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        matched, spans, canon = [], [], {}
+        matched, spans, canon, hashes = [], [], {}, []
         for b, (ids, am) in enumerate(zip(rows, masks)):
             # the prompt only: generation routes on the prompt, so teacher-forced `prompt + answer` must
             # too (an answer naming an edited subject, "... is a citizen of| Japan", would take its edit)
             width = lengths[b] if lengths is not None else len(ids)
             valid = [i for i, (t, a) in enumerate(zip(ids[:width], am)) if a and t not in self.skip_token_ids]
             seq = [ids[i] for i in valid]
-            hit = self.trie.find(seq, self.decode) if len(self.trie) else None
+            hashes.append(prompt_hash(seq))
+            hit = self.trie.exact.get(hashes[-1]) if self.trie.exact else None
+            if hit is not None and hit[1] < 0:  # an edit prompt that does not write its subject
+                canon[b] = self.trie.canonical[hit[2]]
+                matched.append(True)
+                spans.append(None)
+                continue
+            if hit is None:
+                hit = self.trie.find(seq, self.decode) if len(self.trie) else None
             if hit is None:
                 for i in valid:
                     span_mask[b, i] = True
@@ -267,6 +307,7 @@ class AnchorContext:
         self.vectors = vectors.to(embeds.dtype)
         self.matched = torch.tensor(matched, device=input_ids.device)
         self.spans = spans
+        self.prompt_hashes = hashes
 
 
 def record_anchor_vectors(embedding: torch.nn.Module, tokenizer, texts: list[str], ctx: AnchorContext) -> tuple[

@@ -291,7 +291,7 @@ def evaluate(
 
 
 RecipeOpt = Annotated[
-    Path | None, typer.Option("--recipe", help="YAML recipe (recipes/<method>.yaml); flags override it.")
+    Path | None, typer.Option("--recipe", help="YAML recipe: a file or a shipped name (lemoe, …); flags override it.")
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override one recipe option: --set KEY=VALUE (repeatable).")

@@ -20,14 +20,19 @@ from moecli.methods import get_method
 from moecli.methods.base import MethodConfig, config_from_dict
 
 RUN_KEYS = ("method", "batch_size", "seed")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "assets" / "recipes"  # shipped in the wheel
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Parse a recipe file into a dict; a missing file or bad YAML is a one-line UserError."""
+    """Parse a recipe file, or a shipped recipe named without a path (`lemoe`, `scen-paper`), into a dict;
+    a missing file or bad YAML is a one-line UserError."""
     path = Path(path)
+    shipped = RECIPES_DIR / f"{path.name}.yaml"
+    if not path.is_file() and str(path) == path.name and not path.suffix and shipped.is_file():
+        path = shipped
     if not path.is_file():
-        raise UserError(f"--recipe {path}: no such file")
+        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise UserError(f"--recipe {path}: no such file (or a shipped recipe: {names})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -118,7 +123,7 @@ HEADERS = {
 
 
 def default_recipe_text(method: str) -> str:
-    """The YAML of a method's defaults, as shipped in `recipes/<method>.yaml` (a test keeps them equal)."""
+    """The YAML of a method's defaults, as shipped in `assets/recipes/<method>.yaml` (a test keeps them equal)."""
     cls = get_method(method).config_class
     body = yaml.safe_dump({"method": method, **dataclasses.asdict(cls())}, sort_keys=False)
     return (f"# {HEADERS.get(method, method)}\n# Every key is a field of the method's config dataclass "
@@ -126,6 +131,6 @@ def default_recipe_text(method: str) -> str:
             + body)
 
 
-if __name__ == "__main__":  # python -m moecli.recipes: rewrite recipes/<method>.yaml from the defaults
+if __name__ == "__main__":  # python -m moecli.recipes: rewrite the shipped <method>.yaml from the defaults
     for name in HEADERS:
         (RECIPES_DIR / f"{name}.yaml").write_text(default_recipe_text(name), encoding="utf-8")

@@ -138,6 +138,10 @@ class KeyMatcher:
         # way (unit-norm inputs [m, d_query], and the row of the edit each belongs to [m])
         self.neg_queries = torch.zeros(0, d_query)
         self.neg_owner = torch.zeros(0, dtype=torch.long)
+        # per stored edit: `anchors.prompt_hash` of its prompt as asked and as trained ([n, 2]); an input
+        # that is an edit's own prompt matches that edit, whatever the anchor search and the key say
+        self.prompt_hashes = torch.zeros(0, 2, dtype=torch.long)
+        self._row_of_prompt: dict[int, int] = {}
         self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.candidate_values: torch.Tensor | None = None  # [B, K] values of all edits the last `match` accepted
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
@@ -149,11 +153,16 @@ class KeyMatcher:
 
     def add(self, anchors: torch.Tensor, queries: torch.Tensor, values: list[int],
             thresholds: torch.Tensor | None = None, signatures: torch.Tensor | None = None,
-            confusable: list[tuple[int, torch.Tensor]] | None = None, raw: torch.Tensor | None = None) -> None:
+            confusable: list[tuple[int, torch.Tensor]] | None = None, raw: torch.Tensor | None = None,
+            prompt_hashes: torch.Tensor | None = None) -> None:
         """Store edits: anchor vectors [n, d_anchor], the vectors matched by cosine [n, ·] (last-token inputs,
         or question codes with feature "learned", whose last-token inputs are then `raw`), expert ids [n],
         optionally each edit's own query threshold (default: `query_threshold`), and with feature
-        "output" the base model's signatures after each edit prompt [n, vocab] (kept as top-k)."""
+        "output" the base model's signatures after each edit prompt [n, vocab] (kept as top-k), and the
+        hashes of the edit prompts [n, 2] (`prompt_hashes`)."""
+        if prompt_hashes is None:
+            prompt_hashes = torch.zeros(len(values), 2, dtype=torch.long)
+        self._add_prompts(prompt_hashes.long().cpu())
         if thresholds is None:
             thresholds = torch.full((len(values),), float(self.query_threshold))
         if self.feature == "output":
@@ -173,6 +182,14 @@ class KeyMatcher:
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, (queries if raw is None else raw).detach().float().cpu()])
+
+    def _add_prompts(self, hashes: torch.Tensor) -> None:
+        first = len(self.prompt_hashes)
+        self.prompt_hashes = torch.cat([self.prompt_hashes, hashes])
+        for i, row in enumerate(hashes.tolist()):
+            for h in row:
+                if h:  # 0: not known (an adapter saved before prompts were kept)
+                    self._row_of_prompt.setdefault(h, first + i)
 
     def pair_similarity(self, q_a: torch.Tensor, s_a: torch.Tensor | None, q_b: torch.Tensor,
                         s_b: torch.Tensor | None) -> torch.Tensor:
@@ -258,6 +275,13 @@ class KeyMatcher:
             cand = torch.as_tensor(self.store.values)[pos.clamp(min=0)]
             candidates = torch.full((b, k), -1, dtype=torch.long)
             candidates[active] = torch.where(ok & hit.unsqueeze(-1), cand, torch.full_like(cand, -1))
+        if self._row_of_prompt and len(ctx.prompt_hashes) == b:
+            for i in active.tolist():
+                row = self._row_of_prompt.get(ctx.prompt_hashes[i])
+                if row is not None and self.thresholds[row] <= 1.0:  # an edit's own prompt, not reverted
+                    value = int(self.store.values[row])
+                    sims[i], values[i], rows[i] = 1.0, value, row
+                    candidates[i] = torch.tensor([value] + [-1] * (candidates.shape[1] - 1))
         self.rows = rows.to(x.device)
         self.candidate_values = candidates.to(x.device)  # [B, K] values of every edit that matched, −1 padding
         self._cached = (sims.to(x.device), values.to(x.device))
@@ -290,7 +314,8 @@ class KeyMatcher:
                  "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
         tensors = {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone(),
                    "matcher.thresholds": self.thresholds.clone(),
-                   "matcher.neg_queries": self.neg_queries.clone(), "matcher.neg_owner": self.neg_owner.clone()}
+                   "matcher.neg_queries": self.neg_queries.clone(), "matcher.neg_owner": self.neg_owner.clone(),
+                   "matcher.prompt_hashes": self.prompt_hashes.clone()}
         if self.feature == "output":
             tensors.update({"matcher.sig_ids": self.sig_ids.clone(), "matcher.sig_vals": self.sig_vals.clone()})
         return tensors, files
@@ -311,6 +336,9 @@ class KeyMatcher:
         self.thresholds = tensors.get("matcher.thresholds", default).float().cpu()
         self.neg_queries = tensors.get("matcher.neg_queries", torch.zeros(0, self.queries.shape[1])).float().cpu()
         self.neg_owner = tensors.get("matcher.neg_owner", torch.zeros(0, dtype=torch.long)).long().cpu()
+        self.prompt_hashes, self._row_of_prompt = torch.zeros(0, 2, dtype=torch.long), {}
+        self._add_prompts(tensors.get("matcher.prompt_hashes",
+                                      torch.zeros(len(self.queries), 2, dtype=torch.long)).long().cpu())
         if self.feature == "output":
             if "matcher.sig_ids" not in tensors:
                 raise UserError("adapter: missing the edits' output signatures (matcher.sig_ids)")

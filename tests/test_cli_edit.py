@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from moecli.cli import main
+from moecli.errors import UserError
 from moecli.records import EditRecord, LocalityPair, write_jsonl
 from moecli.testing import make_tiny_model
 
@@ -115,7 +116,7 @@ def test_shipped_recipes_equal_the_defaults():
 
     from moecli.methods import get_method
 
-    root = Path(__file__).resolve().parents[1] / "recipes"
+    root = Path(__file__).resolve().parents[1] / "moecli" / "assets" / "recipes"
     for name in ("memoe", "lemoe", "scen", "ft", "lora", "grace"):
         recipe = yaml.safe_load((root / f"{name}.yaml").read_text())
         assert recipe.pop("method") == name
@@ -125,6 +126,19 @@ def test_shipped_recipes_equal_the_defaults():
 def test_every_shipped_recipe_builds_a_valid_config():
     from moecli.recipes import build_config, read_recipe
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[1] / "moecli" / "assets" / "recipes").glob("*.yaml")):
         recipe = read_recipe(path)
         build_config(recipe["method"], recipe, source=str(path))
+
+
+def test_a_shipped_recipe_is_found_by_name_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
+    """`--recipe lemoe-paper` needs no path (the recipes ship inside the package); a file of that name in the
+    working directory still wins; an unknown name says which recipes exist."""
+    from moecli.recipes import read_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert read_recipe("lemoe-paper")["router"] == "kv"
+    (tmp_path / "lemoe-paper").write_text("method: memoe\n")
+    assert read_recipe("lemoe-paper") == {"method": "memoe"}
+    with pytest.raises(UserError, match=r"--recipe lemoi: no such file \(or a shipped recipe: .*lemoe-paper"):
+        read_recipe("lemoi")

@@ -163,9 +163,10 @@ def test_stop_prob_needs_every_target_token_at_that_probability():
 
 
 @pytest.mark.parametrize("method", ["memoe", "lemoe", "scen"])
-def test_a_batch_whose_entity_is_never_found_is_stored_without_a_signature(tiny_dir, method):
-    """One edit whose subject the anchor trie does not find in its prompt: no output signature exists
-    (the unedited pass runs only for inputs naming an edited entity); the stream must go on."""
+def test_an_edit_whose_subject_is_not_in_its_prompt_is_reached_by_that_prompt(tiny_dir, method):
+    """One edit whose subject is not written in its prompt: the prompt itself is anchored on the subject
+    (`AnchorTrie.add_exact`) and reaches its edit; other wordings that do not name the subject do not;
+    the stream goes on."""
     from moecli.methods import get_method
     from moecli.recipes import build_config
 
@@ -173,9 +174,15 @@ def test_a_batch_whose_entity_is_never_found_is_stored_without_a_signature(tiny_
     m = get_method(method)(loaded, build_config(method, overrides={"max_steps": 2}), seed=0)
     m.apply_batch([EditRecord(prompt="What is the capital of Atlantis?", target="Poseidonia",
                               subject="Atlantis City")], 0)
-    assert len(m.matcher) == 1 and float(m.matcher.sig_rest[0]) == 0.0
+    assert len(m.matcher) == 1
+    assert m.routes(["What is the capital of Atlantis?", "Which city is the capital of Atlantis?"]) == [0, None]
     m.apply_batch(RECORDS[:1], 1)  # the next edit is stored and reachable as usual
-    assert m.routes([RECORDS[0].prompt]) == [1]
+    assert m.routes([RECORDS[0].prompt, "What is the capital of Atlantis?"]) == [1, 0]
+    config, tensors, files = m.export_state()
+    m.remove()
+    again = get_method(method)(loaded, build_config(method, overrides={"max_steps": 2}), seed=0)
+    again.load_state(config, tensors, files)  # what a saved adapter holds
+    assert again.routes([RECORDS[0].prompt, "What is the capital of Atlantis?"]) == [1, 0]
 
 
 def test_routing_diagnosis_says_where_each_input_went(tiny_dir, tmp_path):
@@ -222,3 +229,34 @@ def test_without_early_stop_the_ledger_still_says_whether_the_edit_took(tiny_dir
         stats = method.apply_batch(RECORDS[:1], 0)
         method.remove()
         assert stats["steps"] == steps and stats["all_correct"] is took
+
+
+@pytest.mark.parametrize("method", ["memoe", "lemoe", "scen"])
+def test_an_edit_prompt_reaches_its_edit_when_a_later_subject_is_named_before_its_own(tiny_dir, method):
+    """The trie finds the leftmost known name: once "Paris" is edited, "In Paris, Alice Moreau works as a"
+    names Paris first. The prompt Alice's edit was trained on is still anchored on Alice, as when trained."""
+    from moecli.methods import get_method
+    from moecli.recipes import build_config
+
+    loaded = load_model(tiny_dir)
+    m = get_method(method)(loaded, build_config(method, overrides={"max_steps": 1}), seed=0)
+    alice = "In Paris, Alice Moreau works as a"
+    m.apply_batch([EditRecord(prompt=alice, target="pilot", subject="Alice Moreau")], 0)
+    anchor_then = m.probe([alice])[0]
+    m.apply_batch([EditRecord(prompt="Paris is the capital of", target="Italy", subject="Paris")], 1)
+    assert m.routes([alice, "Paris is the capital of"]) == [0, 1]
+    assert torch.equal(m.probe([alice])[0], anchor_then)  # the anchor its experts were trained with
+    assert not torch.equal(m.probe(["In Paris, Alice Moreau lives in"])[0], anchor_then)  # another prompt: Paris
+
+
+def test_every_edit_prompt_reaches_its_edit_among_many_on_one_subject(tiny_dir):
+    """Twenty edits of one subject (more than the matcher's sixteen anchor candidates, all tied): each
+    edit prompt still routes to its own edit, whatever its question key says."""
+    from moecli.methods import get_method
+    from moecli.recipes import build_config
+
+    loaded = load_model(tiny_dir)
+    m = get_method("lemoe")(loaded, build_config("lemoe", overrides={"max_steps": 1}), seed=0)
+    prompts = [f"Fact number {i} about Alice Moreau is" for i in range(20)]
+    m.apply_batch([EditRecord(prompt=p, target=f"answer{i}", subject="Alice Moreau") for i, p in enumerate(prompts)], 0)
+    assert m.routes(prompts) == list(range(20))

@@ -10,7 +10,7 @@
 
 Each method promises exactness only for inputs that reach no edit; the tests stay inside that promise and
 assert its condition first (`_reached`): MEMoE, LEMoE (knn) and SCEN null-route an input that names no edited
-entity (README, "Key matcher"); GRACE defers to the base model outside every codebook radius; WISE runs the
+entity (docs/design.md, "Key matcher"); GRACE defers to the base model outside every codebook radius; WISE runs the
 main memory when no side memory's routing activation passes its threshold. The unedited prompts name other
 subjects than the edits (the fact world's reserved facts: no edit may change them).
 

@@ -1,10 +1,10 @@
-"""Every row of the README table "What moecli does when…", run as the README says, plus property
+"""Every row of the table "What moecli does when…" (docs/errors.md), run as it says, plus property
 tests of the record readers on generated records and garbage.
 
 The tests run `moecli.cli.main` in-process (torch and transformers are imported once) from a work
-directory laid out as the README's set-up makes it (`edits.jsonl`, `tiny/`, `runs/good/`), so the
-paths in the messages are the README's. Each row's test checks the exit code and the one stderr line
-against the README table itself (`…` there stands for text that varies): the table cannot drift
+directory laid out as the table's set-up makes it (`edits.jsonl`, `tiny/`, `runs/good/`), so the
+paths in the messages are the table's. Each row's test checks the exit code and the one stderr line
+against the table itself (`…` there stands for text that varies): the table cannot drift
 from what moecli prints. Only the SIGKILL row needs a real process, killed midway through a run.
 
 Rows also covered elsewhere, at the library level: the checkpoint's crash recovery and lock
@@ -49,18 +49,17 @@ from moecli.records import (
 )
 from moecli.testing import make_tiny_model
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## What moecli does when…"
-# The run every interrupted run below must end up equal to: the README's `runs/good`.
+ERRORS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"  # the table the README links to
+# The run every interrupted run below must end up equal to: the table's `runs/good`.
 RUN = ["--batch-size", "2", "--steps", "3", "--no-generate", "--quiet"]
 
 
-# ------------------------------------------------------------------------------ the README table
+# ------------------------------------------------------------------------------ the table of docs/errors.md
 
 
 def readme_rows() -> dict[str, tuple[str | None, int]]:
-    """{row id: (the promised stderr line or None, exit code)} from the README table."""
-    body = README.read_text(encoding="utf-8").split(SECTION, 1)[1].split("\n## ", 1)[0]
+    """{row id: (the promised stderr line or None, exit code)} from the table of docs/errors.md."""
+    body = ERRORS.read_text(encoding="utf-8")
     rows = {}
     for line in body.splitlines():
         if not re.match(r"\| [a-z]\d+ \|", line):
@@ -81,7 +80,7 @@ ROWS = readme_rows()
 
 
 def check_row(row: str, code: int, err: str) -> None:
-    """The exit code and stderr of a run are what the README promises for `row`."""
+    """The exit code and stderr of a run are what docs/errors.md promises for `row`."""
     message, expected_code = ROWS[row]
     assert "Traceback" not in err, err
     assert code == expected_code, (row, code, err)
@@ -91,7 +90,7 @@ def check_row(row: str, code: int, err: str) -> None:
         return
     assert len(lines) == 1, (row, err)
     pattern = ".*?".join(re.escape(part) for part in message.split("…"))
-    assert re.fullmatch(pattern, lines[0]), f"{row}: README promises\n  {message}\nmoecli printed\n  {lines[0]}"
+    assert re.fullmatch(pattern, lines[0]), f"{row}: docs/errors.md promises\n  {message}\nmoecli printed\n  {lines[0]}"
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -104,7 +103,7 @@ def listing(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """The README's set-up: edits.jsonl, a tiny Llama, and a good adapter in runs/good."""
+    """The set-up of docs/errors.md: edits.jsonl, a tiny Llama, and a good adapter in runs/good."""
     root = tmp_path_factory.mktemp("try")
     old = os.getcwd()
     os.chdir(root)
@@ -664,7 +663,7 @@ def test_non_finite_weights_are_never_saved(work, capsys, monkeypatch):
     assert load_checkpoint(work / "runs" / "inf").manifest["stream"]["position"] == 1
 
 
-# Which test covers each README row (test_every_readme_row_has_a_test keeps this and the README equal).
+# Which test covers each docs/errors.md row (test_every_readme_row_has_a_test keeps this and the table equal).
 COVERED = {
     **{f"d{i}": "test_bad_data_is_one_line_exit_2_and_writes_nothing" for i in range(1, 10)},
     "d10": "test_skip_invalid_counts_and_skips",

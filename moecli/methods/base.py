@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from moecli.anchors import AnchorContext, AnchorTrie
-from moecli.batching import collate, forward, length_groups, logits_at, pad_id_of, prompt_only
+from moecli.anchors import AnchorContext, AnchorTrie, prompt_hash
+from moecli.batching import collate, encode_pair, forward, length_groups, logits_at, pad_id_of, prompt_only
 from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
 from moecli.errors import UserError
 from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
@@ -386,7 +386,8 @@ class BypassMethod(EditMethod):
                         thresholds[i] = max(thresholds[i].item(), min(sim + margin, 0.99))
                     elif sim >= base:  # answered the same way: only the input can tell them apart
                         confusable.append((i, neg_q[j]))
-        self.matcher.add(anchors, queries, values, thresholds, sigs, confusable, raw=inputs)
+        hashes = torch.tensor([[prompt_hash(ids) for ids in self._prompt_ids(r)] for r in records])
+        self.matcher.add(anchors, queries, values, thresholds, sigs, confusable, raw=inputs, prompt_hashes=hashes)
 
     def scope_negatives(self) -> int:
         """How many other question forms each new edit's threshold is raised above (config; None: by feature)."""
@@ -400,11 +401,24 @@ class BypassMethod(EditMethod):
         return KeyMatcher(self.d_anchor, self.d_in, c.anchor_threshold, threshold, null_route, index,
                           feature=c.query_feature, topk=c.signature_topk, encoder=self.question)
 
+    def _prompt_ids(self, record: EditRecord) -> list[list[int]]:
+        """The record's prompt as the routing context sees it (no BOS, no padding): as asked (generation,
+        scoring) and as trained (where the tokenizer merges the prompt's end with the answer)."""
+        tok, skip = self.loaded.tokenizer, self.context.skip_token_ids
+        pair = encode_pair(tok, record.prompt, record.target)
+        return [[t for t in ids if t not in skip]
+                for ids in (prompt_only(tok, record.prompt).ids, pair.ids[: pair.answer_start])]
+
     def register_anchors(self, records: list[EditRecord]) -> None:
-        """Add each record's subject (the knowledge anchor) to the trie used for routing."""
+        """Add each record's subject (the knowledge anchor) to the trie used for routing, and its prompt,
+        as the routing context will see it, anchored on that subject (`AnchorTrie.add_exact`)."""
+        tok, trie = self.loaded.tokenizer, self.context.trie
         for r in records:
             if r.subject:
-                self.context.trie.add_subject(self.loaded.tokenizer, r.subject)
+                trie.add_subject(tok, r.subject)
+                canon = tok(" " + r.subject, add_special_tokens=False)["input_ids"]
+                for ids in self._prompt_ids(r):
+                    trie.add_exact(ids, canon)
 
     def retain_set(self, records: list[EditRecord]) -> RetainSet | None:
         """Subject-swapped prompts whose base outputs must be kept ([choice] `retain: swap`).

@@ -27,7 +27,7 @@ ROUTERS = ("knn", "kv")
 
 @dataclass
 class LEMoEConfig(BypassConfig):
-    """LEMoE options; `recipes/lemoe-paper.yaml` sets the paper's (kv router, dense experts, lr 2e-4)."""
+    """LEMoE options; the `lemoe-paper` recipe sets the paper's (kv router, dense experts, lr 2e-4)."""
 
     router: str = "knn"  # knn (moecli) | kv (paper)
     index: str = "auto"  # knn: FAISS index, flat (exact) | hnsw (approximate) | auto (flat, HNSW above 10k keys)

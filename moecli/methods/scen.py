@@ -32,7 +32,7 @@ from moecli.training import Progress, train_on_pairs
 
 @dataclass
 class SCENConfig(BypassConfig):
-    """SCEN options. `recipes/scen-paper.yaml` holds the authors' values (Adam 1e-4, 10/20 steps)."""
+    """SCEN options. the `scen-paper` recipe holds the authors' values (Adam 1e-4, 10/20 steps)."""
 
     retain: str = "none"
     threshold: float = 0.65  # θ [paper: 0.65 ZsRE, 0.6 hallucination]
