@@ -367,7 +367,7 @@ class EditingOptions:
 EDITING_OPTIONS: dict[str, object] = {
     "fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt,
     "method": Annotated[str | None, typer.Option(
-        "--method", help="memoe, lemoe, scen, ft, lora, grace or wise (default: the recipe's, else memoe; "
+        "--method", help="memoe, lemoe, scen, ft, lora, grace, wise or locft (default: the recipe's, else memoe; "
                          "lifelong: lemoe).")],
     "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
     "max_steps": StepsOpt, "model": ModelOpt,

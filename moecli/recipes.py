@@ -119,6 +119,7 @@ HEADERS = {
     "lora": "LoRA through peft on the target module (baseline).",
     "grace": "GRACE: a codebook at the target layer with a deferral radius (baseline).",
     "wise": "WISE: side memories beside the target FFN down-projection, routed by activation (baseline).",
+    "locft": "LocFT-BF: fine-tune one FFN down-projection, breadth-first over the edits so far (baseline).",
 }
 
 

@@ -42,6 +42,11 @@ class TrainConfig:
     optimizer: str = "adamw"
     prefix_cache: bool = True  # run what training cannot change once per batch (FrozenPrefix, PromptCache)
     eos_target: bool = False  # train each target followed by the token that ends it (`batching.answer_end_id`)
+    # 0: every step is one optimiser step over all pairs (full batch). N > 0: every step is an epoch over
+    # mini-batches of N pairs in a seeded random order, one optimiser step each (LocFT-BF's breadth-first)
+    mini_batch: int = 0
+    loss_stop: float = 0.0  # > 0: a mini-batch under this loss takes no step; an epoch under it ends training
+    seed: int = 0  # the mini-batches' composition and order
 
 
 @dataclass
@@ -114,11 +119,19 @@ def train_on_pairs(
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
     pad = pad_id_of(tokenizer)
-    encoded = sorted((encode_pair(tokenizer, p, a, end=cfg.eos_target) for p, a in pairs),
-                     key=lambda e: (e.answer_start, len(e.ids)))
-    batches = [
-        collate(encoded[i : i + cfg.micro_batch], pad).to(device) for i in range(0, len(encoded), cfg.micro_batch)
-    ]
+    encoded = [encode_pair(tokenizer, p, a, end=cfg.eos_target) for p, a in pairs]
+    rng = torch.Generator().manual_seed(cfg.seed)
+    if cfg.mini_batch > 0:  # fixed mini-batches (the prefix and prompt caches stay valid), visited in a new order
+        perm = torch.randperm(len(encoded), generator=rng).tolist()
+        groups = [[encoded[i] for i in perm[k : k + cfg.mini_batch]] for k in range(0, len(perm), cfg.mini_batch)]
+    else:
+        groups = [encoded]
+    batches, members = [], []  # micro-batches of similar length, and the micro-batches of each group
+    for group in groups:
+        group = sorted(group, key=lambda e: (e.answer_start, len(e.ids)))
+        members.append([(len(batches) + n, len(group)) for n in range(-(-len(group) // cfg.micro_batch))])
+        batches += [collate(group[i : i + cfg.micro_batch], pad).to(device)
+                    for i in range(0, len(group), cfg.micro_batch)]
     opt = make_optimizer(params, cfg)
     modes = [m.training for m in train_modules]
     for m in train_modules:
@@ -126,34 +139,56 @@ def train_on_pairs(
     loss_value, all_correct, step, first_correct = float("nan"), False, 0, 0
     prefix = FrozenPrefix(model, params if cfg.prefix_cache else [])
     prompts = PromptCache(model, unedited if cfg.prefix_cache else None)
+
+    def gradients(group: list[tuple[int, int]]) -> tuple[bool, float]:
+        """Backward of one group's loss (its micro-batches, plus the per-step terms); (all argmax, loss)."""
+        correct, total_loss = True, 0.0
+        for j, rows in group:
+            batch = batches[j]
+            with prefix.batch(j):
+                logits, answers = prompts.answer_logits(j, batch)
+            loss = F.cross_entropy(logits.float(), answers) * (len(batch.input_ids) / rows)
+            extra = extra_loss() if extra_loss else None
+            if extra is not None:
+                loss = loss + extra
+            correct &= _hits(logits.detach(), answers, 0.0)[0]
+            if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
+                loss.backward()
+            total_loss += float(loss.detach())
+            del logits
+        extra_step = step_loss() if step_loss else None  # once per step, not per micro-batch (WISE)
+        if extra_step is not None and extra_step.requires_grad:
+            extra_step.backward()
+            total_loss += float(extra_step.detach())
+        if retain is not None and cfg.retain_weight > 0:
+            with prefix.batch("retain"):
+                rl = retain_loss(model, retain) * cfg.retain_weight
+            if rl.requires_grad:
+                rl.backward()
+            total_loss += float(rl.detach())
+        return correct, total_loss
+
     try:
         with prefix:
             for step in range(1, cfg.max_steps + 1):
+                if cfg.mini_batch > 0:  # an epoch: one optimiser step per mini-batch
+                    losses = []
+                    for g in torch.randperm(len(members), generator=rng).tolist():
+                        opt.zero_grad(set_to_none=True)
+                        losses.append(gradients([(j, len(groups[g])) for j, _ in members[g]])[1])
+                        if losses[-1] >= cfg.loss_stop:
+                            opt.step()
+                    loss_value = sum(losses) / len(losses)
+                    if progress:
+                        progress(stage, step, cfg.max_steps)
+                    done = loss_value < cfg.loss_stop
+                    if done or cfg.early_stop:
+                        all_correct, sure = _all_correct_eval(batches, train_modules, prefix, prompts, cfg.stop_prob)
+                        if done or (all_correct and sure):
+                            break
+                    continue
                 opt.zero_grad(set_to_none=True)
-                correct, total_loss = True, 0.0
-                for j, batch in enumerate(batches):
-                    with prefix.batch(j):
-                        logits, answers = prompts.answer_logits(j, batch)
-                    loss = F.cross_entropy(logits.float(), answers) * (len(batch.input_ids) / len(encoded))
-                    extra = extra_loss() if extra_loss else None
-                    if extra is not None:
-                        loss = loss + extra
-                    correct &= _hits(logits.detach(), answers, 0.0)[0]
-                    if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
-                        loss.backward()
-                    total_loss += float(loss.detach())
-                    del logits
-                extra_step = step_loss() if step_loss else None  # once per step, not per micro-batch (WISE)
-                if extra_step is not None and extra_step.requires_grad:
-                    extra_step.backward()
-                    total_loss += float(extra_step.detach())
-                if retain is not None and cfg.retain_weight > 0:
-                    with prefix.batch("retain"):
-                        rl = retain_loss(model, retain) * cfg.retain_weight
-                    if rl.requires_grad:
-                        rl.backward()
-                    total_loss += float(rl.detach())
-                loss_value = total_loss
+                correct, loss_value = gradients(members[0])
                 if progress:
                     progress(stage, step, cfg.max_steps)
                 all_correct, sure = (_all_correct_eval(batches, train_modules, prefix, prompts, cfg.stop_prob)

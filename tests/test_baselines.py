@@ -48,8 +48,9 @@ FAST = {
     # WISE: margins scaled to the tiny models' activations; one edit per shard, two shards merged (Ties)
     "wise": {"lr": 0.05, "optimizer": "adam", "max_steps": 150, "mask_ratio": 0.5, "early_stop": True, "prefixes": 2,
              "alpha": 0.0, "beta": 0.5, "gamma": 0.2, "shard_edits": 1, "merge_edits": 2},
+    "locft": {"lr": 0.05, "max_steps": 60, "mini_batch": 1},  # one Adam step per edit, epochs until loss < 0.01
 }
-DATA = {"ft": RECORDS, "lora": RECORDS, "grace": SHORT, "wise": RECORDS}
+DATA = {"ft": RECORDS, "lora": RECORDS, "grace": SHORT, "wise": RECORDS, "locft": RECORDS}
 METHODS = tuple(FAST)
 
 
@@ -71,7 +72,7 @@ def _logits(loaded, text: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(("method", "over"), [
     ("ft", {}), ("lora", {}), ("grace", {}), ("grace", {"replacement": "last"}), ("ft", {"norm_constraint": 0.2}),
-    ("wise", {"shard_edits": 500, "merge_edits": 1000}),
+    ("wise", {"shard_edits": 500, "merge_edits": 1000}), ("locft", {}),
 ])
 def test_edit_changes_the_answer(tiny, method, over):
     loaded = load_model(tiny["llama"])
@@ -127,14 +128,14 @@ def _spec(model_dir: Path, out: Path, method: str, batch_size: int) -> RunSpec:
 
 @pytest.mark.parametrize(("method", "family", "batch_size"), [
     ("ft", "llama", 1), ("lora", "llama", 2), ("lora", "gpt2", 1), ("grace", "llama", 1), ("grace", "gpt2", 2),
-    ("wise", "llama", 1), ("wise", "gpt2", 2),
+    ("wise", "llama", 1), ("wise", "gpt2", 2), ("locft", "llama", 1), ("locft", "gpt2", 2),
 ])
 def test_checkpoint_reload_reproduces_metrics(tiny, tmp_path, method, family, batch_size):
     """batch_size 1 is the lifelong protocol: the second batch continues the first one's state."""
     report = run_edits(_spec(tiny[family], tmp_path / "run", method, batch_size))
     if method == "wise":  # two shards Ties-merged into one memory: the merge may lose part of an edit
         assert report["summary"]["rel"] > 0.3
-    elif method == "grace" or batch_size == len(DATA[method]):  # FT-L and LoRA may forget in lifelong
+    elif method in ("grace", "locft") or batch_size == len(DATA[method]):  # FT-L and LoRA may forget in lifelong
         assert report["summary"]["rel"] == 1.0
     loaded = load_model(tiny[family])
     base = compute_baseline(loaded.model, loaded.tokenizer, DATA[method], generation=True)
@@ -261,3 +262,23 @@ def test_wise_merges_when_a_batch_crosses_the_merge_boundary(tiny):
         sizes.append(len(m.wise.memories))
     # 3 edits: one shard kept; 6: a second, both merged into one; 9: a third shard beside that merge, merged alone
     assert sizes == [1, 1, 2]
+
+
+def test_locft_trains_every_edit_so_far_in_each_batch_of_a_stream(tiny):
+    """Breadth-first: the second batch of a stream trains the first batch's edit again (`accumulate`), so
+    both hold at the end; with `accumulate: false` the second batch trains its own edit only."""
+    loaded = load_model(tiny["llama"])
+    base = compute_baseline(loaded.model, loaded.tokenizer, RECORDS)
+    seen: list[list[str]] = []
+    for accumulate in (True, False):
+        m = _build(loaded, "locft", accumulate=accumulate)
+        real = m.train_weight
+        m.train_weight = lambda pairs, *a, real=real, **k: (seen.append([p for p, _ in pairs]), real(pairs, *a, **k))[1]
+        for i, record in enumerate(RECORDS):
+            m.apply_batch([record], i)
+        if accumulate:
+            after = evaluate_records(loaded.model, loaded.tokenizer, RECORDS, base, generation=False).summary
+            assert after["rel"] == 1.0
+        m.remove()
+    first, second = RECORDS[0].prompt, RECORDS[1].prompt
+    assert seen == [[first], [first, second], [first], [second]]

@@ -19,6 +19,7 @@ _MODULES = {
     "lora": ("moecli.methods.lora", "LoRA"),
     "grace": ("moecli.methods.grace", "GRACE"),
     "wise": ("moecli.methods.wise", "WISE"),
+    "locft": ("moecli.methods.locft", "LocFT"),
 }
 METHOD_NAMES = tuple(_MODULES)
 

@@ -95,13 +95,17 @@ class FineTune(EditMethod):
         self.weight.copy_(self.original + self.delta)
 
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
+        return self.train_weight([(r.prompt, r.target) for r in records], progress)
+
+    def train_weight(self, pairs: list[tuple[str, str]], progress: Progress | None = None, **train: object) -> dict:
+        """Train `W` on `pairs` with the shared loop (`train` overrides its config); the ledger's statistics."""
         self._keep_original()
         hook = self.target.register_forward_pre_hook(self._project) if self.config.norm_constraint else None
         self.weight.requires_grad_(True)
         try:
             stats = train_on_pairs(
-                self.loaded.model, self.loaded.tokenizer, [self.weight], [(r.prompt, r.target) for r in records],
-                self.config.train_config(), progress=progress,
+                self.loaded.model, self.loaded.tokenizer, [self.weight], pairs, self.config.train_config(**train),
+                progress=progress,
             )
         finally:
             self.weight.requires_grad_(False)
