@@ -272,27 +272,3 @@ def pad_id_of(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
-
-
-def shifted_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax predictions aligned with `labels` (logits at t-1 predict token t) and the answer mask."""
-    preds = torch.zeros_like(labels)
-    preds[:, 1:] = logits[:, :-1].argmax(-1)
-    return preds, labels != -100
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy on answer tokens only (prompt and padding masked with -100).
-
-    `reduction="none"` returns one mean loss per row, which the perplexity metric needs.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="none",
-    ).view(shift_labels.shape)
-    mask = (shift_labels != -100).float()
-    if reduction == "none":
-        return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return (tok * mask).sum() / mask.sum().clamp(min=1)

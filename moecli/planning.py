@@ -36,7 +36,6 @@ Why each piece looks like it does:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moecli.errors import UserError
-from moecli.records import EditRecord, read_records, write_jsonl
+from moecli.records import EditRecord, write_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is imported lazily
     from moecli.modeling import LoadedModel
@@ -410,35 +409,6 @@ def write_plan(plan: Plan, path: str | Path) -> None:
     """Write the planned records as moecli JSONL (atomically), each line with an extra `"batch"`.
 
     The moecli JSONL reader ignores fields it does not know, so `read_records` reads the file as
-    ordinary records in planned order; `read_plan` also recovers the batches.
+    ordinary records in planned order.
     """
     write_jsonl((_WithBatch(r, t) for t, batch in enumerate(plan.batches) for r in batch), path)
-
-
-def read_plan(path: str | Path) -> list[list[EditRecord]]:
-    """The batches of a file written by `write_plan` (records grouped by their `"batch"` field).
-
-    Records are read and validated by `read_records` (moecli JSONL); the `batch` fields must be
-    integers that never decrease down the file, else `UserError("{path}:record {n}: ...")`.
-    """
-    records = read_records(path, format="jsonl").records
-    text = Path(path).read_text(encoding="utf-8-sig")
-    try:
-        objects = [json.loads(line) for line in text.split("\n") if line.strip()]
-    except ValueError:
-        objects = []
-    if len(objects) != len(records) or not all(type(o) is dict for o in objects):
-        raise UserError(f"{path}: not a plan file (JSON lines with a 'batch' field, as moecli plan-order writes)")
-    batches: list[list[EditRecord]] = []
-    last: int | None = None
-    for n, (obj, rec) in enumerate(zip(objects, records), 1):
-        value = obj.get("batch")
-        if type(value) is not int:
-            raise UserError(f"{path}:record {n}: no integer 'batch' field (write the file with moecli plan-order)")
-        if last is not None and value < last:
-            raise UserError(f"{path}:record {n}: batch {value} after batch {last}; batches must not decrease")
-        if value != last:
-            batches.append([])
-            last = value
-        batches[-1].append(rec)
-    return batches

@@ -18,9 +18,7 @@ from moecli.batching import (
     collate,
     encode_pair,
     encode_prompt,
-    masked_ce,
     pad_id_of,
-    shifted_predictions,
 )
 from moecli.testing import BOS_ID, EOS_ID, PAD_ID, TINY_TEXTS, make_tiny_model
 from moecli.world.tokenizer import train_tokenizer
@@ -198,63 +196,6 @@ def test_pad_id_of_falls_back_to_eos_then_zero() -> None:
     assert pad_id_of(Tok(None, 7)) == 7
     assert pad_id_of(Tok(None, None)) == 0
 
-
-def test_shifted_predictions_align_logits_at_t_minus_1_with_token_t() -> None:
-    vocab = 8
-    labels = torch.tensor([[-100, -100, 5, 6], [-100, 3, -100, -100]])
-    logits = torch.zeros(2, 4, vocab)
-    # Position t-1 predicts token t: put the argmax of row 0 at 5 (pos 1) and 6 (pos 2).
-    logits[0, 1, 5] = 1.0
-    logits[0, 2, 6] = 1.0
-    logits[1, 0, 3] = 1.0
-    logits[:, -1, 7] = 9.0  # the last position predicts nothing that is scored
-    preds, mask = shifted_predictions(logits, labels)
-    assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
-    assert preds[mask].tolist() == labels[mask].tolist()
-
-
-def test_masked_ce_ignores_masked_positions() -> None:
-    torch.manual_seed(0)
-    vocab = 11
-    labels = torch.tensor([[-100, -100, 4, 7, -100], [-100, 2, -100, -100, -100]])
-    logits = torch.randn(2, 5, vocab)
-    loss = masked_ce(logits, labels)
-    per_row = masked_ce(logits, labels, reduction="none")
-
-    # By hand: position t-1 predicts token t, only answer tokens count.
-    logp = torch.log_softmax(logits, -1)
-    row0 = [-logp[0, 1, 4], -logp[0, 2, 7]]
-    row1 = [-logp[1, 0, 2]]
-    assert torch.allclose(per_row, torch.stack([sum(row0) / 2, row1[0]]))
-    assert torch.allclose(loss, (sum(row0) + row1[0]) / 3)
-
-    # Changing logits where nothing is scored (prompt, padding, last position) changes nothing.
-    noisy = logits.clone()
-    noisy[0, 0] += 100 * torch.randn(vocab)
-    noisy[0, 3:] += 100 * torch.randn(2, vocab)
-    noisy[1, 1:] += 100 * torch.randn(4, vocab)
-    assert torch.allclose(masked_ce(noisy, labels), loss)
-    assert torch.allclose(masked_ce(noisy, labels, reduction="none"), per_row)
-
-    # Changing a scored position does change it.
-    changed = logits.clone()
-    changed[0, 1, 4] -= 5.0
-    assert masked_ce(changed, labels) > loss
-
-
-def test_masked_ce_on_rows_without_answer_tokens_is_zero_not_nan() -> None:
-    labels = torch.full((2, 3), -100)
-    logits = torch.randn(2, 3, 5)
-    assert masked_ce(logits, labels).item() == 0.0
-    assert masked_ce(logits, labels, reduction="none").tolist() == [0.0, 0.0]
-
-
-def test_masked_ce_is_computed_in_float32() -> None:
-    labels = torch.tensor([[-100, 1, 2]])
-    logits = torch.randn(1, 3, 4)
-    half = masked_ce(logits.to(torch.bfloat16), labels)
-    assert half.dtype == torch.float32
-    assert abs(half.item() - masked_ce(logits, labels).item()) < 0.05
 
 
 def test_end_to_end_labels_match_the_convention(llama_tok, nobos_tok) -> None:

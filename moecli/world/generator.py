@@ -205,10 +205,6 @@ class World:
         return [f for group in self.facts_by_template().values() for f in group]
 
     # ---- edits -------------------------------------------------------------------------
-    def editable_pairs(self) -> list[tuple[str, str]]:
-        """The (subject, relation) pairs that edits may change, in deterministic spread order."""
-        return list(self._edit_order)
-
     def max_edits(self) -> int:
         return len(self._edit_order)
 
