@@ -242,27 +242,27 @@ def evaluate(
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
     from moecli.batching import chat_records
     from moecli.engine import check_lengths
-    from moecli.evaluation import evaluate_records, fill_base_answers
-    from moecli.modeling import load_model
+    from moecli.evaluation import evaluate_records, unedited_evaluation
+    from moecli.modeling import fingerprint, load_model
 
     loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
     records = chat_records(read.records, loaded.tokenizer) if chat else read.records
     check_lengths(loaded, records, str(data))
     kwargs = dict(batch_size=eval_batch_size, generation=generate, perplexity=read.format == "hallucination")
     with progress_reporter(not quiet) as progress:
-        records = fill_base_answers(loaded.model, loaded.tokenizer, records, eval_batch_size)
+        base_fp = fingerprint(loaded.model)
         if adapter is None:
-            result = evaluate_records(loaded.model, loaded.tokenizer, records, progress=progress, **kwargs)
+            result = unedited_evaluation(loaded.model, loaded.tokenizer, records, base_fp, progress=progress,
+                                         **kwargs).before
             columns = {"model": result.summary}
         else:
             from moecli.engine import checked_checkpoint, load_edited
-            from moecli.evaluation import compute_baseline
-            from moecli.modeling import fingerprint
 
-            ckpt = checked_checkpoint(adapter, fingerprint(loaded.model))  # a wrong adapter: at once
+            ckpt = checked_checkpoint(adapter, base_fp)  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
-            baseline = compute_baseline(loaded.model, loaded.tokenizer, records, eval_batch_size, progress,
-                                        generation=generate)
+            unedited = unedited_evaluation(loaded.model, loaded.tokenizer, records, base_fp, progress=progress,
+                                           before=False, **kwargs)
+            records, baseline = unedited.records, unedited.baseline
             method = load_edited(loaded, adapter, checkpoint=ckpt)
             result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, progress=progress,
                                       **kwargs)

@@ -34,7 +34,7 @@ from moecli.checkpoint import (
     save_checkpoint,
 )
 from moecli.errors import RunError, UserError
-from moecli.evaluation import Baseline, compute_baseline, evaluate_records, fill_base_answers
+from moecli.evaluation import evaluate_records, unedited_evaluation
 from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
@@ -376,15 +376,11 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                 raise RunError(f"cannot write {spec.out_dir / RUN_FILE}: {exc.strerror or exc}") from exc
         t = time.perf_counter()
         # Locality prompts without an answer are scored where the unedited model's own answer stands.
-        records = fill_base_answers(model, tok, records, spec.eval_batch_size)
+        unedited = unedited_evaluation(model, tok, records, base_fp, batch_size=spec.eval_batch_size,
+                                       generation=spec.generation, perplexity=spec.perplexity,
+                                       before=spec.evaluate_before, progress=progress)
+        records, baseline, before = unedited.records, unedited.baseline, unedited.before
         batches = [records[i : i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
-        baseline: Baseline = compute_baseline(model, tok, records, spec.eval_batch_size, progress,
-                                              generation=spec.generation)
-        before = None
-        if spec.evaluate_before:
-            before = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
-                                      generation=spec.generation, perplexity=spec.perplexity, progress=progress,
-                                      unedited=True)
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
         retention: list[dict] = []
@@ -450,6 +446,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
         "columns": columns, "summary": after.summary, "per_edit": after.per_edit, "order": spec.order,
         "retention": retention, "chat": spec.chat, "question_key": spec.question_key,
+        "unedited_from_cache": unedited.cached,  # the unedited model's answers were read, not computed
     }
 
 

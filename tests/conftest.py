@@ -49,6 +49,19 @@ def _seeded():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _no_eval_cache():
+    """Every test computes the unedited model's answers itself (a cache shared through ~/.cache would make a
+    test's outcome depend on the runs before it); tests of the cache turn it on with their own cache root."""
+    old = os.environ.get("MOECLI_EVAL_CACHE")
+    os.environ["MOECLI_EVAL_CACHE"] = "off"
+    yield
+    if old is None:
+        del os.environ["MOECLI_EVAL_CACHE"]
+    else:
+        os.environ["MOECLI_EVAL_CACHE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -260,3 +260,26 @@ def test_every_edit_prompt_reaches_its_edit_among_many_on_one_subject(tiny_dir):
     prompts = [f"Fact number {i} about Alice Moreau is" for i in range(20)]
     m.apply_batch([EditRecord(prompt=p, target=f"answer{i}", subject="Alice Moreau") for i, p in enumerate(prompts)], 0)
     assert m.routes(prompts) == list(range(20))
+
+
+def test_the_unedited_models_answers_are_computed_once_per_model_and_records(tiny_dir, tmp_path, monkeypatch):
+    """A second run on the same model and records reads the unedited model's answers (probe answers, the
+    locality baseline, the before column) from the cache, with the same figures; other records do not."""
+    import dataclasses
+
+    import moecli.evaluation as evaluation
+
+    monkeypatch.setenv("MOECLI_EVAL_CACHE", "on")
+    monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))
+    computed = []
+    real = evaluation.compute_baseline
+    monkeypatch.setattr(evaluation, "compute_baseline", lambda *a, **k: (computed.append(1), real(*a, **k))[1])
+    spec = _spec(tiny_dir, tmp_path / "a")
+    spec.generation = True
+    first = run_edits(spec)
+    second = run_edits(dataclasses.replace(spec, out_dir=tmp_path / "b"))
+    assert (first["unedited_from_cache"], second["unedited_from_cache"], len(computed)) == (False, True, 1)
+    assert second["columns"] == first["columns"] and second["per_edit"] == first["per_edit"]
+    other = [dataclasses.replace(RECORDS[0], target="Lisbon", id="other"), *RECORDS[1:]]
+    third = run_edits(dataclasses.replace(spec, records=other, out_dir=tmp_path / "c"))
+    assert not third["unedited_from_cache"] and len(computed) == 2
