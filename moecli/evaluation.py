@@ -29,12 +29,16 @@ computes anchors from the input ids), so the same code scores a base model and a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import re
 import string
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -411,11 +415,6 @@ def unedited_evaluation(
     versions and the source of the evaluation code itself, so a changed metric never reads an old result;
     JSON keeps every float exactly, so a cached column equals a computed one. `MOECLI_EVAL_CACHE=off`
     computes it every time (the test suite does, unless a test asks for the cache)."""
-    import hashlib
-    import json
-    import os
-    from pathlib import Path
-
     import transformers
 
     from moecli.fsutil import atomic_write_json

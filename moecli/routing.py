@@ -278,7 +278,9 @@ class KeyMatcher:
         if self._row_of_prompt and len(ctx.prompt_hashes) == b:
             for i in active.tolist():
                 row = self._row_of_prompt.get(ctx.prompt_hashes[i])
-                if row is not None and self.thresholds[row] <= 1.0:  # an edit's own prompt, not reverted
+                # its own prompt scores 1 against the edit's threshold, as every match is tested (a reverted
+                # edit's threshold is above any similarity)
+                if row is not None and self.thresholds[row] <= 1.0:
                     value = int(self.store.values[row])
                     sims[i], values[i], rows[i] = 1.0, value, row
                     candidates[i] = torch.tensor([value] + [-1] * (candidates.shape[1] - 1))

@@ -175,7 +175,7 @@ def train_on_pairs(
                     losses = []
                     for g in torch.randperm(len(members), generator=rng).tolist():
                         opt.zero_grad(set_to_none=True)
-                        losses.append(gradients([(j, len(groups[g])) for j, _ in members[g]])[1])
+                        losses.append(gradients(members[g])[1])
                         if losses[-1] >= cfg.loss_stop:
                             opt.step()
                     loss_value = sum(losses) / len(losses)
