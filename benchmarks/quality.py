@@ -176,7 +176,7 @@ def _overrides(method: str, proto: Protocol, ds_name: str = "") -> dict:
         out = {"query_feature": "learned", "question_encoder": str(QUESTION_ENCODER)}
     if proto.kind != "lifelong" or not CAP_LIFELONG_STEPS:
         return out
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
 
     steps = build_config(method).max_steps
     return {**out, "max_steps": LIFELONG_STEP_CAP} if steps > LIFELONG_STEP_CAP else out

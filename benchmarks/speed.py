@@ -68,7 +68,7 @@ LEMOE_TARGET = (100_000, 1.0)  # keys, ms per query
 # ------------------------------------------------------------------ helpers
 def probe_batch(loaded, records, size: int = 64):
     """A fixed batch: the first size/2 records' prompts (edited) and as many locality prompts (untouched)."""
-    from moecli.batching import collate, pad_id_of, prompt_only
+    from moecli.model.batching import collate, pad_id_of, prompt_only
 
     half = size // 2
     prompts = [r.prompt for r in records[:half]]
@@ -84,7 +84,7 @@ def paired_ms(base_model, edited_model, batch, reps: int) -> tuple[float, float]
     Interleaving and taking the best of each keeps the ratio meaningful on a machine shared with
     other jobs (a burst of load hits both sides, and the minimum is the least disturbed run).
     """
-    from moecli.batching import forward
+    from moecli.model.batching import forward
 
     for _ in range(2):
         forward(base_model, batch)
@@ -114,8 +114,8 @@ def stream(method, records, batch_size: int, start_batch: int = 0) -> float:
 # ------------------------------------------------------------------ 1 + 2: per method
 def method_costs(loaded, base, records, methods, cfg) -> tuple[dict, list[dict], list[dict]]:
     """`loaded` gets each method in turn; `base` is a second, never-edited copy of the same model."""
-    from moecli.engine import build_method
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import build_method
 
     batch = probe_batch(loaded, records)
     gc.collect()
@@ -178,7 +178,7 @@ def routing(cfg) -> list[dict]:
     import faiss
     import numpy as np
 
-    from moecli.anchors import AnchorStore
+    from moecli.routing.anchors import AnchorStore
 
     faiss.omp_set_num_threads(THREADS)
     rows = []
@@ -234,8 +234,8 @@ def _time(fn, reps: int = 5) -> float:
 
 # ------------------------------------------------------------------ 4: SCEN stage 2
 def scen_stage2(loaded, records, cfg) -> list[dict]:
-    from moecli.engine import build_method
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import build_method
 
     rows = []
     T = min(cfg["scen_T"], len(records))
@@ -276,8 +276,8 @@ def scen_neuron_scaling(loaded, cfg) -> list[dict]:
     """SCEN's own `_train_neuron` at stream position i: i earlier edits, so i negatives uncapped or
     min(i, max_negatives) capped (as `apply_batch` samples them), on random last-token inputs of the
     fact-world target width and of LLaMA2-7B's (11008). Best of 3 per point."""
-    from moecli.engine import build_method
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import build_method
 
     cfg_scen = build_config("scen")
     cap = cfg_scen.max_negatives
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"speed: no fact-world model: {exc}")
     model_info = {"model": ds.model if ds else "none", "data": ds.data if ds else "none"}
     if ds is not None and parts & {"methods", "scen"}:
-        from moecli.modeling import load_model
+        from moecli.model.loading import load_model
 
         loaded = load_model(ds.model_dir, "cpu", "float32")
         width = int(loaded.model.get_input_embeddings().weight.shape[1])

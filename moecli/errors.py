@@ -17,3 +17,13 @@ class RunError(Exception):
     """A run that failed for reasons other than bad input. The CLI exits with code 1."""
 
     exit_code = 1
+
+
+def one_line(exc: BaseException, with_type: bool = False) -> str:
+    """An exception as one line (a file's text it quotes may hold newlines): its message with all whitespace
+    collapsed, led by its type name with `with_type` (a foreign library's error, whose type says what failed);
+    the type name alone when the message is empty."""
+    message = " ".join(str(exc).split())
+    if not message:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if with_type else message

@@ -72,7 +72,7 @@ def _one_thread():
 def run_moecli(args: list[str], capsys, threads: int = 1) -> tuple[int, str, str]:
     """`moecli --threads N ARGS` in-process (torch and transformers imported once): (exit code, stdout,
     stderr)."""
-    from moecli.cli import main
+    from moecli.cli.app import main
 
     capsys.readouterr()
     try:
@@ -99,7 +99,7 @@ def batches_trained(monkeypatch):
     """Record the stream index of every batch the engine trains while the block runs. A resume must train
     only the batches its checkpoint lacks: one that started over would end with the same adapter, so
     comparing results alone cannot tell the two apart."""
-    import moecli.engine as engine
+    import moecli.engine.run as engine
 
     trained: list[int] = []
     real = engine.check_finite  # called once per trained batch, with its index, before the save
@@ -114,7 +114,7 @@ def batches_trained(monkeypatch):
 
 
 def assert_same_adapter(a, b) -> None:
-    """Two checkpoints (`moecli.checkpoint.Checkpoint`) hold the same edits: tensor by tensor, file by file and
+    """Two checkpoints (`moecli.engine.checkpoint.Checkpoint`) hold the same edits: tensor by tensor, file by file and
     ledger row by row (wall-clock fields aside)."""
     assert a.tensors.keys() == b.tensors.keys()
     for k in a.tensors:
@@ -149,8 +149,8 @@ def assert_resume_is_exact(spec, tmp_path: Path, monkeypatch, when: str, n_batch
     """A 3-batch stream `spec(out_dir)` (a RunSpec) interrupted `when` (see `interrupter`) and resumed ends with
     the adapter and summary of the same stream run without interruption, having trained only the batches its
     checkpoint lacked."""
-    from moecli.checkpoint import load_checkpoint
-    from moecli.engine import load_run_spec, run_edits
+    from moecli.engine.checkpoint import load_checkpoint
+    from moecli.engine.run import load_run_spec, run_edits
 
     full = run_edits(spec(tmp_path / "full"))
     with pytest.raises(KeyboardInterrupt):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from moecli.anchors import AnchorStore
+from moecli.routing.anchors import AnchorStore
 
 
 def _keys(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:

@@ -15,15 +15,15 @@ import pytest
 import torch
 from conftest import assert_resume_is_exact
 
-from moecli.engine import RunSpec, load_edited, run_edits
+from moecli.data.records import EditRecord, LocalityPair
+from moecli.engine.evaluation import compute_baseline, evaluate_records
+from moecli.engine.recipes import build_config
+from moecli.engine.run import RunSpec, load_edited, run_edits
 from moecli.errors import UserError
-from moecli.evaluation import compute_baseline, evaluate_records
 from moecli.methods import get_method
 from moecli.methods.finetune import DELTA_KEY
-from moecli.modeling import find_target_module, fingerprint, load_model
-from moecli.recipes import build_config
-from moecli.records import EditRecord, LocalityPair
-from moecli.testing import make_tiny_model
+from moecli.model.loading import find_target_module, fingerprint, load_model
+from moecli.model.tiny import make_tiny_model
 
 RECORDS = [
     EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau",

@@ -1,4 +1,4 @@
-"""Tests of moecli.batching: the answer-token convention, padding and the masked loss.
+"""Tests of moecli.model.batching: the answer-token convention, padding and the masked loss.
 
 The convention (EVALUATION.md): the answer tokens are the tokens of `prompt + " " + answer` beyond
 the tokens of `prompt` alone. Training and every metric rely on it, so it is checked on a
@@ -12,7 +12,7 @@ import torch
 from tokenizers import processors
 from transformers import AutoTokenizer
 
-from moecli.batching import (
+from moecli.model.batching import (
     Batch,
     EncodedPair,
     collate,
@@ -20,8 +20,8 @@ from moecli.batching import (
     encode_prompt,
     pad_id_of,
 )
-from moecli.testing import BOS_ID, EOS_ID, PAD_ID, TINY_TEXTS, make_tiny_model
-from moecli.world.tokenizer import train_tokenizer
+from moecli.model.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_TEXTS, make_tiny_model
+from moecli.model.tokenizer import train_tokenizer
 
 PAIRS = [
     ("The capital of France is", "Paris"),

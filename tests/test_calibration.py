@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import run_moecli, shared_data
 
-from moecli import calibration
-from moecli.calibration import SHIPPED, Source
+from moecli.data.records import read_records
+from moecli.engine import calibration
+from moecli.engine.calibration import SHIPPED, Source
 from moecli.errors import UserError
-from moecli.question import find_encoder
-from moecli.records import read_records
+from moecli.routing.question import find_encoder
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     old = os.getcwd()
     os.chdir(root)
     try:
-        from moecli.cli import main
+        from moecli.cli.app import main
 
         try:
             main(["world", "export", "--n", "44", "--out", "all.jsonl"])
@@ -115,7 +115,7 @@ def test_calibrate_without_data_or_out_installs_a_key_from_the_shipped_data(worl
     assert info["sources"] == ["shipped:train[0:40]"] and info["records"] == 40
     assert Path(info["installed"]).parent == tmp_path / "cache" / "questions"
     assert set(info["per_source"]) == {"shipped:train[0:40]"}
-    from moecli.modeling import load_model
+    from moecli.model.loading import load_model
     from moecli.world import default_model_dir
 
     assert find_encoder(load_model(default_model_dir()).model) == Path(info["installed"])

@@ -1,4 +1,4 @@
-"""Tests for moecli.checkpoint: round trip, atomic replacement, crash recovery, the one-line errors
+"""Tests for moecli.engine.checkpoint: round trip, atomic replacement, crash recovery, the one-line errors
 users see for damaged checkpoints, and the run lock.
 
 Crashes are simulated by making a step inside `save_checkpoint` raise (the serialisation, or the
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import moecli.checkpoint as ck
-from moecli.checkpoint import (
+import moecli.engine.checkpoint as ck
+from moecli.engine.checkpoint import (
     FORMAT_VERSION,
     LOCK_NAME,
     Checkpoint,

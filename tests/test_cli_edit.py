@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moecli.cli import main
+from moecli.cli.app import main
+from moecli.data.records import EditRecord, LocalityPair, write_jsonl
 from moecli.errors import UserError
-from moecli.records import EditRecord, LocalityPair, write_jsonl
-from moecli.testing import make_tiny_model
+from moecli.model.tiny import make_tiny_model
 
 FAST = ["--set", "max_steps=100", "--set", "lr=0.02", "--set", "retain=none", "--no-generate"]
 
@@ -124,7 +124,7 @@ def test_shipped_recipes_equal_the_defaults():
 
 
 def test_every_shipped_recipe_builds_a_valid_config():
-    from moecli.recipes import build_config, read_recipe
+    from moecli.engine.recipes import build_config, read_recipe
 
     for path in sorted((Path(__file__).resolve().parents[1] / "moecli" / "assets" / "recipes").glob("*.yaml")):
         recipe = read_recipe(path)
@@ -134,7 +134,7 @@ def test_every_shipped_recipe_builds_a_valid_config():
 def test_a_shipped_recipe_is_found_by_name_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
     """`--recipe lemoe-paper` needs no path (the recipes ship inside the package); a file of that name in the
     working directory still wins; an unknown name says which recipes exist."""
-    from moecli.recipes import read_recipe
+    from moecli.engine.recipes import read_recipe
 
     monkeypatch.chdir(tmp_path)
     assert read_recipe("lemoe-paper")["router"] == "kv"

@@ -1,6 +1,6 @@
 """Acceptance tests of `moecli evaluate` and of the CLI's error contract.
 
-Runs go through `moecli.cli.main([...])` in-process (fast: torch and transformers are imported
+Runs go through `moecli.cli.app.main([...])` in-process (fast: torch and transformers are imported
 once). The checks of what a user really sees on stderr (exactly one line, no traceback) run the
 installed `moecli` entry point in subprocesses, all at once, with COLUMNS=200 so rich cannot wrap.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
-from moecli.cli import main
-from moecli.modeling import SUPPORTED_FAMILIES
-from moecli.testing import make_tiny_model
+from moecli.cli.app import main
+from moecli.model.loading import SUPPORTED_FAMILIES
+from moecli.model.tiny import make_tiny_model
 
 ALL_FAMILIES = sorted(SUPPORTED_FAMILIES)
 MOECLI = Path(sys.executable).with_name("moecli")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import assert_same_adapter, batches_trained, run_moecli
 
-from moecli.checkpoint import load_checkpoint
-from moecli.cli import main
+from moecli.cli.app import main
+from moecli.engine.checkpoint import load_checkpoint
 
 VIETNAM = "fw0-official_language-Vietnam"
 IRENE = "fw0-lives_in-Irene_Dubois"

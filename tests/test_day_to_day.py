@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_moecli
 
-from moecli.checkpoint import load_checkpoint
-from moecli.cli import main
+from moecli.cli.app import main
+from moecli.engine.checkpoint import load_checkpoint
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moecli.engine import RunSpec, load_edited, run_edits
+from moecli.data.records import EditRecord, LocalityPair
+from moecli.engine.evaluation import compute_baseline, evaluate_records
+from moecli.engine.run import RunSpec, load_edited, run_edits
 from moecli.errors import UserError
-from moecli.evaluation import compute_baseline, evaluate_records
 from moecli.methods.memoe import MEMoE, MEMoEConfig
-from moecli.modeling import load_model
-from moecli.records import EditRecord, LocalityPair
-from moecli.testing import make_tiny_model
+from moecli.model.loading import load_model
+from moecli.model.tiny import make_tiny_model
 
 RECORDS = [
     EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau",
@@ -69,7 +69,7 @@ def test_edit_changes_answer_and_null_route_keeps_unrelated(tiny_dir):
 
 
 def _spec(tiny_dir: Path, out: Path, seed: int = 0) -> RunSpec:
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
 
     return RunSpec(command="batch-edit", method="memoe", config=build_config("memoe", overrides=FAST),
                    records=RECORDS, batch_size=2, out_dir=out, model_path=tiny_dir, seed=seed,
@@ -79,7 +79,7 @@ def _spec(tiny_dir: Path, out: Path, seed: int = 0) -> RunSpec:
 def test_checkpoint_reload_reproduces_metrics_and_seed_reproduces_adapter(tiny_dir, tmp_path):
     r1 = run_edits(_spec(tiny_dir, tmp_path / "a"))
     r2 = run_edits(_spec(tiny_dir, tmp_path / "b"))
-    from moecli.checkpoint import load_checkpoint
+    from moecli.engine.checkpoint import load_checkpoint
 
     t1 = load_checkpoint(tmp_path / "a" / "adapter").tensors
     t2 = load_checkpoint(tmp_path / "b" / "adapter").tensors
@@ -104,9 +104,9 @@ def test_adapter_refused_on_another_base_model(tiny_dir, tmp_path):
 
 def test_adapter_written_before_query_feature_loads_as_input_matching(tiny_dir, tmp_path):
     """An adapter whose config does not name `query_feature` was made when matching was on inputs."""
-    from moecli.engine import checked_checkpoint, restore_method
-    from moecli.modeling import fingerprint
-    from moecli.recipes import build_config
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import checked_checkpoint, restore_method
+    from moecli.model.loading import fingerprint
 
     spec = _spec(tiny_dir, tmp_path / "run")
     spec.config = build_config("memoe", overrides={**FAST, "query_feature": "input"})
@@ -124,7 +124,7 @@ def test_adapter_written_before_query_feature_loads_as_input_matching(tiny_dir, 
 def test_an_edit_that_routes_nowhere_trains_nothing_and_does_not_crash(tiny_dir):
     """A batch of one edit whose input reaches no expert (say, its entity is not found) gives a loss
     without a gradient: training must report it not learned, not stop the stream with a torch error."""
-    from moecli.training import TrainConfig, train_on_pairs
+    from moecli.adapter.training import TrainConfig, train_on_pairs
 
     loaded = load_model(tiny_dir)
     loose = torch.nn.Parameter(torch.zeros(3))  # on no path of the model
@@ -154,7 +154,7 @@ def test_stop_prob_trains_on_past_the_argmax_and_still_ends_where_it_cannot_be_r
 
 
 def test_stop_prob_needs_every_target_token_at_that_probability():
-    from moecli.training import _hits
+    from moecli.adapter.training import _hits
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]))
     answers = torch.tensor([0, 1])
@@ -167,8 +167,8 @@ def test_an_edit_whose_subject_is_not_in_its_prompt_is_reached_by_that_prompt(ti
     """One edit whose subject is not written in its prompt: the prompt itself is anchored on the subject
     (`AnchorTrie.add_exact`) and reaches its edit; other wordings that do not name the subject do not;
     the stream goes on."""
+    from moecli.engine.recipes import build_config
     from moecli.methods import get_method
-    from moecli.recipes import build_config
 
     loaded = load_model(tiny_dir)
     m = get_method(method)(loaded, build_config(method, overrides={"max_steps": 2}), seed=0)
@@ -202,8 +202,8 @@ def test_routing_diagnosis_says_where_each_input_went(tiny_dir, tmp_path):
 def test_memoe_expert_rank_grows_with_the_edits_each_expert_takes(tiny_dir, tmp_path):
     """`rank: None` (the default) is settled from the run's batch size before run.json records it: 16 per
     50 edits an expert takes; the experts are built at that rank; a rank the user sets is kept."""
-    from moecli.checkpoint import load_checkpoint
-    from moecli.recipes import build_config
+    from moecli.engine.checkpoint import load_checkpoint
+    from moecli.engine.recipes import build_config
 
     records = [EditRecord(prompt=f"Person {i} was born in", target="Tokyo", subject=f"Person {i}", id=str(i))
                for i in range(51)]
@@ -235,8 +235,8 @@ def test_without_early_stop_the_ledger_still_says_whether_the_edit_took(tiny_dir
 def test_an_edit_prompt_reaches_its_edit_when_a_later_subject_is_named_before_its_own(tiny_dir, method):
     """The trie finds the leftmost known name: once "Paris" is edited, "In Paris, Alice Moreau works as a"
     names Paris first. The prompt Alice's edit was trained on is still anchored on Alice, as when trained."""
+    from moecli.engine.recipes import build_config
     from moecli.methods import get_method
-    from moecli.recipes import build_config
 
     loaded = load_model(tiny_dir)
     m = get_method(method)(loaded, build_config(method, overrides={"max_steps": 1}), seed=0)
@@ -252,8 +252,8 @@ def test_an_edit_prompt_reaches_its_edit_when_a_later_subject_is_named_before_it
 def test_every_edit_prompt_reaches_its_edit_among_many_on_one_subject(tiny_dir):
     """Twenty edits of one subject (more than the matcher's sixteen anchor candidates, all tied): each
     edit prompt still routes to its own edit, whatever its question key says."""
+    from moecli.engine.recipes import build_config
     from moecli.methods import get_method
-    from moecli.recipes import build_config
 
     loaded = load_model(tiny_dir)
     m = get_method("lemoe")(loaded, build_config("lemoe", overrides={"max_steps": 1}), seed=0)
@@ -267,7 +267,7 @@ def test_the_unedited_models_answers_are_computed_once_per_model_and_records(tin
     locality baseline, the before column) from the cache, with the same figures; other records do not."""
     import dataclasses
 
-    import moecli.evaluation as evaluation
+    import moecli.engine.evaluation as evaluation
 
     monkeypatch.setenv("MOECLI_EVAL_CACHE", "on")
     monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))

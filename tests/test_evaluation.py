@@ -1,4 +1,4 @@
-"""Tests of moecli.evaluation: the metrics of EVALUATION.md on models whose outputs the test controls.
+"""Tests of moecli.engine.evaluation: the metrics of EVALUATION.md on models whose outputs the test controls.
 
 A fake model reads the (teacher-forced) input ids and puts its logits where the test wants them:
 the oracle predicts the next input token at every position (so every answer is right), the
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moecli.batching import encode_pair
-from moecli.evaluation import (
+from moecli.data.records import EditRecord, LocalityPair, PortabilityPair
+from moecli.engine.evaluation import (
     SUMMARY_KEYS,
     Baseline,
     answer_token_accuracy,
@@ -26,10 +26,10 @@ from moecli.evaluation import (
     score_pairs,
     summarize,
 )
-from moecli.modeling import load_model
-from moecli.records import EditRecord, LocalityPair, PortabilityPair
-from moecli.testing import TINY_TEXTS, make_tiny_model
-from moecli.world.tokenizer import train_tokenizer
+from moecli.model.batching import encode_pair
+from moecli.model.loading import load_model
+from moecli.model.tiny import TINY_TEXTS, make_tiny_model
+from moecli.model.tokenizer import train_tokenizer
 
 CONFIDENCE = 10.0  # the logit the fake models give their chosen token (all others get 0)
 
@@ -413,7 +413,7 @@ def test_generate_answers_matches_greedy_decoding(request: pytest.FixtureRequest
 
 
 def test_generation_em_uses_normalized_match(tok, vocab, monkeypatch: pytest.MonkeyPatch) -> None:
-    import moecli.evaluation as ev
+    import moecli.engine.evaluation as ev
 
     recs = [
         EditRecord(prompt="The capital of France is", target="The Paris!", rephrases=["France's capital:"]),

@@ -31,15 +31,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moecli.batching import collate, encode_pair, encode_prompt, forward, pad_id_of, prompt_only
-from moecli.engine import RunSpec, load_edited, revert_edits, run_edits
+from moecli.data.records import EditRecord
+from moecli.engine.recipes import build_config
+from moecli.engine.run import RunSpec, load_edited, revert_edits, run_edits
 from moecli.methods import get_method
 from moecli.methods.base import BypassMethod, EditMethod
 from moecli.methods.grace import GRACE
 from moecli.methods.wise import WISE
-from moecli.modeling import LoadedModel, load_model
-from moecli.recipes import build_config
-from moecli.records import EditRecord
+from moecli.model.batching import collate, encode_pair, encode_prompt, forward, pad_id_of, prompt_only
+from moecli.model.loading import LoadedModel, load_model
 from moecli.world import default_model_dir
 from moecli.world.generator import build_world
 

@@ -12,13 +12,20 @@ import json
 import pytest
 from conftest import run_moecli
 
-from moecli.batching import answer_end_id, chat_prompt, encode_pair, end_of_turn_id, is_chat_prompt, stop_token_ids
-from moecli.evaluation import FREE_NEW_TOKENS, compute_baseline, evaluate_records, free_answers, free_verdicts
+from moecli.data.records import EditRecord, LocalityPair, write_jsonl
+from moecli.engine.evaluation import FREE_NEW_TOKENS, compute_baseline, evaluate_records, free_answers, free_verdicts
 from moecli.methods.memoe import MEMoE, MEMoEConfig
-from moecli.modeling import load_model
-from moecli.records import EditRecord, LocalityPair, write_jsonl
-from moecli.testing import BOS_ID, EOS_ID, TINY_TEXTS, make_tiny_model
-from moecli.world.tokenizer import train_tokenizer
+from moecli.model.batching import (
+    answer_end_id,
+    chat_prompt,
+    encode_pair,
+    end_of_turn_id,
+    is_chat_prompt,
+    stop_token_ids,
+)
+from moecli.model.loading import load_model
+from moecli.model.tiny import BOS_ID, EOS_ID, TINY_TEXTS, make_tiny_model
+from moecli.model.tokenizer import train_tokenizer
 
 
 @pytest.mark.parametrize(("answer", "target", "exact", "first"), [
@@ -83,7 +90,7 @@ FAST = {"lr": 0.02, "max_steps": 200, "retain": "none", "stop_prob": 0.0}
 
 @pytest.mark.parametrize("eos_target", [True, False])
 def test_trained_labels_end_with_eos_unless_turned_off(tiny_dir, monkeypatch, eos_target):
-    import moecli.training as training
+    import moecli.adapter.training as training
 
     seen = []
     real = training.collate
@@ -123,7 +130,7 @@ def test_an_edit_trained_with_eos_answers_and_stops(tiny_dir, eos_target):
 def test_free_answers_stop_at_most_after_the_token_budget(tiny_dir):
     loaded = load_model(tiny_dir)
     prompts = ["The capital of France is", "Shakespeare wrote", "Water boils at"]
-    from moecli.evaluation import generate_ids
+    from moecli.engine.evaluation import generate_ids
 
     ids = generate_ids(loaded.model, loaded.tokenizer, prompts, [FREE_NEW_TOKENS] * 3, batch_size=2,
                        stop_ids=stop_token_ids(loaded.tokenizer, loaded.model))

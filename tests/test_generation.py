@@ -15,13 +15,13 @@ import inspect
 import pytest
 import torch
 
-from moecli.batching import EncodedPair, collate, encode_pair, encode_prompt, forward, pad_id_of
+from moecli.data.records import EditRecord
 from moecli.methods.grace import GRACE, GRACEConfig
 from moecli.methods.memoe import MEMoE, MEMoEConfig
 from moecli.methods.scen import SCEN, SCENConfig
-from moecli.modeling import load_model
-from moecli.records import EditRecord
-from moecli.testing import make_tiny_model
+from moecli.model.batching import EncodedPair, collate, encode_pair, encode_prompt, forward, pad_id_of
+from moecli.model.loading import load_model
+from moecli.model.tiny import make_tiny_model
 
 EDIT = EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau")
 SHORT = EditRecord(prompt="Alice Moreau was born in", target="London", subject="Alice Moreau")

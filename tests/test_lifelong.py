@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import assert_resume_is_exact
 
-from moecli.checkpoint import load_checkpoint
-from moecli.engine import RunSpec, run_edits
-from moecli.recipes import build_config
-from moecli.records import EditRecord, LocalityPair
-from moecli.testing import make_tiny_model
+from moecli.data.records import EditRecord, LocalityPair
+from moecli.engine.checkpoint import load_checkpoint
+from moecli.engine.recipes import build_config
+from moecli.engine.run import RunSpec, run_edits
+from moecli.model.tiny import make_tiny_model
 
 NAMES = ["Alice Moreau", "Bruno Keller", "Clara Novak", "Daniel Silva", "Elena Rossi", "Felix Okafor"]
 CITIES = ["Tokyo", "Lima", "Cairo", "Oslo", "Rome", "Kyoto"]

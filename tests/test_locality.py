@@ -9,8 +9,8 @@ import os
 import pytest
 from conftest import run_moecli, shared_data
 
-from moecli.locality import RelationTest, relation_evidence, relation_test, with_same_subject
-from moecli.records import EditRecord, LocalityPair, read_records
+from moecli.data.probes import RelationTest, relation_evidence, relation_test, with_same_subject
+from moecli.data.records import EditRecord, LocalityPair, read_records
 
 
 def _rec(prompt: str, subject: str, target: str, truth: str, rephrase: str = "", neighbour_answer: str = ""):
@@ -155,7 +155,7 @@ def test_cli_option_adds_the_group_and_its_routing(tmp_path, capsys):
 
 
 def test_neighbours_that_ask_another_records_edit_are_not_locality_probes():
-    from moecli.locality import without_edited_neighbours
+    from moecli.data.probes import without_edited_neighbours
 
     def rec(prompt, subject, target, neighbours):
         return EditRecord(prompt=prompt, target=target, subject=subject,

@@ -1,4 +1,4 @@
-"""Tests of moecli.modeling on tiny random models of every supported family (no downloads)."""
+"""Tests of moecli.model.loading on tiny random models of every supported family (no downloads)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from moecli.errors import UserError
-from moecli.modeling import (
+from moecli.model.loading import (
     SUPPORTED_FAMILIES,
     LoadedModel,
     decoder_layers,
@@ -26,7 +26,7 @@ from moecli.modeling import (
     resolve_device,
     resolve_dtype,
 )
-from moecli.testing import HIDDEN, INTERMEDIATE, make_tiny_model
+from moecli.model.tiny import HIDDEN, INTERMEDIATE, make_tiny_model
 
 ALL_FAMILIES = sorted(SUPPORTED_FAMILIES)
 
@@ -252,7 +252,7 @@ def test_device_map_places_model_and_reports_input_device(llama_dir: Path) -> No
 
 
 def test_chat_without_a_template_is_one_line(tmp_path: Path) -> None:
-    from moecli.batching import chat_prompt
+    from moecli.model.batching import chat_prompt
 
     loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
     with pytest.raises(UserError, match="^--chat: this model's tokenizer has no chat template; drop --chat$"):

@@ -12,11 +12,8 @@ import pytest
 import torch
 from conftest import shared_data
 
-from moecli import sentence
-from moecli.anchors import AnchorContext, record_anchor_vectors
-from moecli.errors import UserError
-from moecli.modeling import load_model
-from moecli.planning import (
+from moecli.data.records import EditRecord, read_records
+from moecli.engine.planning import (
     Plan,
     chunk_indices,
     embed_records,
@@ -24,8 +21,11 @@ from moecli.planning import (
     similarity_stats,
     write_plan,
 )
-from moecli.records import EditRecord, read_records
-from moecli.testing import make_tiny_model
+from moecli.errors import UserError
+from moecli.model.loading import load_model
+from moecli.model.tiny import make_tiny_model
+from moecli.routing import sentence
+from moecli.routing.context import AnchorContext, record_anchor_vectors
 
 
 def _records(n: int) -> list[EditRecord]:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import run_moecli
 
-from moecli import sentence
+from moecli.adapter.training import FrozenPrefix
+from moecli.data.records import EditRecord, LocalityPair
 from moecli.errors import UserError
-from moecli.modeling import decoder_layers, load_model
-from moecli.question import QuestionEncoder, calibration_pairs, find_encoder, question_text, train_encoder
-from moecli.records import EditRecord, LocalityPair
-from moecli.testing import make_tiny_model
-from moecli.training import FrozenPrefix
+from moecli.model.loading import decoder_layers, load_model
+from moecli.model.tiny import make_tiny_model
+from moecli.routing import sentence
+from moecli.routing.question import QuestionEncoder, calibration_pairs, find_encoder, question_text, train_encoder
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def world(tmp_path_factory):
     old = os.getcwd()
     os.chdir(root)
     try:
-        from moecli.cli import main
+        from moecli.cli.app import main
 
         try:
             main(["world", "export", "--n", "44", "--out", "all.jsonl"])
@@ -176,8 +176,9 @@ def test_routing_reads_the_same_skeleton_text_that_calibration_embeds(tmp_path):
     """The text part of the key: at routing time the prompt is decoded around the entity span the router
     found; calibration blanks the subject in the string. Both must give MiniLM the same text (whitespace
     aside: its tokenizer splits on it), or the calibrated threshold would not hold at inference."""
-    from moecli.anchors import AnchorContext, AnchorTrie
-    from moecli.locality import BLANK, skeleton
+    from moecli.data.probes import BLANK, skeleton
+    from moecli.routing.anchors import AnchorTrie
+    from moecli.routing.context import AnchorContext
 
     loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
     tok = loaded.tokenizer
@@ -213,7 +214,7 @@ def test_an_encoder_that_reads_text_keeps_its_width_and_is_passed_over_without_m
     monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "questions"
     folder.mkdir(parents=True)
-    from moecli.modeling import fingerprint
+    from moecli.model.loading import fingerprint
 
     info = {"fingerprint": fingerprint(loaded.model)}
     QuestionEncoder((0,), torch.randn(8, 32), torch.zeros(32), 0.5, info).save(folder / "b-layers.safetensors")
@@ -229,8 +230,8 @@ def test_an_encoder_that_reads_text_keeps_its_width_and_is_passed_over_without_m
 def test_the_text_part_is_computed_only_when_a_router_reads_it(tmp_path):
     """Capture with `text`: a forward leaves the MiniLM part pending (inputs that name no edited entity never
     pay for it); reading `question_hidden` gives the layers then the 384 text features."""
-    from moecli.anchors import AnchorContext
-    from moecli.question import Capture
+    from moecli.routing.context import AnchorContext
+    from moecli.routing.question import Capture
 
     loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
     tok = loaded.tokenizer
@@ -247,7 +248,7 @@ def test_the_text_part_is_computed_only_when_a_router_reads_it(tmp_path):
     d = loaded.model.get_input_embeddings().weight.shape[1]
     hidden = ctx.question_hidden
     assert hidden.shape == (1, 2 * d + sentence.DIM) and ctx.pending_question is None
-    from moecli.sentence import embed_texts
+    from moecli.routing.sentence import embed_texts
 
     assert torch.allclose(hidden[:, 2 * d:], embed_texts(["Where is Paris?"]), atol=1e-5)
 

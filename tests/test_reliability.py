@@ -1,7 +1,7 @@
 """Every row of the table "What moecli does when…" (docs/errors.md), run as it says, plus property
 tests of the record readers on generated records and garbage.
 
-The tests run `moecli.cli.main` in-process (torch and transformers are imported once) from a work
+The tests run `moecli.cli.app.main` in-process (torch and transformers are imported once) from a work
 directory laid out as the table's set-up makes it (`edits.jsonl`, `tiny/`, `runs/good/`), so the
 paths in the messages are the table's. Each row's test checks the exit code and the one stderr line
 against the table itself (`…` there stands for text that varies): the table cannot drift
@@ -35,10 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_records import draw_prompt_and_subject
 
-from moecli.checkpoint import RunLock, load_checkpoint
-from moecli.cli import main
-from moecli.errors import UserError
-from moecli.records import (
+from moecli.cli.app import main
+from moecli.data.records import (
     FORMATS,
     MAX_RECORD_CHARS,
     MAX_TEXT_CHARS,
@@ -47,7 +45,9 @@ from moecli.records import (
     read_records,
     validate_record,
 )
-from moecli.testing import make_tiny_model
+from moecli.engine.checkpoint import RunLock, load_checkpoint
+from moecli.errors import UserError
+from moecli.model.tiny import make_tiny_model
 
 ERRORS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"  # the table the README links to
 # The run every interrupted run below must end up equal to: the table's `runs/good`.
@@ -212,7 +212,7 @@ def test_missing_and_foreign_model_dirs(work, capsys):
 
 
 def test_damaged_foreign_and_unsupported_gguf_files(work, capsys):
-    from moecli.testing import write_tiny_gguf
+    from moecli.model.tiny import write_tiny_gguf
 
     before = listing(work)
     (work / "cut.gguf").write_bytes(write_tiny_gguf(work / "tiny.gguf", "llama").read_bytes()[:100])
@@ -329,8 +329,7 @@ def test_fail_under_is_exit_1_with_a_line(work, capsys):
 
 
 def test_calibrate_without_minilm(work, capsys, monkeypatch):
-    from moecli import sentence
-
+    from moecli.routing import sentence
     monkeypatch.setattr(sentence, "available", lambda: False)
     before = listing(work)
     code, out, err = run(["calibrate", "--data", "edits.jsonl", "--out", "q.safetensors"], capsys)
@@ -412,7 +411,7 @@ def test_ctrl_c_during_training(work, capsys, monkeypatch):
 
 def test_ctrl_c_during_a_save(work, capsys, monkeypatch):
     """Ctrl-C at the worst moment of the second save: the old checkpoint moved aside, the new not in place."""
-    import moecli.checkpoint as ckpt_mod
+    import moecli.engine.checkpoint as ckpt_mod
 
     real = ckpt_mod._fsync_dir
 
@@ -432,7 +431,7 @@ def test_ctrl_c_during_a_save(work, capsys, monkeypatch):
 
 def test_full_disk_during_a_save(work, capsys, monkeypatch):
     """ENOSPC partway through the second save (config and weights written, the ledger not)."""
-    import moecli.checkpoint as ckpt_mod
+    import moecli.engine.checkpoint as ckpt_mod
 
     real = ckpt_mod.atomic_write_bytes
     manifest = work / "small" / "run" / "adapter" / "manifest.json"
@@ -472,7 +471,7 @@ def test_killed_run_resumes_and_loads(work, capsys, monkeypatch):
     out = work / "runs" / "k"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env.pop("MOECLI_DEBUG", None)
-    cmd = [sys.executable, "-c", "from moecli.cli import main; main()", "--threads", "1", "lifelong",
+    cmd = [sys.executable, "-c", "from moecli.cli.app import main; main()", "--threads", "1", "lifelong",
            "--data", "edits.jsonl", "--batch-size", "1", "--steps", "6", "--out", str(out), "--no-generate",
            "--quiet"]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -514,7 +513,7 @@ def test_killed_between_the_two_renames_of_a_save(work, capsys, monkeypatch):
         code, _, err = run(["lifelong", "--data", "edits.jsonl", *RUN, "--out", "runs/k2"], capsys)
     assert code == 130, err
     os.replace(work / "runs" / "k2" / "adapter", work / "runs" / "k2" / ".adapter.old")
-    import moecli.engine as engine
+    import moecli.engine.run as engine
 
     restored = []
     real = engine.restore_method
@@ -626,7 +625,7 @@ def test_diverged_training_saves_nothing_non_finite(work, capsys, monkeypatch):
                         "--out", "runs/nan", "--quiet", "--no-generate"], capsys)
     check_row("r7", code, err)
     assert not (work / "runs" / "nan" / "adapter").exists()  # batch 0 diverged: nothing to keep
-    import moecli.engine as engine
+    import moecli.engine.run as engine
 
     real = engine.check_finite
 

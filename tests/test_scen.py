@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from moecli.anchors import AnchorContext
-from moecli.evaluation import compute_baseline, evaluate_records
+from moecli.data.records import EditRecord
+from moecli.engine.evaluation import compute_baseline, evaluate_records
 from moecli.methods.scen import SCEN, SCENConfig
-from moecli.modeling import load_model
-from moecli.records import EditRecord
-from moecli.routing import IndexingNeuronRouter
-from moecli.testing import make_tiny_model
+from moecli.model.loading import load_model
+from moecli.model.tiny import make_tiny_model
+from moecli.routing.context import AnchorContext
+from moecli.routing.routers import IndexingNeuronRouter
 
 
 def test_single_edit_takes_and_is_gated(tmp_path):

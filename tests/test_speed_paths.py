@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecli.batching import answer_logits, collate, encode_pair, forward, pad_id_of
+from moecli.adapter.training import FrozenPrefix, PromptCache
+from moecli.data.records import EditRecord
 from moecli.methods.memoe import MEMoE, MEMoEConfig
-from moecli.modeling import SUPPORTED_FAMILIES, decoder_layers, load_model
-from moecli.records import EditRecord
-from moecli.testing import make_tiny_model
-from moecli.training import FrozenPrefix, PromptCache
+from moecli.model.batching import answer_logits, collate, encode_pair, forward, pad_id_of
+from moecli.model.loading import SUPPORTED_FAMILIES, decoder_layers, load_model
+from moecli.model.tiny import make_tiny_model
 
 RECORDS = [
     EditRecord(prompt="Alice Moreau was born in", target="Tokyo", subject="Alice Moreau"),

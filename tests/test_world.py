@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from moecli.data.records import read_records, write_jsonl
 from moecli.errors import UserError
-from moecli.records import read_records, write_jsonl
 from moecli.world import store
 from moecli.world.commands import world_app
 from moecli.world.generator import RELATIONS, build_world
@@ -149,7 +149,7 @@ def test_tiny_trainer_learns_facts(tiny_model):
     assert result.reached_target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecli.evaluation import answer_token_accuracy
+    from moecli.engine.evaluation import answer_token_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)

@@ -16,15 +16,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from moecli.anchors import AnchorContext, AnchorTrie, prompt_hash
-from moecli.batching import collate, encode_pair, forward, length_groups, logits_at, pad_id_of, prompt_only
-from moecli.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
+from moecli.adapter.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
+from moecli.adapter.training import Progress, RetainSet, TrainConfig
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
-from moecli.question import Capture, QuestionEncoder, find_encoder
-from moecli.records import EditRecord
-from moecli.routing import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
-from moecli.training import Progress, RetainSet, TrainConfig
+from moecli.model.batching import collate, encode_pair, forward, length_groups, logits_at, pad_id_of, prompt_only
+from moecli.model.loading import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.routing.anchors import AnchorTrie, prompt_hash
+from moecli.routing.context import AnchorContext
+from moecli.routing.question import Capture, QuestionEncoder, find_encoder
+from moecli.routing.routers import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 
 
 @dataclass
@@ -97,7 +98,7 @@ class BypassConfig(MethodConfig):
     query_feature: str = "auto"
     question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
     # query_feature auto on a real model with no key installed or shipped: calibrate one from the shipped train
-    # data first, once per model (`moecli.calibration.auto_key`); false: route by the answer test instead
+    # data first, once per model (`moecli.engine.calibration.auto_key`); false: route by the answer test instead
     auto_calibrate: bool = True
     signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
 

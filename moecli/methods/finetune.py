@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel, default_layer, find_target_module
-from moecli.records import EditRecord
-from moecli.training import Progress, train_on_pairs
+from moecli.model.loading import LoadedModel, default_layer, find_target_module
 
 DELTA_KEY = "ft.delta"
 

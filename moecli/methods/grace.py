@@ -49,14 +49,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moecli.anchors import AnchorContext
-from moecli.batching import collate, forward, pad_id_of, prompt_only
-from moecli.bypass import Injection, flat_batch
+from moecli.adapter.bypass import Injection, flat_batch
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel
-from moecli.records import EditRecord
-from moecli.training import Progress, train_on_pairs
+from moecli.model.batching import collate, forward, pad_id_of, prompt_only
+from moecli.model.loading import LoadedModel
+from moecli.routing.context import AnchorContext
 
 EXPAND_SLACK = 1e-4  # relative margin added to an expanded radius (see the module docstring)
 TARGETS_FILE = "grace_targets.json"

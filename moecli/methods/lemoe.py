@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moecli.anchors import record_anchor_vectors
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
-from moecli.records import EditRecord
-from moecli.routing import KNNRouter, KVAnchorRouter
-from moecli.training import Progress, train_on_pairs
+from moecli.routing.context import record_anchor_vectors
+from moecli.routing.routers import KNNRouter, KVAnchorRouter
 
 ROUTERS = ("knn", "kv")
 

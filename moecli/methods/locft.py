@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moecli.adapter.training import Progress
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.finetune import FineTune, FTConfig
-from moecli.records import EditRecord
-from moecli.training import Progress
 
 EDITS_FILE = "locft_edits.json"
 

@@ -24,11 +24,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.pytorch_utils import Conv1D
 
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel, default_layer, find_target_module, module_dims
-from moecli.records import EditRecord
-from moecli.training import Progress, train_on_pairs
+from moecli.model.loading import LoadedModel, default_layer, find_target_module, module_dims
 
 ADAPTER = "moecli"  # peft adapter name; not part of the exported tensor names
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
-from moecli.records import EditRecord
-from moecli.routing import AnchorGate
-from moecli.training import Progress, train_on_pairs
+from moecli.routing.routers import AnchorGate
 
 EDITS_PER_RANK_16 = 50
 """Edits one expert of rank 16 takes at the largest load measured to keep Gen (see `MEMoEConfig.rank`)."""

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import BypassConfig, BypassMethod
-from moecli.records import EditRecord
-from moecli.routing import IndexingNeuronRouter
-from moecli.training import Progress, train_on_pairs
+from moecli.routing.routers import IndexingNeuronRouter
 
 
 @dataclass

@@ -56,14 +56,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moecli.anchors import AnchorContext, mean_embedding
-from moecli.batching import collate, forward, logits_at, pad_id_of, prompt_only
-from moecli.bypass import Injection, flat_batch
+from moecli.adapter.bypass import Injection, flat_batch
+from moecli.adapter.training import Progress, train_on_pairs
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import EditMethod, MethodConfig
-from moecli.modeling import LoadedModel
-from moecli.records import EditRecord
-from moecli.training import Progress, train_on_pairs
+from moecli.model.batching import collate, forward, logits_at, pad_id_of, prompt_only
+from moecli.model.loading import LoadedModel
+from moecli.routing.context import AnchorContext, mean_embedding
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")  # [ROME/EasyEdit context templates]
 PREFIX_LENGTHS = (5, 10)  # tokens; one prefix per start and length [ROME: length_params [[5, 5], [10, 5]]]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from moecli.records import EditRecord, LocalityPair, PortabilityPair
+from moecli.data.records import EditRecord, LocalityPair, PortabilityPair
 
 GENERATOR_VERSION = 1
 

@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.records import EditRecord
 from moecli.world.generator import GENERATOR_VERSION, World, build_world
 from moecli.world.trainer import (
     TRAINER_VERSION,
@@ -196,7 +196,7 @@ def measure_model(
     model_dir: str | Path, facts: Sequence[tuple[str, str]], groups: Sequence[str], batch_size: int = 128
 ) -> tuple[float, dict[str, float]]:
     """Answer-token accuracy of the model in `model_dir` on `facts`, overall and per group."""
-    from moecli.evaluation import answer_token_accuracy
+    from moecli.engine.evaluation import answer_token_accuracy
 
     model, tokenizer = load_model(model_dir)
     accs = answer_token_accuracy(model, tokenizer, list(facts), batch_size=batch_size)
@@ -275,7 +275,7 @@ def benchmark_model_dir(
 
     The cache key covers the file's bytes, `n`, the trainer config and the trainer version.
     """
-    from moecli.records import read_records
+    from moecli.data.records import read_records
 
     path = Path(path)
     if not path.is_file():

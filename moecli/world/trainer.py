@@ -3,13 +3,13 @@
 Why: no model can be downloaded here, so every model moecli edits by default (the fact world) or
 benchmarks on (ZsRE, CounterFact knowledge models) is pretrained locally, from scratch, until it
 *knows* the facts it will be asked to change. Knowing is measured with the evaluator's own metric
-(`moecli.evaluation.answer_token_accuracy`), so "Known" before editing is the number reported here.
+(`moecli.engine.evaluation.answer_token_accuracy`), so "Known" before editing is the number reported here.
 
 How:
 - A byte-level BPE tokenizer is trained on the facts' texts (plus any extra texts, e.g. edit
   targets, so they tokenize into few pieces).
 - Each fact is trained as exactly `prompt + " " + answer` + EOS, split into prompt and answer
-  tokens by `moecli.batching.encode_pair`, the same function the evaluator uses. The loss weights
+  tokens by `moecli.model.batching.encode_pair`, the same function the evaluator uses. The loss weights
   the answer tokens (and EOS) by 1 and the prompt tokens by `prompt_loss_weight`; with weight 0 the
   LM head only runs on answer positions, which is much cheaper.
 - Batches are length-bucketed. AdamW with linear warmup, then cosine decay over `max_epochs`
@@ -138,7 +138,7 @@ def measure_accuracy(
     batch_size: int = 128,
 ) -> tuple[float, dict[str, float]]:
     """Overall and per-group answer-token accuracy with the evaluator's metric."""
-    from moecli.evaluation import answer_token_accuracy
+    from moecli.engine.evaluation import answer_token_accuracy
 
     was_training = model.training
     model.eval()
@@ -149,7 +149,7 @@ def measure_accuracy(
 
 
 def _encode_facts(tokenizer, facts: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    from moecli.batching import encode_pair
+    from moecli.model.batching import encode_pair
 
     eos = tokenizer.eos_token_id
     out = []
@@ -242,7 +242,7 @@ def train_knowledge_model(
     `metadata`). The directory is written to a temporary sibling and renamed into place, so an
     interrupted run never leaves a half-built model where a finished one is expected.
     """
-    from moecli.world.tokenizer import train_tokenizer
+    from moecli.model.tokenizer import train_tokenizer
 
     config = config or TrainConfig()
     facts = [(p, a.strip()) for p, a in facts]

@@ -1,6 +1,6 @@
 """The calibration data moecli ships, and the automatic question key calibrated from it.
 
-Why: the learned question key (`moecli.question`) is what keeps an edit from answering other questions
+Why: the learned question key (`moecli.routing.question`) is what keeps an edit from answering other questions
 about its subject on a real model, and it needs calibrating per model. moecli ships the train splits it
 is calibrated on (`assets/calibration/`, gzip JSON, trimmed to the fields calibration reads; provenance
 and licences in the `SOURCES.md` beside them), so that `moecli calibrate --model M` needs no `--data`,
@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.records import EditRecord
 
 CALIBRATION_DIR = Path(__file__).resolve().parent / "assets" / "calibration"
 MIN_VOCAB = 16384  # [choice] a pretrained tokenizer (32,000 and more); fact world 1,024, knowledge models ≤ 8,192
@@ -62,8 +62,8 @@ def calibration_records(path: str | Path, start: int = 0, end: int | None = None
     another record's subject dropped (`locality.with_probes`), and `same_subject` probes built per
     `RELATION_EVIDENCE` records (the relation test's joins grow with the list: lists of its size, as the
     benchmarks build them)."""
-    from moecli.locality import RELATION_EVIDENCE, with_probes, with_same_subject
-    from moecli.records import read_records
+    from moecli.data.probes import RELATION_EVIDENCE, with_probes, with_same_subject
+    from moecli.data.records import read_records
 
     read = read_records(path, fmt, limit=end)
     if not read.records:
@@ -95,8 +95,8 @@ def install_path(encoder) -> Path:
     """Where `calibrate --install` and the automatic calibration put `encoder` (found by `find_encoder`):
     `$MOECLI_CACHE/questions/<weights hash>[-text].safetensors` (a text and a layers-only key may sit side
     by side)."""
-    from moecli.question import QUESTIONS_DIR
-    from moecli.sources import cache_root
+    from moecli.model.sources import cache_root
+    from moecli.routing.question import QUESTIONS_DIR
 
     kind = "-text" if encoder.text_dim else ""
     return cache_root() / QUESTIONS_DIR / f"{encoder.info['fingerprint']['weights_hash'][:16]}{kind}.safetensors"
@@ -117,8 +117,8 @@ def install(encoder) -> Path:
 
 def ineligible(loaded, config) -> str | None:
     """Why the automatic calibration does not apply to `loaded` with `config` (None: it does)."""
-    from moecli.modeling import num_layers
-    from moecli.question import default_layers
+    from moecli.model.loading import num_layers
+    from moecli.routing.question import default_layers
 
     if not getattr(config, "auto_calibrate", False):
         return "auto_calibrate is off"
@@ -132,7 +132,7 @@ def ineligible(loaded, config) -> str | None:
 
 
 def is_shipped(path: str | Path) -> bool:
-    from moecli.question import QUESTIONS_DIR
+    from moecli.routing.question import QUESTIONS_DIR
 
     return Path(path).resolve().parent == (Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR)
 
@@ -145,7 +145,7 @@ def auto_key(loaded, config, model_fingerprint: dict | None = None,
     `calibrated-now`, `file`: a `question_encoder` given, or `none`), `path`, and for a key calibrated
     now `seconds` and its held-out measures. `progress` is the CLI's reporter: its `note` (if it has one)
     prints the line saying that a key is being calibrated, and how long it should take."""
-    from moecli.question import find_encoder
+    from moecli.routing.question import find_encoder
 
     feature = getattr(config, "query_feature", None)
     if feature is None:
@@ -172,8 +172,8 @@ def calibrate_shipped(loaded, progress: Callable[..., None] | None = None, seed:
                       text: bool | None = None) -> tuple[object, float]:
     """(encoder, seconds): a question key for `loaded` from the shipped data's default ranges, with the
     MiniLM skeleton where MiniLM is installed (`text` None), announced through `progress.note`."""
-    from moecli import sentence
-    from moecli.question import calibrate
+    from moecli.routing import sentence
+    from moecli.routing.question import calibrate
 
     t0 = time.perf_counter()
     text = sentence.available() if text is None else text

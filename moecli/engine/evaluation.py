@@ -1,7 +1,7 @@
 """Metrics and protocols of EVALUATION.md: Rel, Gen, Loc, Port, Known, strict and generation forms.
 
 Rel, Gen, Loc, Port and Known are teacher-forced (`prompt + " " + answer` fed once, argmax at each
-answer position compared with the answer token), batched, and right-padded by `moecli.batching`, so
+answer position compared with the answer token), batched, and right-padded by `moecli.model.batching`, so
 left- and right-padding tokenizers score identically. Locality compares against the *unedited* model's
 argmax predictions, computed once before editing and kept in a `Baseline`.
 
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from moecli.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of, stop_token_ids
-from moecli.records import EditRecord
+from moecli.data.records import EditRecord
+from moecli.model.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of, stop_token_ids
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): the engine reports, the CLI draws."""
@@ -418,7 +418,7 @@ def unedited_evaluation(
     import transformers
 
     from moecli.fsutil import atomic_write_json
-    from moecli.sources import cache_root
+    from moecli.model.sources import cache_root
 
     use_cache = os.environ.get("MOECLI_EVAL_CACHE", "on") != "off"
     here = Path(__file__).resolve().parent

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from moecli import __version__
-from moecli.batching import chat_records
-from moecli.checkpoint import (
+from moecli.data.records import EditRecord
+from moecli.engine.checkpoint import (
     Checkpoint,
     RunLock,
     checkpoint_exists,
@@ -33,13 +32,14 @@ from moecli.checkpoint import (
     resolve_adapter_dir,
     save_checkpoint,
 )
+from moecli.engine.evaluation import evaluate_records, unedited_evaluation
 from moecli.errors import RunError, UserError
-from moecli.evaluation import evaluate_records, unedited_evaluation
 from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
-from moecli.modeling import LoadedModel, find_target_module, fingerprint, fingerprints_match, load_model
-from moecli.records import EditRecord
+from moecli.model.batching import chat_records
+from moecli.model.loading import LoadedModel, find_target_module, fingerprint, fingerprints_match, load_model
+from moecli.version import __version__
 
 Progress = Callable[[str, int, int], None]
 
@@ -77,7 +77,7 @@ class RunSpec:
     eval_sample: int = 100
     order: str = "file"
     chat: bool = False  # wrap every prompt in the model's chat template
-    question_key: dict | None = None  # which question key routes (`moecli.calibration.auto_key`), set at the start
+    question_key: dict | None = None  # which question key routes (`calibration.auto_key`), set at the start
 
     def to_json(self) -> dict:
         """Everything needed to resume this run (records inline, so the data file may move)."""
@@ -190,8 +190,8 @@ def check_lengths(loaded: LoadedModel, records: list[EditRecord], data: str | No
     Without this, such a record ends the run deep inside torch ("index out of range in self").
     Only texts that could be too long are tokenized: a token covers at least one UTF-8 byte.
     """
-    from moecli.batching import encode_pair
-    from moecli.modeling import position_limit
+    from moecli.model.batching import encode_pair
+    from moecli.model.loading import position_limit
 
     limit = position_limit(loaded.model)
     if limit is None:
@@ -356,13 +356,13 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         if resuming:
             ckpt = checked_checkpoint(continue_from, base_fp, option)
         if not resume and spec.order == "planned":
-            from moecli.planning import plan_batches
+            from moecli.engine.planning import plan_batches
 
             spec.records = plan_batches(spec.records, spec.batch_size, loaded=loaded, seed=spec.seed).records()
             records = chat_records(spec.records, tok) if spec.chat else spec.records
         if not resume:
             if continue_from is None:  # a first run on a real model without a key calibrates one (once per model)
-                from moecli.calibration import auto_key
+                from moecli.engine.calibration import auto_key
 
                 spec.question_key = auto_key(loaded, spec.config, base_fp, progress)
                 if "seconds" in spec.question_key:
@@ -458,8 +458,8 @@ def ask_model(model_path: str | Path, prompts: list[str], adapter: Path | None =
     Returns one row per prompt: `prompt`, `base`, and with an adapter `edited` and `route` (the ledger
     entry of the edit the prompt reached, or None).
     """
-    from moecli.batching import chat_prompt, stop_token_ids
-    from moecli.evaluation import generate_ids
+    from moecli.engine.evaluation import generate_ids
+    from moecli.model.batching import chat_prompt, stop_token_ids
 
     loaded = load_model(model_path, device, dtype)
     tok = loaded.tokenizer

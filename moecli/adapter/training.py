@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecli.anchors import SUFFIX_OF
-from moecli.batching import Batch, answer_logits, collate, encode_pair, forward, logits_at, pad_id_of, prompt_only
-from moecli.modeling import LayerStandIn
+from moecli.model.batching import Batch, answer_logits, collate, encode_pair, forward, logits_at, pad_id_of, prompt_only
+from moecli.model.feed import feeding
+from moecli.model.loading import LayerStandIn
 
 Progress = Callable[[str, int, int], None]
 
@@ -286,7 +286,7 @@ class FrozenPrefix:
     """
 
     def __init__(self, model, params: Sequence[torch.nn.Parameter]) -> None:
-        from moecli.modeling import decoder_layers
+        from moecli.model.loading import decoder_layers
 
         self.layers = decoder_layers(model) if params else None
         self.depth = 0
@@ -338,7 +338,7 @@ class PromptCache:
     the answer of each row (2–4 columns of ~11 on CounterFact) instead of every column, in every layer
     from the trained one up: row i's columns are gathered from its own start, with explicit positions,
     and the cached columns it must not see (another row's longer prompt) are masked. The anchors,
-    routes and signature are still those of the whole input (`SUFFIX_OF` hands it to the bypass).
+    routes and signature are still those of the whole input (`moecli.model.feed` hands it to the bypass).
     Without `unedited`, or where the model returns no cache it can copy, a batch is fed whole.
     """
 
@@ -373,13 +373,10 @@ class PromptCache:
         seen = torch.arange(width, device=device).unsqueeze(0) < starts.unsqueeze(1)  # cached columns row i sees
         mask = torch.cat([seen, fed], dim=1).long()
         rows, at = torch.nonzero(batch.labels[:, 1:] != -100, as_tuple=True)
-        token = SUFFIX_OF.set((batch.input_ids, batch.attention_mask, starts))
-        try:
-            with logits_at(self.model, rows, at - starts[rows]):
-                logits = forward(self.model, batch, input_ids=batch.input_ids.gather(1, cols), attention_mask=mask,
-                                 position_ids=cols, use_cache=True, **{self._cache_arg: step_cache})
-        finally:
-            SUFFIX_OF.reset(token)
+        with feeding(whole=(batch.input_ids, batch.attention_mask, starts)), logits_at(self.model, rows,
+                                                                                        at - starts[rows]):
+            logits = forward(self.model, batch, input_ids=batch.input_ids.gather(1, cols), attention_mask=mask,
+                             position_ids=cols, use_cache=True, **{self._cache_arg: step_cache})
         return logits.reshape(-1, logits.shape[-1]), batch.labels[rows, at + 1]
 
     @torch.no_grad()

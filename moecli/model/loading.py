@@ -3,7 +3,7 @@
 Why one module owns this: every method edits the same place (the FFN output projection of one
 decoder layer), and the architecture is known from `config.model_type`, never guessed from the
 model's name. Everything family-specific lives in two tables below (`SUPPORTED_FAMILIES` and
-`_LAYER_PATHS`); adding a family means adding one line to each and a config in `moecli.testing`.
+`_LAYER_PATHS`); adding a family means adding one line to each and a config in `moecli.model.tiny`.
 
 The base model is frozen on load (`requires_grad=False`, `eval()`): nothing in moecli trains or
 modifies base weights, and `fingerprint` lets an adapter check that it is applied to the very
@@ -12,12 +12,10 @@ base model it was trained on.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import operator
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
 
-from moecli.errors import UserError
+from moecli.errors import UserError, one_line
+from moecli.model.sources import quiet_progress, resolve_model
 
 # model_type -> path of the FFN output projection inside one decoder layer.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -115,11 +113,6 @@ def _supported_list() -> str:
     return ", ".join(sorted(SUPPORTED_FAMILIES))
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line: its type and its message with all whitespace collapsed."""
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn `--device auto|cpu|cuda[:N]|...` into a torch device; `auto` picks CUDA when present.
@@ -161,17 +154,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[name]
 
 
-@contextlib.contextmanager
-def quiet_progress() -> Iterator[None]:
-    """Silence transformers' own progress bars (loading, saving shards): the engine never prints."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
 
 def _read_model_type(path: Path) -> str:
     """Read `model_type` from config.json directly, so an unknown type gives our own message."""
@@ -181,7 +163,7 @@ def _read_model_type(path: Path) -> str:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"--model {path}: cannot read config.json: {_one_line(exc)}") from exc
+        raise UserError(f"--model {path}: cannot read config.json: {one_line(exc, with_type=True)}") from exc
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise UserError(f"--model {path}: config.json has no model_type; supported families: {_supported_list()}")
@@ -220,15 +202,13 @@ def load_model(
     """Load a local causal LM and its tokenizer, frozen and in eval mode.
 
     `path`: a Hugging Face model directory, a `.gguf` file (or a directory holding one), or the name of
-    a packaged model (`smollm2`); see `moecli.sources` (a GGUF file is converted once and cached).
+    a packaged model (`smollm2`); see `moecli.model.sources` (a GGUF file is converted once and cached).
 
     With `device_map` (e.g. "auto") accelerate places the model and it is not moved afterwards;
     `LoadedModel.device` is then the device of the input embeddings, where inputs must go.
     Nothing is downloaded (`local_files_only`). Every failure is a `UserError` of one line that
     names the path, because a wrong or damaged model directory is something the user fixes.
     """
-    from moecli.sources import resolve_model
-
     model_path = resolve_model(path)  # a packaged name or a GGUF file becomes its cached HF directory
     if not model_path.is_dir():
         raise UserError(f"--model {path}: not a model directory nor a .gguf file")
@@ -243,11 +223,11 @@ def load_model(
                 model_path, dtype=torch_dtype, device_map=device_map, local_files_only=True
             )
     except Exception as exc:  # any load failure means a damaged or foreign directory
-        raise UserError(f"--model {path}: cannot load the model: {_one_line(exc)}") from exc
+        raise UserError(f"--model {path}: cannot load the model: {one_line(exc, with_type=True)}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     except Exception as exc:
-        raise UserError(f"--model {path}: cannot load the tokenizer: {_one_line(exc)}") from exc
+        raise UserError(f"--model {path}: cannot load the tokenizer: {one_line(exc, with_type=True)}") from exc
     _ensure_pad_token(tokenizer, model_path)
 
     model.requires_grad_(False)
@@ -438,8 +418,8 @@ def fingerprints_match(a: dict, b: dict) -> bool:
 
 class LayerStandIn(torch.nn.Module):
     """A decoder layer standing in for a frozen one (`inner`) while outputs it already computed are
-    replayed: training (`moecli.training.FrozenPrefix`) and the base-output signature pass
-    (`moecli.bypass.Injection`). Subclasses say what `forward` returns."""
+    replayed: training (`moecli.adapter.training.FrozenPrefix`) and the base-output signature pass
+    (`moecli.adapter.bypass.Injection`). Subclasses say what `forward` returns."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()

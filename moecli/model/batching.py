@@ -1,7 +1,7 @@
 """Prompt/answer encoding and padding, shared by training and evaluation.
 
 Why one place: the edit loss (training) and every metric (evaluation) must agree on which tokens
-are "the answer". The convention (EVALUATION.md): the text is `prompt + " " + answer`; the answer
+are "the answer". The convention: the text is `prompt + " " + answer`; the answer
 tokens are the tokens of that text beyond the tokens of `prompt` alone. We pad on the right
 ourselves, whatever the tokenizer's padding side, so positions are the natural ones for every model.
 """
@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from moecli.errors import UserError
+from moecli.model.feed import feeding
 
 
 @dataclass
@@ -40,8 +43,6 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     A template that starts with the BOS token the tokenizer adds by itself loses that text copy, so the
     sequence holds one BOS, not two.
     """
-    from moecli.errors import UserError
-
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: this model's tokenizer has no chat template; drop --chat")
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -190,15 +191,10 @@ def forward(model, batch: Batch, **model_kwargs):
     No KV cache is built unless `model_kwargs` ask for one: nothing here decodes further, and a cache
     would hold every layer's keys and values alive for nothing. `model_kwargs` override the batch's
     inputs (`training.PromptCache` feeds the later columns only, with the earlier ones cached)."""
-    from moecli.anchors import PROMPT_LENGTHS
-
-    token = PROMPT_LENGTHS.set(batch.prompt_lengths)
-    try:
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False,
-                  **model_kwargs}
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False,
+              **model_kwargs}
+    with feeding(prompt_lengths=batch.prompt_lengths):
         return model(**kwargs).logits
-    finally:
-        PROMPT_LENGTHS.reset(token)
 
 
 @contextmanager

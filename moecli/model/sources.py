@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from moecli.errors import UserError
+from moecli.errors import UserError, one_line
 
 Progress = Callable[[str, int, int], None]
 
@@ -62,6 +62,20 @@ PACKAGED: dict[str, PackagedModel] = {
         assemble=True, note="Gemma 3 270M, Gemma terms of use",
     ),
 }
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Silence transformers' own progress bars (loading, saving shards): the engine never prints."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -222,14 +236,14 @@ def _write_converted(gguf: Path, out: Path, progress: Progress | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecli.modeling import _one_line, quiet_progress
 
     try:
         with quiet_progress(), _tensor_progress(progress):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
-        raise UserError(f"--model {gguf}: transformers cannot load this GGUF file: {_one_line(exc)}") from exc
+        raise UserError(f"--model {gguf}: transformers cannot load this GGUF file: "
+                        f"{one_line(exc, with_type=True)}") from exc
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); the same weights in a plain
     # model of its class save normally (every state-dict key matches).
     config = copy.deepcopy(model.config)

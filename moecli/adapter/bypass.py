@@ -3,7 +3,7 @@
 The wrapped module (`W0`) is never modified; experts are zero-initialised deltas, so a fresh
 bypass is exactly the identity. Experts are `dense` (a full d_out × d_in delta, as the papers) or
 `lowrank` (B·A with B = 0 at init, LoRA-style, so thousands of experts stay cheap). The router is
-pluggable (`moecli.routing`): it returns, per token, the top-k expert ids (−1 = no expert, the null
+pluggable (`moecli.routing.routers`): it returns, per token, the top-k expert ids (−1 = no expert, the null
 route) and their gate values. Anchors reach the router through a shared `AnchorContext` that a
 forward pre-hook on the whole model fills from the input ids.
 """
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from moecli.anchors import SUFFIX_OF, AnchorContext
-from moecli.batching import logits_at
-from moecli.modeling import LayerStandIn
+from moecli.model.batching import logits_at
+from moecli.model.feed import current_feed
+from moecli.model.loading import LayerStandIn
+from moecli.routing.context import AnchorContext
 
 EXPERT_FORMS = ("dense", "lowrank")
 SIGNATURES_KEPT = 32
@@ -267,7 +268,7 @@ class Injection:
             return
         ctx = self.bypass.context
         mask = kwargs.get("attention_mask")
-        suffix = SUFFIX_OF.get()
+        suffix = current_feed().whole
         if suffix is not None:  # the later columns of a batch whose earlier ones are cached (training)
             self._prompt_context(suffix[0], suffix[1], {"attention_mask": suffix[1]}, whole=False)
             ctx.offset = suffix[2]
@@ -369,7 +370,7 @@ class Injection:
 def _layers_below(model: nn.Module, module: nn.Module) -> tuple[nn.ModuleList, int] | None:
     """(the decoder layers, the index of the one holding `module`) when that index is above 0, else None."""
     from moecli.errors import UserError
-    from moecli.modeling import decoder_layers
+    from moecli.model.loading import decoder_layers
 
     try:
         layers = decoder_layers(model)

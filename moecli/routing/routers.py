@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecli.anchors import AnchorContext
+from moecli.routing.context import AnchorContext
 
 
 def unit_rms(h: torch.Tensor) -> torch.Tensor:
@@ -119,13 +119,13 @@ class KeyMatcher:
     def __init__(self, d_anchor: int, d_query: int, anchor_threshold: float = 0.95, query_threshold: float = 0.5,
                  null_unmatched: bool = True, index: str = "auto", candidates: int = 16, feature: str = "input",
                  topk: int = 64, encoder=None) -> None:
-        from moecli.anchors import AnchorStore
+        from moecli.routing.anchors import AnchorStore
 
         if feature not in QUERY_FEATURES:
             raise ValueError(f"unknown query feature {feature!r} (choose from {', '.join(QUERY_FEATURES)})")
         self.store = AnchorStore(d_anchor, index)
         self.feature, self.topk = feature, topk
-        self.encoder = encoder  # feature "learned": the `moecli.question.QuestionEncoder` of the codes
+        self.encoder = encoder  # feature "learned": the `moecli.routing.question.QuestionEncoder` of the codes
         d_code = encoder.weight.shape[0] if encoder is not None else d_query
         # unit-norm vectors matched by cosine: last-token inputs ("input") or question codes ("learned")
         self.queries = torch.zeros(0, d_code)
@@ -325,8 +325,8 @@ class KeyMatcher:
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         import json
 
-        from moecli.anchors import AnchorStore
         from moecli.errors import UserError
+        from moecli.routing.anchors import AnchorStore
 
         if "anchors.faiss" not in files or "matcher.queries" not in tensors:
             raise UserError("adapter: missing the anchor store (anchors.faiss / matcher.queries)")

@@ -488,7 +488,7 @@ def read_records(
     if limit is not None and limit < 0:
         raise UserError(f"limit must be 0 or more, got {limit}")
     name = str(path)
-    from moecli.tables import is_table_source, iter_table
+    from moecli.data.tables import is_table_source, iter_table
 
     raw = iter_table(name) if is_table_source(name) else _iter_raw(Path(path), name)
 

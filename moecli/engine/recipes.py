@@ -132,6 +132,6 @@ def default_recipe_text(method: str) -> str:
             + body)
 
 
-if __name__ == "__main__":  # python -m moecli.recipes: rewrite the shipped <method>.yaml from the defaults
+if __name__ == "__main__":  # python -m moecli.engine.recipes: rewrite the shipped <method>.yaml from the defaults
     for name in HEADERS:
         (RECIPES_DIR / f"{name}.yaml").write_text(default_recipe_text(name), encoding="utf-8")

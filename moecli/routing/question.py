@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.records import EditRecord
-from moecli.routing import unit_rms
+from moecli.routing.routers import unit_rms
 
 LAYER_FRACTIONS = (0.4, 0.55, 0.7)  # [choice] encoded layers: round(f · (num_layers − 1)); below the bypass's 0.85
 HIDDEN = 0  # [choice] width of an optional hidden layer (0: a linear map; 512 measured: CounterFact 0.98, ZsRE 0.45)
@@ -150,7 +150,7 @@ QUESTIONS_DIR = "questions"  # under `$MOECLI_CACHE` (`moecli calibrate --instal
 
 def encoder_dirs() -> list[Path]:
     """Where `find_encoder` looks: the user's cache first, then the encoders moecli ships."""
-    from moecli.sources import cache_root
+    from moecli.model.sources import cache_root
 
     return [cache_root() / QUESTIONS_DIR, Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR]
 
@@ -163,8 +163,8 @@ def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) 
     and by the unedited model's answer otherwise (the only test that needs no calibration)."""
     from safetensors import SafetensorError, safe_open
 
-    from moecli import sentence
-    from moecli.modeling import fingerprint, fingerprints_match
+    from moecli.model.loading import fingerprint, fingerprints_match
+    from moecli.routing import sentence
 
     mine = model_fingerprint
     fallback = None
@@ -198,7 +198,7 @@ class Capture:
     computed when first read (a forward whose inputs name no edited entity never needs them)."""
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], context, text: bool = False) -> None:
-        from moecli.modeling import decoder_layers
+        from moecli.model.loading import decoder_layers
 
         self.context, self.layers, self.text = context, tuple(layers), text
         self.parts: dict[int, torch.Tensor] = {}
@@ -225,7 +225,7 @@ class Capture:
     def _with_text(hidden: torch.Tensor, ctx) -> Callable[[], torch.Tensor]:
         """The layers then the skeletons' MiniLM embeddings, decoded when read: the read comes within the
         same forward's context (the next forward's `compute` drops what is still pending)."""
-        from moecli.sentence import embed_texts
+        from moecli.routing.sentence import embed_texts
 
         def compute() -> torch.Tensor:
             texts = [question_text(t) for t in ctx.skeletons()]
@@ -269,8 +269,8 @@ def text_features(prompts: Sequence[str], subjects: Sequence[str | None], device
     """MiniLM embeddings [N, 384] of `prompts` with their subjects blanked (`locality.skeleton`, then
     `question_text`; the whole prompt where it does not name its subject): the text part an encoder with
     `text_dim` reads."""
-    from moecli.locality import skeleton
-    from moecli.sentence import embed_texts
+    from moecli.data.probes import skeleton
+    from moecli.routing.sentence import embed_texts
 
     return embed_texts([question_text((skeleton(p, s) if s else None) or p) for p, s in zip(prompts, subjects)],
                        device, progress=progress)
@@ -280,7 +280,7 @@ def question_text(skeleton: str) -> str:
     """What MiniLM reads of a skeleton: the blank dropped and whitespace collapsed, so that the text decoded
     around the router's token span ("of" + BLANK + " is") and the string calibration blanked ("of " + BLANK
     + " is") are one text (MiniLM's tokenizer drops the NUL blank and splits on spaces anyway)."""
-    from moecli.locality import BLANK
+    from moecli.data.probes import BLANK
 
     return " ".join(skeleton.replace(BLANK, " ").split())
 
@@ -359,8 +359,8 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
                    progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """The outputs of decoder layers `layers` at each prompt's last token, concatenated [N, d_model ·
     len(layers)], prompts run in chunks of similar length; the layers above the highest are not run."""
-    from moecli.batching import collate, length_groups, pad_id_of, prompt_only
-    from moecli.modeling import decoder_layers
+    from moecli.model.batching import collate, length_groups, pad_id_of, prompt_only
+    from moecli.model.loading import decoder_layers
 
     items = [prompt_only(tokenizer, p) for p in prompts]
     groups = length_groups(items, batch_size)
@@ -455,12 +455,12 @@ def calibrate(loaded, records: Sequence[EditRecord], layers: Sequence[int] | Non
               false_match_rate: float = FALSE_MATCH_RATE, groups: Sequence[str] | None = None,
               estimate: Callable[[float, int], None] | None = None) -> QuestionEncoder:
     """Train and calibrate a question encoder for `loaded`'s model on train-split `records` (which carry
-    rephrasings and `same_subject` probes; see `moecli.locality.with_same_subject`); with `text` it reads
+    rephrasings and `same_subject` probes; see `moecli.data.probes.with_same_subject`); with `text` it reads
     the MiniLM embedding of each prompt's skeleton beside the layers (needs the `embed` extra). `groups`:
     the file each record came from (held-out measures per file, `per_source`). `estimate(seconds, prompts)`
     is called once the first `ESTIMATE_PROMPTS` prompts have run, with the expected time of the whole."""
-    from moecli import sentence
-    from moecli.modeling import fingerprint, num_layers
+    from moecli.model.loading import fingerprint, num_layers
+    from moecli.routing import sentence
 
     n_layers = num_layers(loaded.model)
     layers = default_layers(n_layers) if not layers else tuple(sorted(set(layers)))

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from moecli.errors import UserError
+from moecli.errors import UserError, one_line
 from moecli.fsutil import _json_default, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -334,7 +334,7 @@ def _load_dir(path: Path, where: Path, option: str) -> Checkpoint:
     try:
         tensors = load_file(str(where / WEIGHTS_NAME), device="cpu")
     except Exception as exc:  # safetensors raises its own (Rust) error types for bad headers
-        raise fail(f"{WEIGHTS_NAME} is corrupt (safetensors: {_one_line(exc)})") from None
+        raise fail(f"{WEIGHTS_NAME} is corrupt (safetensors: {one_line(exc)})") from None
     ledger = _read_ledger(where / LEDGER_NAME, fail)
     for name, meta in contents.items():
         if _sha256(where / name) != meta["sha256"]:
@@ -407,9 +407,6 @@ def _valid_contents(contents: Any) -> bool:
             return False
     return MANIFEST_NAME not in contents
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ crash recovery

@@ -3,10 +3,10 @@
 Why this lives in the package and not under `tests/`: the unit tests, the CLI acceptance run and
 the benchmarks all need a real Hugging Face model directory (config + safetensors + tokenizer)
 without any download, and they must all build it the same way. `make_tiny_model` writes exactly
-what `save_pretrained` writes for a real checkpoint, so `moecli.modeling.load_model` exercises the
+what `save_pretrained` writes for a real checkpoint, so `moecli.model.loading.load_model` exercises the
 same code path on it as on a 7B model.
 
-Command line: ``python -m moecli.testing FAMILY OUT_DIR`` builds one and prints its path.
+Command line: ``python -m moecli.model.tiny FAMILY OUT_DIR`` builds one and prints its path.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from moecli.modeling import SUPPORTED_FAMILIES, quiet_progress
-from moecli.world.tokenizer import train_tokenizer
+from moecli.model.loading import SUPPORTED_FAMILIES
+from moecli.model.sources import quiet_progress
+from moecli.model.tokenizer import train_tokenizer
 
 TINY_TEXTS: list[str] = [
     "The capital of France is Paris.",
@@ -218,14 +219,14 @@ def write_tiny_gguf(path: str | Path, architecture: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m moecli.testing FAMILY OUT_DIR [SEED]`: build a tiny model, print its path.
-    `python -m moecli.testing gguf ARCHITECTURE OUT_FILE`: write a tiny GGUF file (`write_tiny_gguf`)."""
+    """`python -m moecli.model.tiny FAMILY OUT_DIR [SEED]`: build a tiny model, print its path.
+    `python -m moecli.model.tiny gguf ARCHITECTURE OUT_FILE`: write a tiny GGUF file (`write_tiny_gguf`)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 3 and args[0] == "gguf":
         print(write_tiny_gguf(args[2], args[1]))
         return 0
     if len(args) not in (2, 3):
-        print("usage: python -m moecli.testing FAMILY OUT_DIR [SEED] | gguf ARCHITECTURE OUT_FILE", file=sys.stderr)
+        print("usage: python -m moecli.model.tiny FAMILY OUT_DIR [SEED] | gguf ARCHITECTURE OUT_FILE", file=sys.stderr)
         return 2
     seed = int(args[2]) if len(args) == 3 else 0
     try:

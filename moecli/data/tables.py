@@ -3,7 +3,7 @@
 
 Why `datasets`: it is what KnowEdit and most editing benchmarks are published with, and it reads all of
 these (Arrow, Parquet, CSV, the hub cache) with one API. Each row becomes the same dict a JSON record
-is, so the readers of `moecli.records` (format detection included) map it to an `EditRecord`. Nothing
+is, so the readers of `moecli.data.records` (format detection included) map it to an `EditRecord`. Nothing
 is ever downloaded: `hf:` works offline only, and says so when the dataset is not cached.
 """
 

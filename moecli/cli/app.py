@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moecli import __version__
-from moecli.errors import RunError, UserError
+from moecli.errors import RunError, UserError, one_line
+from moecli.version import __version__
 
 try:  # typer >= 0.26 vendors its own click; older versions use click itself
     from typer._click import exceptions as _click_exc
@@ -157,7 +157,7 @@ def resolve_model_path(model: str | None, quiet: bool = False) -> Path:
     bar), or the embedded fact-world model (built on first use if needed)."""
     with progress_reporter(not quiet) as progress:
         if model:
-            from moecli.sources import resolve_model
+            from moecli.model.sources import resolve_model
 
             return resolve_model(model, progress)
         from moecli.world import default_model_dir
@@ -179,7 +179,7 @@ def print_metrics(columns: dict[str, dict], title: str) -> None:
     """A rich table: one row per metric, one column per model state (before / after …)."""
     from rich.markup import escape
 
-    from moecli.reports import metric_rows
+    from moecli.engine.reports import metric_rows
 
     # Labels such as "Loc[nq]" and model names are text, not rich markup (which would eat "[nq]").
     table = Table(title=escape(title))
@@ -193,7 +193,7 @@ def print_metrics(columns: dict[str, dict], title: str) -> None:
 
 def emit_json(summary: dict) -> None:
     """Print the public summary as one JSON object on stdout (the contract scripts rely on)."""
-    from moecli.reports import public_summary
+    from moecli.engine.reports import public_summary
 
     sys.stdout.write(json.dumps(public_summary(summary)) + "\n")
 
@@ -226,7 +226,7 @@ def evaluate(
     Without --adapter, the model is its own locality baseline (Loc = 1.0) and Known shows how well
     it states the old facts.
     """
-    from moecli.reports import check_report_free, parse_fail_under, write_report
+    from moecli.engine.reports import check_report_free, parse_fail_under, write_report
 
     gates = parse_fail_under(fail_under)
     quiet = quiet or as_json
@@ -234,16 +234,16 @@ def evaluate(
     check_out_dir(out_dir)
     check_report_free(out_dir)
     if adapter is not None:
-        from moecli.checkpoint import resolve_adapter_dir
+        from moecli.engine.checkpoint import resolve_adapter_dir
 
         adapter = resolve_adapter_dir(adapter)
     t0 = time.perf_counter()
     read = _load_records(data, fmt, skip_invalid, limit, same_subject, what="valid records to evaluate")
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
-    from moecli.batching import chat_records
-    from moecli.engine import check_lengths
-    from moecli.evaluation import evaluate_records, unedited_evaluation
-    from moecli.modeling import fingerprint, load_model
+    from moecli.engine.evaluation import evaluate_records, unedited_evaluation
+    from moecli.engine.run import check_lengths
+    from moecli.model.batching import chat_records
+    from moecli.model.loading import fingerprint, load_model
 
     loaded = load_model(resolve_model_path(model, quiet), device=device, dtype=dtype, device_map=device_map)
     records = chat_records(read.records, loaded.tokenizer) if chat else read.records
@@ -256,7 +256,7 @@ def evaluate(
                                          **kwargs).before
             columns = {"model": result.summary}
         else:
-            from moecli.engine import checked_checkpoint, load_edited
+            from moecli.engine.run import checked_checkpoint, load_edited
 
             ckpt = checked_checkpoint(adapter, base_fp)  # a wrong adapter: at once
             # The locality baseline is the unedited model's output, taken before the adapter goes in.
@@ -266,7 +266,7 @@ def evaluate(
             method = load_edited(loaded, adapter, checkpoint=ckpt)
             result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, progress=progress,
                                       **kwargs)
-            from moecli.engine import routing_diagnosis
+            from moecli.engine.run import routing_diagnosis
 
             routing = routing_diagnosis(method, records, result.per_edit, eval_batch_size, ckpt.ledger)
             if routing is not None:
@@ -306,7 +306,7 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
                   what: str = "valid records"):
     """Read --data (one stderr line for what --skip-invalid left out), with `same_subject` probes added and
     the neighbourhood probes that ask another record's edit dropped (`locality.with_probes`)."""
-    from moecli.records import read_records
+    from moecli.data.records import read_records
 
     if data is None:
         raise UserError("--data FILE is required (or --prompt/--target for one edit)")
@@ -315,7 +315,7 @@ def _load_records(data: Path | None, fmt: str | None, skip_invalid: bool, limit:
         raise UserError(f"{data}: no {what}{_skipped_note(read)}")
     if read.skipped:
         err_console.print(_skipped_line(read), markup=False, highlight=False, soft_wrap=True)
-    from moecli.locality import with_probes
+    from moecli.data.probes import with_probes
 
     read.records, dropped = with_probes(read.records, data, same_subject, fmt)
     if dropped:
@@ -406,9 +406,9 @@ def editing_command(fn):
 def _run_editing(command: str, records, read_format: str | None, data: Path | None, batch_size: int,
                  opts: EditingOptions, protocol: str = "batch", extra: dict | None = None) -> None:
     """Shared body of edit / batch-edit / lifelong: build the spec, run it, print and write reports."""
-    from moecli.engine import RunSpec
-    from moecli.recipes import build_config, read_recipe
-    from moecli.reports import check_report_free, parse_fail_under
+    from moecli.engine.recipes import build_config, read_recipe
+    from moecli.engine.reports import check_report_free, parse_fail_under
+    from moecli.engine.run import RunSpec
 
     gates = parse_fail_under(opts.fail_under)  # a malformed check is refused before minutes of editing
     quiet = opts.quiet or opts.as_json
@@ -429,7 +429,7 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
         eval_batch_size=opts.eval_batch_size, generation=opts.generate, perplexity=read_format == "hallucination",
         protocol=protocol, chat=opts.chat, **(extra or {}),
     )
-    from moecli.checkpoint import busy_message, lock_holder
+    from moecli.engine.checkpoint import busy_message, lock_holder
 
     holder = lock_holder(spec.out_dir)
     if holder is not None:  # a run is writing there now: say so, not "already holds an adapter"
@@ -444,8 +444,8 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
 def _continued_config(opts: EditingOptions, overrides: dict):
     """`--adapter`: the method and options the adapter was made with (its tensors are that method's, in that
     shape). Another method, or an option that would change them, is refused rather than ignored."""
-    from moecli.checkpoint import load_checkpoint
-    from moecli.engine import adapter_method_config
+    from moecli.engine.checkpoint import load_checkpoint
+    from moecli.engine.run import adapter_method_config
 
     ckpt = load_checkpoint(opts.adapter)
     name, config = adapter_method_config(ckpt, opts.adapter)
@@ -462,7 +462,7 @@ def _continued_config(opts: EditingOptions, overrides: dict):
 
 
 def read_recipe_method(recipe: Path) -> str | None:
-    from moecli.recipes import read_recipe
+    from moecli.engine.recipes import read_recipe
 
     return read_recipe(recipe).get("method")
 
@@ -471,7 +471,7 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
     """Refuse an output directory moecli cannot or must not write, before anything runs: a file, an
     unwritable place, or a place inside a checkpoint (a later save or revert of that checkpoint would
     replace the whole directory, and the run with it)."""
-    from moecli.checkpoint import inside_checkpoint
+    from moecli.engine.checkpoint import inside_checkpoint
 
     holder = inside_checkpoint(out)
     if holder is not None:
@@ -502,8 +502,8 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
 def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict | None = None,
              junit: Path | None = None) -> None:
     """Run a spec (fresh or resumed), write report.json/report.md (+ retention.png), print the table."""
-    from moecli.engine import run_edits
-    from moecli.reports import plot_retention, write_report
+    from moecli.engine.reports import plot_retention, write_report
+    from moecli.engine.run import run_edits
 
     try:
         with progress_reporter(not quiet) as progress:
@@ -528,7 +528,7 @@ def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict
 
 def check_gates(report: dict, gates: dict[str, float], junit: Path | None) -> None:
     """`--junit` and `--fail-under` after a run: the XML file, then one stderr line per shortfall, exit 1."""
-    from moecli.reports import shortfalls, write_junit
+    from moecli.engine.reports import shortfalls, write_junit
 
     if junit is not None:
         try:
@@ -544,7 +544,7 @@ def check_gates(report: dict, gates: dict[str, float], junit: Path | None) -> No
 
 def _interrupted_message(out_dir: Path) -> str:
     """What Ctrl-C left in `out_dir` and the command that finishes the run."""
-    from moecli.engine import RUN_FILE, saved_so_far
+    from moecli.engine.run import RUN_FILE, saved_so_far
 
     if not (out_dir / RUN_FILE).is_file():
         return "interrupted before anything was saved; run the command again"
@@ -563,8 +563,8 @@ def edit(
     *, opts: EditingOptions,
 ) -> None:
     """Apply one edit (--prompt/--target) or the records of --data in one batch, then evaluate."""
-    from moecli.locality import default_locality
-    from moecli.records import EditRecord, validate_record
+    from moecli.data.probes import default_locality
+    from moecli.data.records import EditRecord, validate_record
 
     if prompt is not None or target is not None:
         if data is not None:
@@ -622,8 +622,8 @@ def lifelong(
         if given:
             raise UserError(f"--resume {resume} finishes the run with the options it was started with; "
                             f"drop {', '.join(given)} (they are in {resume / 'run.json'})")
-        from moecli.engine import load_run_spec
-        from moecli.reports import parse_fail_under
+        from moecli.engine.reports import parse_fail_under
+        from moecli.engine.run import load_run_spec
 
         gates = parse_fail_under(opts.fail_under)
         spec = load_run_spec(resume)
@@ -668,7 +668,7 @@ def calibrate(
     false_match_rate: Annotated[float | None, typer.Option(
         "--false-match-rate", min=0.0001, max=0.5,
         help="Share of held-out other questions about the same subject the threshold lets through "
-             "(default: moecli.question.FALSE_MATCH_RATE).")] = None,
+             "(default: moecli.routing.question.FALSE_MATCH_RATE).")] = None,
     fmt: FormatOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -682,8 +682,8 @@ def calibrate(
     records and sets its threshold there (0.25% of other questions about the same subject let through).
     Without --data it reads the train data moecli ships; without --out it installs the key only (the one an
     editing run calibrates itself on first use of a real model)."""
-    from moecli.calibration import SHIPPED, calibration_records
-    from moecli.calibration import install as install_key
+    from moecli.engine.calibration import SHIPPED, calibration_records
+    from moecli.engine.calibration import install as install_key
 
     spans = list(records or [])
     if data:
@@ -708,9 +708,9 @@ def calibrate(
         picked += part
         groups += [label] * len(part)
         labels.append(label)
-    from moecli.modeling import load_model
-    from moecli.question import FALSE_MATCH_RATE
-    from moecli.question import calibrate as train
+    from moecli.model.loading import load_model
+    from moecli.routing.question import FALSE_MATCH_RATE
+    from moecli.routing.question import calibrate as train
 
     loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
     with progress_reporter(not (quiet or as_json)) as progress:
@@ -760,14 +760,14 @@ def plan_order(
     """Plan a clustering-based editing order (LEMoE): k-means over edit embeddings, batches of
     similar edits, consecutive batches dissimilar. Writes the records in planned order with their
     batch index (read it back with `lifelong --order file`)."""
-    from moecli.planning import EMBEDDERS, plan_batches, write_plan
+    from moecli.engine.planning import EMBEDDERS, plan_batches, write_plan
 
     if embedder not in EMBEDDERS:
         raise UserError(f"--embedder {embedder!r}: choose {', '.join(EMBEDDERS)}")
     read = _load_records(data, fmt, skip_invalid, limit)
     loaded = None
     if embedder == "anchor":
-        from moecli.modeling import load_model
+        from moecli.model.loading import load_model
 
         loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
     plan = plan_batches(read.records, batch_size, loaded=loaded, seed=seed, embedder=embedder)
@@ -808,7 +808,7 @@ def ask(
 ) -> None:
     """Ask the model: generate an answer to each prompt; with --adapter, the base model's and the edited
     model's answers side by side, and which edit each prompt was routed to."""
-    from moecli.engine import ask_model
+    from moecli.engine.run import ask_model
 
     texts = list(prompts or [])
     if file is not None:
@@ -819,11 +819,11 @@ def ask(
     if not texts:
         raise UserError("give one or more prompts, or --file")
     if adapter is not None:
-        from moecli.checkpoint import resolve_adapter_dir
+        from moecli.engine.checkpoint import resolve_adapter_dir
 
         adapter = resolve_adapter_dir(adapter)
     if model is None and adapter is not None:
-        from moecli.checkpoint import load_checkpoint
+        from moecli.engine.checkpoint import load_checkpoint
 
         model = load_checkpoint(adapter).manifest.get("base_model", {}).get("path")
     rows = ask_model(resolve_model_path(model, as_json), texts, adapter, max_new_tokens=max_new_tokens, sample=sample,
@@ -856,7 +856,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """What an adapter holds: method, base model, when it was saved, the stream position, and its edits."""
-    from moecli.checkpoint import load_checkpoint, resolve_adapter_dir
+    from moecli.engine.checkpoint import load_checkpoint, resolve_adapter_dir
 
     path = resolve_adapter_dir(adapter, "show")  # errors name the command: its adapter is an argument
     ckpt = load_checkpoint(path, "show")
@@ -903,7 +903,7 @@ def revert(
 ) -> None:
     """Take edits back without retraining the others: their prompts get the base model's answers again,
     every other edit keeps its metrics (memoe, lemoe, scen, grace). Atomic, recorded in the ledger."""
-    from moecli.engine import revert_edits
+    from moecli.engine.run import revert_edits
 
     if not ids and not batches:
         raise UserError("name the edits to take back with --id ID or --batch N")
@@ -942,12 +942,12 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as exc:
         if debug:
             raise
-        err_console.print(f"moecli: {_one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"moecli: {one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (UserError, RunError) as exc:
         if debug:
             raise
-        err_console.print(f"moecli: error: {_one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"moecli: error: {one_line(exc)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Exit, getattr(_click_exc, "Exit", typer.Exit)) as exc:
         sys.exit(getattr(exc, "exit_code", 0))
@@ -976,14 +976,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a failed run: one line, the traceback only with --debug
         if debug:
             raise
-        err_console.print(f"moecli: error: {type(exc).__name__}: {_one_line(exc)} "
+        err_console.print(f"moecli: error: {type(exc).__name__}: {one_line(exc)} "
                           "(rerun with --debug for the traceback)", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 
-
-def _one_line(exc: BaseException) -> str:
-    """An error message on one line, whatever it quotes (a file's text may hold newlines)."""
-    return " ".join(str(exc).splitlines())
 
 
 if __name__ == "__main__":  # pragma: no cover

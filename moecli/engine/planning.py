@@ -10,7 +10,7 @@ Why each piece looks like it does:
 
 - **Embeddings** (`embed_records`). The default `anchor` embedder is exactly the routing anchor of
   LEMoE: the mean of the base model's frozen input embeddings over the record's subject tokens, found
-  with the same `moecli.anchors.AnchorTrie` the router uses. Planning with the vector the router
+  with the same `moecli.routing.anchors.AnchorTrie` the router uses. Planning with the vector the router
   sees means "similar" in the plan is "similar" to the router, and it needs no extra dependency. The
   optional `minilm` embedder (all-MiniLM-L6-v2 from the `embed` extra) embeds the whole prompt with
   a sentence encoder: meaningful even when the base model is tiny or untrained.
@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moecli.data.records import EditRecord, write_jsonl
 from moecli.errors import UserError
-from moecli.records import EditRecord, write_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is imported lazily
-    from moecli.modeling import LoadedModel
+    from moecli.model.loading import LoadedModel
 
 EMBEDDERS = ("anchor", "minilm")
 
@@ -100,7 +100,7 @@ def _anchor_token_ids(records: Sequence[EditRecord], tokenizer) -> list[list[int
     prompt is. A trie per record (rather than one of all subjects) makes the vector a property of
     the record alone, independent of which other edits happen to be in the file.
     """
-    from moecli.anchors import AnchorTrie
+    from moecli.routing.anchors import AnchorTrie
 
     skip = {t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None}
     encoded = tokenizer([r.prompt for r in records])["input_ids"]
@@ -159,7 +159,7 @@ def embed_records(
             raise UserError("--embedder anchor needs the base model (--model)")
         return _normalise(_anchor_embeddings(records, loaded))
     device = loaded.device if loaded is not None else "cpu"
-    from moecli.sentence import embed_texts
+    from moecli.routing.sentence import embed_texts
 
     return _normalise(embed_texts([r.prompt for r in records], device).numpy())
 

@@ -1,0 +1,1 @@
+"""The `moecli` command line: parse options, call the engine, print. `app.main` is the entry point."""
