@@ -178,7 +178,7 @@ def reset_peak_rss() -> bool:
 def portable(path: str | Path) -> str:
     """A path as a result file may show it: inside the repository relative to it, inside moecli's cache as
     `$MOECLI_CACHE/...`, else its name alone (no machine path in a tracked file)."""
-    from moecli.model.sources import cache_root
+    from moecli.paths import cache_root
 
     p = Path(path).absolute()
     for root, shown in ((REPO, "."), (cache_root().absolute(), "$MOECLI_CACHE")):

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moecli"
 
 # Lowest first: a module may import its own layer and the layers before it, never a later one.
 LAYERS = [
-    ("moecli.errors", "moecli.fsutil", "moecli.version"),
+    ("moecli.errors", "moecli.fsutil", "moecli.paths", "moecli.version"),
     ("moecli.data",),
     ("moecli.model",),
     ("moecli.routing",),

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.paths import ASSETS
 
-CALIBRATION_DIR = Path(__file__).resolve().parent / "assets" / "calibration"
+CALIBRATION_DIR = ASSETS / "calibration"
 MIN_VOCAB = 16384  # [choice] a pretrained tokenizer (32,000 and more); fact world 1,024, knowledge models ≤ 8,192
 
 
@@ -95,7 +96,7 @@ def install_path(encoder) -> Path:
     """Where `calibrate --install` and the automatic calibration put `encoder` (found by `find_encoder`):
     `$MOECLI_CACHE/questions/<weights hash>[-text].safetensors` (a text and a layers-only key may sit side
     by side)."""
-    from moecli.model.sources import cache_root
+    from moecli.paths import cache_root
     from moecli.routing.question import QUESTIONS_DIR
 
     kind = "-text" if encoder.text_dim else ""
@@ -134,7 +135,7 @@ def ineligible(loaded, config) -> str | None:
 def is_shipped(path: str | Path) -> bool:
     from moecli.routing.question import QUESTIONS_DIR
 
-    return Path(path).resolve().parent == (Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR)
+    return Path(path).resolve().parent == (ASSETS / QUESTIONS_DIR)
 
 
 def auto_key(loaded, config, model_fingerprint: dict | None = None,

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import string
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ from pathlib import Path
 
 import torch
 
+from moecli.data import probes
 from moecli.data.records import EditRecord
+from moecli.model import batching
 from moecli.model.batching import answer_logits, collate, encode_pair, encode_prompt, pad_id_of, stop_token_ids
 
 Progress = Callable[[str, int, int], None]
@@ -418,11 +421,10 @@ def unedited_evaluation(
     import transformers
 
     from moecli.fsutil import atomic_write_json
-    from moecli.model.sources import cache_root
+    from moecli.paths import cache_root
 
     use_cache = os.environ.get("MOECLI_EVAL_CACHE", "on") != "off"
-    here = Path(__file__).resolve().parent
-    code = b"".join((here / name).read_bytes() for name in ("evaluation.py", "batching.py", "locality.py"))
+    code = b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], batching, probes))
     key = hashlib.sha256(json.dumps({
         "model": model_fingerprint, "records": [r.to_dict() for r in records], "batch_size": batch_size,
         "generation": generation, "perplexity": perplexity, "code": hashlib.sha256(code).hexdigest(),

@@ -18,9 +18,10 @@ import yaml
 from moecli.errors import UserError
 from moecli.methods import get_method
 from moecli.methods.base import MethodConfig, config_from_dict
+from moecli.paths import ASSETS
 
 RUN_KEYS = ("method", "batch_size", "seed")
-RECIPES_DIR = Path(__file__).resolve().parent / "assets" / "recipes"  # shipped in the wheel
+RECIPES_DIR = ASSETS / "recipes"  # shipped in the wheel
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moecli.errors import UserError, one_line
+from moecli.paths import cache_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -77,14 +78,6 @@ def quiet_progress() -> Iterator[None]:
         if was_enabled:
             hf_logging.enable_progress_bar()
 
-
-def cache_root() -> Path:
-    """`$MOECLI_CACHE`, else `$XDG_CACHE_HOME/moecli`, else `~/.cache/moecli`."""
-    env = os.environ.get("MOECLI_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "moecli"
 
 
 def packaged_gguf(name: str) -> Path:

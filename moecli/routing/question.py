@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.paths import ASSETS
 from moecli.routing.routers import unit_rms
 
 LAYER_FRACTIONS = (0.4, 0.55, 0.7)  # [choice] encoded layers: round(f · (num_layers − 1)); below the bypass's 0.85
@@ -150,9 +151,9 @@ QUESTIONS_DIR = "questions"  # under `$MOECLI_CACHE` (`moecli calibrate --instal
 
 def encoder_dirs() -> list[Path]:
     """Where `find_encoder` looks: the user's cache first, then the encoders moecli ships."""
-    from moecli.model.sources import cache_root
+    from moecli.paths import cache_root
 
-    return [cache_root() / QUESTIONS_DIR, Path(__file__).resolve().parent / "assets" / QUESTIONS_DIR]
+    return [cache_root() / QUESTIONS_DIR, ASSETS / QUESTIONS_DIR]
 
 
 def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) -> Path | None:

@@ -18,7 +18,7 @@ __all__ = ["benchmark_model_dir", "cache_dir", "default_model_dir"]
 
 
 def cache_dir() -> Path:
-    """`$MOECLI_CACHE`, else `~/.cache/moecli`."""
+    """Where built knowledge models live: the one cache root (`moecli.paths.cache_root`)."""
     from moecli.world.store import cache_dir as _cache_dir
 
     return _cache_dir()

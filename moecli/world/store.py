@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.paths import ASSETS, cache_root
 from moecli.world.generator import GENERATOR_VERSION, World, build_world
 from moecli.world.trainer import (
     TRAINER_VERSION,
@@ -29,7 +29,7 @@ from moecli.world.trainer import (
 )
 
 DEFAULT_SEED = 0
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fact_world"
+ASSET_DIR = ASSETS / "fact_world"
 WORLD_INFO = "world.json"
 KNOWLEDGE_INFO = "knowledge.json"
 REBUILD_COMMAND = "moecli world build --rebuild"
@@ -67,9 +67,8 @@ BENCHMARK_CONFIG = TrainConfig(
 
 
 def cache_dir() -> Path:
-    """`$MOECLI_CACHE`, else `~/.cache/moecli`."""
-    env = os.environ.get("MOECLI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moecli"
+    """Where built knowledge models live: the one cache root (`moecli.paths.cache_root`)."""
+    return cache_root()
 
 
 def _is_model_dir(path: Path) -> bool:
