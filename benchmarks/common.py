@@ -293,17 +293,16 @@ def load_dataset(name: str, n: int, build: bool = True) -> Dataset:
         raise Skip(f"{name}: the knowledge model knows only the first {KNOWLEDGE_N} records; asked for {n}")
     else:
         model_dir, how, secs = benchmark_model(name, build)
-    from moecli.data.probes import with_probes
-    from moecli.data.records import read_records
+    from moecli.engine.prepare import read_edit_records
 
     path = DATA_DIR / DATA_FILES[file]
     if not path.is_file():
         raise Skip(f"{path} is absent (set $MOECLI_BENCH_DATA to the folder holding {DATA_FILES[file]})")
-    result = read_records(path, limit=n)
-    recs, dropped = with_probes(result.records, path, SAME_SUBJECT_PER_EDIT)
-    data = f"{path.name} ({result.format}), first {n} records, {SAME_SUBJECT_PER_EDIT} same_subject probes each"
-    if dropped:
-        data += f", {dropped} neighborhood probes that ask another record's edit dropped"
+    prepared = read_edit_records(path, limit=n, same_subject=SAME_SUBJECT_PER_EDIT)  # as every command reads
+    recs = prepared.records
+    data = f"{path.name} ({prepared.read.format}), first {n} records, {SAME_SUBJECT_PER_EDIT} same_subject probes each"
+    if prepared.dropped:
+        data += f", {prepared.dropped} neighborhood probes that ask another record's edit dropped"
     if len(recs) < n:
         data += f" ({len(recs)} usable)"
     return Dataset(name, recs, model_dir, data, how, secs)

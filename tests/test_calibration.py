@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import run_moecli, shared_data
 
-from moecli.data.records import read_records
+from moecli.data.readers import read_records
 from moecli.engine import calibration
 from moecli.engine.calibration import SHIPPED, Source
 from moecli.errors import UserError
+from moecli.paths import ASSETS
 from moecli.routing.question import find_encoder
 
 
@@ -139,7 +140,7 @@ def test_gzip_record_files_read_like_plain_ones(world, tmp_path):
 
 def test_the_shipped_files_are_in_the_package_data_and_described():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    root = Path(calibration.__file__).parent
+    root = ASSETS.parent  # the package directory
     patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
         "moecli"]
     packaged = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}

@@ -18,15 +18,8 @@ import pytest
 import torch
 
 import moecli.engine.checkpoint as ck
-from moecli.engine.checkpoint import (
-    FORMAT_VERSION,
-    LOCK_NAME,
-    Checkpoint,
-    RunLock,
-    load_checkpoint,
-    resolve_adapter_dir,
-    save_checkpoint,
-)
+from moecli.engine.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, resolve_adapter_dir, save_checkpoint
+from moecli.engine.lock import LOCK_NAME, RunLock
 from moecli.errors import UserError
 
 

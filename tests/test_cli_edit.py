@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from moecli.cli.app import main
-from moecli.data.records import EditRecord, LocalityPair, write_jsonl
+from moecli.data.readers import write_jsonl
+from moecli.data.records import EditRecord, LocalityPair
 from moecli.errors import UserError
 from moecli.model.tiny import make_tiny_model
 

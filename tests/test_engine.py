@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from moecli.data.records import EditRecord, LocalityPair
+from moecli.engine.adapters import load_edited
 from moecli.engine.evaluation import compute_baseline, evaluate_records
-from moecli.engine.run import RunSpec, load_edited, run_edits
+from moecli.engine.run import RunSpec, run_edits
 from moecli.errors import UserError
 from moecli.methods.memoe import MEMoE, MEMoEConfig
 from moecli.model.loading import load_model
@@ -104,8 +105,8 @@ def test_adapter_refused_on_another_base_model(tiny_dir, tmp_path):
 
 def test_adapter_written_before_query_feature_loads_as_input_matching(tiny_dir, tmp_path):
     """An adapter whose config does not name `query_feature` was made when matching was on inputs."""
+    from moecli.engine.adapters import checked_checkpoint, restore_method
     from moecli.engine.recipes import build_config
-    from moecli.engine.run import checked_checkpoint, restore_method
     from moecli.model.loading import fingerprint
 
     spec = _spec(tiny_dir, tmp_path / "run")

@@ -32,10 +32,12 @@ import pytest
 import torch
 
 from moecli.data.records import EditRecord
+from moecli.engine.adapters import load_edited, revert_edits
 from moecli.engine.recipes import build_config
-from moecli.engine.run import RunSpec, load_edited, revert_edits, run_edits
+from moecli.engine.run import RunSpec, run_edits
 from moecli.methods import get_method
-from moecli.methods.base import BypassMethod, EditMethod
+from moecli.methods.base import EditMethod
+from moecli.methods.bypass_method import BypassMethod
 from moecli.methods.grace import GRACE
 from moecli.methods.wise import WISE
 from moecli.model.batching import collate, encode_pair, encode_prompt, forward, pad_id_of, prompt_only

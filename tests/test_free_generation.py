@@ -12,7 +12,8 @@ import json
 import pytest
 from conftest import run_moecli
 
-from moecli.data.records import EditRecord, LocalityPair, write_jsonl
+from moecli.data.readers import write_jsonl
+from moecli.data.records import EditRecord, LocalityPair
 from moecli.engine.evaluation import FREE_NEW_TOKENS, compute_baseline, evaluate_records, free_answers, free_verdicts
 from moecli.methods.memoe import MEMoE, MEMoEConfig
 from moecli.model.batching import (

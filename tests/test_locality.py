@@ -10,7 +10,8 @@ import pytest
 from conftest import run_moecli, shared_data
 
 from moecli.data.probes import RelationTest, relation_evidence, relation_test, with_same_subject
-from moecli.data.records import EditRecord, LocalityPair, read_records
+from moecli.data.readers import read_records
+from moecli.data.records import EditRecord, LocalityPair
 
 
 def _rec(prompt: str, subject: str, target: str, truth: str, rephrase: str = "", neighbour_answer: str = ""):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import shared_data
 
-from moecli.data.records import EditRecord, read_records
+from moecli.data.readers import read_records
+from moecli.data.records import EditRecord
 from moecli.engine.planning import (
     Plan,
     chunk_indices,

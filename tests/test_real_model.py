@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import run_moecli
 
+from moecli.engine.adapters import load_edited
 from moecli.engine.evaluation import generate_ids
-from moecli.engine.run import load_edited
 from moecli.model.loading import load_model
 from moecli.model.sources import packaged_gguf, resolve_model
 

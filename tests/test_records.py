@@ -17,17 +17,8 @@ from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moecli.data.records import (
-    FORMATS,
-    EditRecord,
-    LocalityPair,
-    PortabilityPair,
-    ReadResult,
-    detect_format,
-    read_records,
-    validate_record,
-    write_jsonl,
-)
+from moecli.data.readers import FORMATS, ReadResult, detect_format, read_records, write_jsonl
+from moecli.data.records import EditRecord, LocalityPair, PortabilityPair, validate_record
 from moecli.errors import UserError
 
 HERE = Path(__file__).resolve().parent

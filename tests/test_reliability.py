@@ -36,16 +36,10 @@ from hypothesis import strategies as st
 from test_records import draw_prompt_and_subject
 
 from moecli.cli.app import main
-from moecli.data.records import (
-    FORMATS,
-    MAX_RECORD_CHARS,
-    MAX_TEXT_CHARS,
-    EditRecord,
-    LocalityPair,
-    read_records,
-    validate_record,
-)
-from moecli.engine.checkpoint import RunLock, load_checkpoint
+from moecli.data.readers import FORMATS, read_records
+from moecli.data.records import MAX_RECORD_CHARS, MAX_TEXT_CHARS, EditRecord, LocalityPair, validate_record
+from moecli.engine.checkpoint import load_checkpoint
+from moecli.engine.lock import RunLock
 from moecli.errors import UserError
 from moecli.model.tiny import make_tiny_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from moecli.data.records import read_records, write_jsonl
+from moecli.data.readers import read_records, write_jsonl
 from moecli.errors import UserError
 from moecli.world import store
 from moecli.world.commands import world_app

@@ -1,7 +1,9 @@
 """Edit records and what is built from them, before any model is involved.
 
-- `records`: the `EditRecord` type, validation, and reading/writing the supported file formats.
-- `tables`: reading a file's rows (JSON, JSON Lines, gzip) with errors that name the line.
+- `records`: the `EditRecord` type and the checks a usable record passes.
+- `readers`: the supported formats (ZsRE, CounterFact, hallucination, JSONL) read into records and written.
+- `containers`, `tables`: the rows of a file (JSON, JSON lines, gzip; Parquet, CSV, `datasets` through
+  `tables`), with errors that name the record.
 - `probes`: locality probes (same-subject probes, the relation test that keeps them honest) and the
   skeleton text of a prompt (its entity blanked) that routing compares.
 """

@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from moecli.data.records import EditRecord, LocalityPair, read_records
+from moecli.data.readers import read_records
+from moecli.data.records import EditRecord, LocalityPair
 
 # [choice] What a single edit given on the command line is checked against, so that `moecli edit
 # --prompt ...` reports locality too: general-knowledge prompts about other subjects and the edited

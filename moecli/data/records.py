@@ -1,35 +1,18 @@
-"""Edit records and the readers for the formats people already have.
+"""Edit records: the `EditRecord` type every command edits with, and the checks a usable record passes.
 
-An `EditRecord` is one requested change of knowledge (see EVALUATION.md). Readers for ZsRE,
-CounterFact (EasyEdit and ROME), WISE hallucination and moecli JSONL live below.
+An `EditRecord` is one requested change of knowledge: a prompt, the new target, the subject it is about,
+rephrasings that should give the new target too, and locality prompts that should keep their answers.
+Reading the formats people already have (ZsRE, CounterFact, hallucination, JSONL) is `readers`.
 
-Design notes (why it looks like this):
-- The container (a JSON list, `{"data": [...]}`, or JSON lines) is parsed separately from the record
-  schema, so any schema can sit in any container: a `.jsonl` of ZsRE records reads the same way as
-  the usual ZsRE `.json` list.
-- Every problem the user can fix becomes a `UserError` whose message starts with
-  `"{path}:record {n}:"` (n is 1-based), so one line on stderr is enough to find and fix it.
-  With `skip_invalid=True` the same messages are collected instead of raised.
-- Readers map fields one-to-one and never "repair" data beyond what the benchmark authors'
-  own loaders do (ZsRE `alt` is stripped, as in EasyEdit/ROME); everything else is kept verbatim so
-  numbers stay comparable with published results.
-- The subject must be a literal substring of the prompt, because later code finds the subject
-  tokens by plain substring search. All 23,906 records of the five shared data files satisfy this
-  literally (none needs a case-insensitive match), so no case folding is done; the error message
-  points out a case-only mismatch when there is one.
+Why the subject must be a literal substring of the prompt: later code finds the subject tokens by plain
+substring search. All 23,906 records of the five shared data files satisfy this literally (none needs a
+case-insensitive match), so no case folding is done; the error message points out a case-only mismatch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from moecli.errors import UserError
-from moecli.fsutil import atomic_write_bytes
 
 
 @dataclass
@@ -106,7 +89,6 @@ class EditRecord:
         )
 
 
-FORMATS = ("zsre", "counterfact", "counterfact-rome", "hallucination", "jsonl")
 
 MAX_TEXT_CHARS = 10_000
 """Longest text of one field (prompt, target, a rephrase, a locality prompt, ...). The longest in the
@@ -115,39 +97,7 @@ characters (a paste gone wrong) would otherwise reach the model and ask it for t
 MAX_RECORD_CHARS = 100_000
 """Most text of one record in all its fields together (e.g. thousands of rephrases)."""
 
-# The fields that identify each format, in the order detection tries them. Shown to the user when
-# detection fails, so they can see what a file of each format looks like.
-_SIGNATURES: dict[str, tuple[str, ...]] = {
-    "zsre": ("src", "alt"),
-    "counterfact-rome": ("requested_rewrite",),
-    "counterfact": ("prompt", "target_new", "rephrase_prompt"),
-    "hallucination": ("prompt", "target_new"),
-    "jsonl": ("prompt", "target"),
-}
-# Fields that only CounterFact (EasyEdit) has next to `prompt`/`target_new`; WISE hallucination
-# records have none of them.
-_COUNTERFACT_ONLY = ("rephrase_prompt", "ground_truth", "case_id")
-
-
-@dataclass
-class ReadResult:
-    """What `read_records` found: the records plus an account of what was left out and why."""
-
-    records: list[EditRecord]
-    format: str  # the detected or forced format
-    skipped: int  # records skipped (invalid with skip_invalid=True, or ZsRE empty alt)
-    problems: list[str]  # one message per skipped record, "file:record N: what is wrong"
-
-
-class _BadRecord(Exception):
-    """A problem with one record; the message lacks the `file:record N:` prefix (added by the caller)."""
-
-
-class _SkipRecord(Exception):
-    """A record that the format itself says to leave out (ZsRE with an empty `alt`): not an error."""
-
-
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """The JSON name of a Python value's type, for messages users read next to their JSON file."""
     if value is None:
         return "null"
@@ -164,234 +114,6 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-# --------------------------------------------------------------------------------------------
-# Field access helpers: they raise _BadRecord with the exact field name as it is in the file.
-
-
-def _req_str(obj: dict, key: str, where: str = "") -> str:
-    try:
-        value = obj[key]
-    except KeyError:
-        raise _BadRecord(f"missing required field '{where}{key}'") from None
-    if type(value) is not str:  # exact type check: fast, and JSON only produces plain str
-        raise _BadRecord(f"field '{where}{key}' must be a string, got {_json_type(value)}")
-    return value
-
-
-def _opt_str(obj: dict, key: str, where: str = "") -> str | None:
-    value = obj.get(key)
-    if value is None or type(value) is str:
-        return value
-    raise _BadRecord(f"field '{where}{key}' must be a string, got {_json_type(value)}")
-
-
-def _str_or_list(obj: dict, key: str) -> list[str]:
-    """A field that is one string or a list of strings (EasyEdit uses both), as a list."""
-    value = obj.get(key)
-    if value is None:
-        return []
-    if type(value) is str:
-        return [value]
-    if type(value) is list and all(type(v) is str for v in value):
-        return value
-    raise _BadRecord(f"field '{key}' must be a string or a list of strings, got {_json_type(value)}")
-
-
-def _obj(obj: dict, key: str, where: str = "") -> dict:
-    try:
-        value = obj[key]
-    except KeyError:
-        raise _BadRecord(f"missing required field '{where}{key}'") from None
-    if type(value) is not dict:
-        raise _BadRecord(f"field '{where}{key}' must be an object, got {_json_type(value)}")
-    return value
-
-
-def _locality_pairs(obj: dict, pkey: str, akey: str, group: str) -> list[LocalityPair]:
-    """Locality from a prompt field and an answer field (both strings, or equal-length lists)."""
-    prompts = _str_or_list(obj, pkey)
-    answers = _str_or_list(obj, akey)
-    if len(prompts) != len(answers):
-        if not answers:
-            raise _BadRecord(f"field '{pkey}' is given but '{akey}' is missing")
-        if not prompts:
-            raise _BadRecord(f"field '{akey}' is given but '{pkey}' is missing")
-        raise _BadRecord(f"fields '{pkey}' and '{akey}' have different lengths ({len(prompts)} vs {len(answers)})")
-    return [LocalityPair(p, a, group) for p, a in zip(prompts, answers)]
-
-
-def _case_id(obj: dict) -> str:
-    value = obj.get("case_id")
-    if value is None:
-        return ""
-    if type(value) is int or type(value) is str:
-        return str(value)
-    raise _BadRecord(f"field 'case_id' must be a number or a string, got {_json_type(value)}")
-
-
-# --------------------------------------------------------------------------------------------
-# One function per format: raw JSON object -> EditRecord (types checked, semantics checked later).
-
-
-def _from_zsre(obj: dict) -> EditRecord:
-    prompt = _req_str(obj, "src")
-    target = _req_str(obj, "alt").strip()  # 67 of 3,000 real `alt` have stray spaces; EasyEdit strips
-    if not target:
-        raise _SkipRecord("empty target ('alt' is blank); skipped as ZsRE readers do")
-    answers = obj.get("answers")
-    ground_truth = None
-    if answers is not None:
-        if type(answers) is not list or not all(type(a) is str for a in answers):
-            raise _BadRecord(f"field 'answers' must be a list of strings, got {_json_type(answers)}")
-        ground_truth = answers[0] if answers else None
-    rephrase = _opt_str(obj, "rephrase")
-    # Keep the "nq question: " prefix: EasyEdit feeds it to the model as is, so locality numbers
-    # only line up with published ones if we do the same.
-    locality = _locality_pairs(obj, "loc", "loc_ans", "nq")
-    return EditRecord(
-        prompt=prompt,
-        target=target,
-        subject=_opt_str(obj, "subject"),
-        ground_truth=ground_truth,
-        rephrases=[rephrase] if rephrase is not None else [],
-        locality=locality,
-    )
-
-
-def _from_counterfact(obj: dict) -> EditRecord:
-    return EditRecord(
-        prompt=_req_str(obj, "prompt"),
-        target=_req_str(obj, "target_new"),
-        subject=_opt_str(obj, "subject"),
-        ground_truth=_opt_str(obj, "ground_truth"),
-        rephrases=_str_or_list(obj, "rephrase_prompt"),
-        locality=_locality_pairs(obj, "locality_prompt", "locality_ground_truth", "neighborhood"),
-        id=_case_id(obj),
-    )
-
-
-def _from_counterfact_rome(obj: dict) -> EditRecord:
-    rw = _obj(obj, "requested_rewrite")
-    where = "requested_rewrite."
-    template = _req_str(rw, "prompt", where)
-    subject = _req_str(rw, "subject", where)
-    if "{}" not in template:
-        raise _BadRecord("field 'requested_rewrite.prompt' has no '{}' where the subject goes")
-    target = _req_str(_obj(rw, "target_new", where), "str", where + "target_new.")
-    true = None
-    if rw.get("target_true") is not None:
-        true = _req_str(_obj(rw, "target_true", where), "str", where + "target_true.")
-    rephrases = _opt_str_list(obj, "paraphrase_prompts")
-    neighbours = _opt_str_list(obj, "neighborhood_prompts")
-    if neighbours and true is None:
-        raise _BadRecord("field 'neighborhood_prompts' needs 'requested_rewrite.target_true.str' as answer")
-    return EditRecord(
-        # str.replace, not str.format: a template may contain other braces.
-        prompt=template.replace("{}", subject),
-        target=target,
-        subject=subject,
-        ground_truth=true,
-        rephrases=rephrases,
-        locality=[LocalityPair(p, true or "", "neighborhood") for p in neighbours],
-        id=_case_id(obj),
-    )
-
-
-def _opt_str_list(obj: dict, key: str) -> list[str]:
-    value = obj.get(key)
-    if value is None:
-        return []
-    if type(value) is list and all(type(v) is str for v in value):
-        return value
-    raise _BadRecord(f"field '{key}' must be a list of strings, got {_json_type(value)}")
-
-
-def _from_hallucination(obj: dict) -> EditRecord:
-    # WISE's hallucination set has no rephrases and no old answer; its Temporal set (same fields) has
-    # `ood_rephrase`, a rephrasing. 12 real hallucination records have an empty
-    # `locality_ground_truth`; they are kept (WISE keeps them too) and scored against the base model.
-    return EditRecord(
-        prompt=_req_str(obj, "prompt"),
-        target=_req_str(obj, "target_new"),
-        subject=_opt_str(obj, "subject"),
-        rephrases=_str_or_list(obj, "ood_rephrase"),
-        locality=_locality_pairs(obj, "locality_prompt", "locality_ground_truth", "web"),
-    )
-
-
-def _pairs(obj: dict, key: str, cls: type[LocalityPair] | type[PortabilityPair]) -> list[Any]:
-    value = obj.get(key)
-    if value is None:
-        return []
-    if type(value) is not list:
-        raise _BadRecord(f"field '{key}' must be a list of objects, got {_json_type(value)}")
-    out = []
-    for i, item in enumerate(value, 1):
-        if type(item) is not dict:
-            raise _BadRecord(f"field '{key}' item {i} must be an object, got {_json_type(item)}")
-        where = f"{key}[{i}]."
-        group = _opt_str(item, "group", where)
-        pair = cls(_req_str(item, "prompt", where), _req_str(item, "answer", where))
-        if group is not None:
-            pair.group = group
-        out.append(pair)
-    return out
-
-
-def _from_jsonl(obj: dict) -> EditRecord:
-    rid = obj.get("id")
-    if rid is None:
-        rid = ""
-    elif type(rid) is int:
-        rid = str(rid)
-    elif type(rid) is not str:
-        raise _BadRecord(f"field 'id' must be a string, got {_json_type(rid)}")
-    return EditRecord(
-        prompt=_req_str(obj, "prompt"),
-        target=_req_str(obj, "target"),
-        subject=_opt_str(obj, "subject"),
-        ground_truth=_opt_str(obj, "ground_truth"),
-        rephrases=_opt_str_list(obj, "rephrases"),
-        locality=_pairs(obj, "locality", LocalityPair),
-        portability=_pairs(obj, "portability", PortabilityPair),
-        id=rid,
-    )
-
-
-_READERS: dict[str, Callable[[dict], EditRecord]] = {
-    "zsre": _from_zsre,
-    "counterfact": _from_counterfact,
-    "counterfact-rome": _from_counterfact_rome,
-    "hallucination": _from_hallucination,
-    "jsonl": _from_jsonl,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-
-
-def detect_format(obj: dict) -> str | None:
-    """The format a raw record belongs to, judged from its field names; None if none fits.
-
-    Only field names are looked at (not values), so a record with a wrong value still gets a
-    precise "field X must be ..." message from its reader instead of a vague "unknown format".
-    """
-    if not isinstance(obj, dict):
-        return None
-    if "src" in obj and "alt" in obj:
-        return "zsre"
-    if "requested_rewrite" in obj:
-        return "counterfact-rome"
-    if "prompt" in obj and "target_new" in obj:
-        if any(k in obj for k in _COUNTERFACT_ONLY):
-            return "counterfact"
-        return "hallucination"
-    if "prompt" in obj and "target" in obj:
-        return "jsonl"
-    return None
-
-
 def validate_record(rec: EditRecord) -> str | None:
     """What is wrong with a record (the first problem found), or None if it is usable.
 
@@ -400,16 +122,16 @@ def validate_record(rec: EditRecord) -> str | None:
     """
     prompt, target, subject = rec.prompt, rec.target, rec.subject
     if type(prompt) is not str:
-        return f"field 'prompt' must be a string, got {_json_type(prompt)}"
+        return f"field 'prompt' must be a string, got {json_type(prompt)}"
     if type(target) is not str:
-        return f"field 'target' must be a string, got {_json_type(target)}"
+        return f"field 'target' must be a string, got {json_type(target)}"
     if not prompt.strip():
         return "empty prompt"
     if not target.strip():
         return "empty target"
     if subject is not None:
         if type(subject) is not str:
-            return f"field 'subject' must be a string, got {_json_type(subject)}"
+            return f"field 'subject' must be a string, got {json_type(subject)}"
         if not subject.strip():
             return "empty subject (leave it out instead)"
         if subject not in prompt:
@@ -419,14 +141,14 @@ def validate_record(rec: EditRecord) -> str | None:
                 return f"subject {subject!r} not found in prompt (it appears with different case: {span!r})"
             return f"subject {subject!r} not found in prompt"
     if rec.ground_truth is not None and type(rec.ground_truth) is not str:
-        return f"field 'ground_truth' must be a string, got {_json_type(rec.ground_truth)}"
+        return f"field 'ground_truth' must be a string, got {json_type(rec.ground_truth)}"
     if type(rec.id) is not str or not rec.id:
         return "field 'id' must be a non-empty string"
     if type(rec.rephrases) is not list:
-        return f"field 'rephrases' must be a list, got {_json_type(rec.rephrases)}"
+        return f"field 'rephrases' must be a list, got {json_type(rec.rephrases)}"
     for i, r in enumerate(rec.rephrases, 1):
         if type(r) is not str:
-            return f"rephrase {i} must be a string, got {_json_type(r)}"
+            return f"rephrase {i} must be a string, got {json_type(r)}"
         if not r.strip():
             return f"rephrase {i} is empty"
     for name, pairs, cls in (
@@ -434,7 +156,7 @@ def validate_record(rec: EditRecord) -> str | None:
         ("portability", rec.portability, PortabilityPair),
     ):
         if type(pairs) is not list:
-            return f"field '{name}' must be a list, got {_json_type(pairs)}"
+            return f"field '{name}' must be a list, got {json_type(pairs)}"
         for i, p in enumerate(pairs, 1):
             if not isinstance(p, cls):
                 return f"{name} item {i} must be a {cls.__name__}, got {type(p).__name__}"
@@ -466,223 +188,3 @@ def _size_problem(rec: EditRecord) -> str | None:
         if len(text) > MAX_TEXT_CHARS:
             return f"{name} is {len(text):,} characters long, over the limit of {MAX_TEXT_CHARS:,}; shorten it"
     return f"{total:,} characters of text in all, over the limit of {MAX_RECORD_CHARS:,} per record; shorten it"
-
-
-def read_records(
-    path: str | Path,
-    format: str | None = None,
-    *,
-    skip_invalid: bool = False,
-    limit: int | None = None,
-) -> ReadResult:
-    """Read edit records from a ZsRE, CounterFact, WISE hallucination or moecli JSONL file.
-
-    `format` (one of FORMATS) overrides detection, which looks at the first record's fields.
-    Invalid records raise `UserError("{path}:record {n}: ...")`, or with `skip_invalid=True` are
-    skipped and described in `problems`. ZsRE records with a blank `alt` are always skipped and
-    counted (that is what the reference loaders do), never an error. `limit` stops after that many
-    valid records.
-    """
-    if format is not None and format not in _READERS:
-        raise UserError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-    if limit is not None and limit < 0:
-        raise UserError(f"limit must be 0 or more, got {limit}")
-    name = str(path)
-    from moecli.data.tables import is_table_source, iter_table
-
-    raw = iter_table(name) if is_table_source(name) else _iter_raw(Path(path), name)
-
-    records: list[EditRecord] = []
-    problems: list[str] = []
-    reader: Callable[[dict], EditRecord] | None = _READERS[format] if format else None
-    fmt = format
-    seen: dict[str, int] = {}  # id -> record number: the locality baseline and `revert --id` go by id
-    for n, obj in raw:
-        if limit is not None and len(records) >= limit:
-            break
-        try:
-            if isinstance(obj, _BadRecord):
-                raise obj
-            if type(obj) is not dict:
-                raise _BadRecord(f"expected a JSON object, got {_json_type(obj)}")
-            if reader is None:
-                fmt = detect_format(obj)
-                if fmt is None:
-                    raise UserError(_detect_failure(name, n, obj))
-                reader = _READERS[fmt]
-            rec = reader(obj)
-            problem = validate_record(rec)
-            if problem is not None:
-                raise _BadRecord(problem)
-            if rec.id in seen:
-                raise _BadRecord(
-                    f"duplicate id {rec.id!r} (record {seen[rec.id]} has it too; a record without an id"
-                    " gets one from its prompt and target); ids must be unique"
-                )
-        except _SkipRecord as skip:
-            problems.append(f"{name}:record {n}: {skip}")
-            continue
-        except _BadRecord as bad:
-            message = f"{name}:record {n}: {bad}"
-            if not skip_invalid:
-                raise UserError(message) from None
-            problems.append(message)
-            continue
-        seen[rec.id] = n
-        records.append(rec)
-
-    if fmt is None:
-        if limit == 0:
-            fmt = _peek_format(Path(path), name) if not is_table_source(name) else detect_format(next(raw)[1])
-        else:
-            # Every record was skipped before one could be recognised (only with skip_invalid).
-            raise UserError(f"{name}: no record of a known format found ({len(problems)} invalid records)")
-    return ReadResult(records=records, format=fmt, skipped=len(problems), problems=problems)
-
-
-def write_jsonl(records: Iterable[EditRecord], path: str | Path) -> None:
-    """Write records as moecli JSONL, atomically.
-
-    The lines go to a temporary file next to `path` which then replaces it with `os.replace`, so
-    an interrupted or failing write never leaves a half-written file behind (nor clobbers an
-    existing one). Non-ASCII text is written as UTF-8 for readability; a string that cannot be
-    encoded (a lone surrogate read from a `\\ud800` escape) falls back to `\\u` escapes.
-    """
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)  # `--out new/dir/x.jsonl` works
-    except OSError as e:
-        raise UserError(f"{path}: cannot create directory {str(target.parent)!r}: {e.strerror or e}") from None
-    lines = []
-    for rec in records:
-        d = rec.to_dict()
-        try:
-            lines.append(json.dumps(d, ensure_ascii=False).encode("utf-8"))
-        except UnicodeEncodeError:
-            lines.append(json.dumps(d).encode("ascii"))
-    try:
-        atomic_write_bytes(target, b"".join(line + b"\n" for line in lines))
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
-
-
-# --------------------------------------------------------------------------------------------
-# Containers: bytes -> (record number, raw JSON value or _BadRecord) pairs.
-
-
-def _read_text(path: Path, name: str) -> str:
-    """The file's text, with each way of it being unreadable turned into one clear UserError."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{name}: is a directory, not a file") from None
-    except OSError as e:
-        raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
-    if path.suffix.lower() == ".gz":  # a gzip-compressed JSON or JSONL file (moecli ships its calibration data so)
-        import gzip
-        import zlib
-
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{name}: not a valid gzip file ({e})") from None
-    try:
-        text = data.decode("utf-8-sig")  # -sig: tolerate a BOM some editors write
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{name}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); re-save the file as UTF-8"
-        ) from None
-    if not text.strip():
-        raise UserError(f"{name}: empty file")
-    return text
-
-
-def _json_error(e: ValueError | RecursionError, line_offset: int = 0) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return f"not valid JSON (line {e.lineno + line_offset}, column {e.colno}: {e.msg})"
-    if isinstance(e, RecursionError):
-        return "not valid JSON (nested too deeply)"
-    return f"not valid JSON ({e})"
-
-
-def _loads_file(text: str, name: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{name}: {_json_error(e)}") from None
-
-
-def _iter_raw(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    """Parse the container eagerly (so file-level errors raise at once) and yield its records."""
-    text = _read_text(path, name)
-    first = text.lstrip()[0]
-    if first == "{":
-        jsonl = path.name.lower().removesuffix(".gz").endswith(".jsonl")
-        if not jsonl:
-            try:
-                whole = json.loads(text)
-            except json.JSONDecodeError as e:
-                if e.msg != "Extra data":  # anything else is a broken single object
-                    raise UserError(f"{name}: {_json_error(e)}") from None
-                jsonl = True  # several objects: JSON lines without the .jsonl suffix
-            except (ValueError, RecursionError) as e:
-                raise UserError(f"{name}: {_json_error(e)}") from None
-        if jsonl:
-            return _iter_jsonl(text, name)
-        if type(whole.get("data")) is list:  # {"data": [...]} as some HF dumps have it
-            items = whole["data"]
-        else:
-            items = [whole]  # a single record
-    else:
-        items = _loads_file(text, name)
-        if type(items) is not list:
-            raise UserError(f"{name}: expected a JSON list of records or JSON lines, got a JSON {_json_type(items)}")
-    if not items:
-        raise UserError(f"{name}: contains no records")
-    return enumerate(items, 1)
-
-
-def _iter_jsonl(text: str, name: str) -> Iterator[tuple[int, Any]]:
-    """Records of a JSON-lines text; a bad line is a bad *record* (skippable), not a bad file.
-
-    Splits on "\\n" only: str.splitlines would also split on U+2028 and friends, which
-    json.dumps(ensure_ascii=False) leaves unescaped inside strings.
-    """
-    n = 0
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        n += 1
-        try:
-            yield n, json.loads(line)
-        except (ValueError, RecursionError) as e:
-            yield n, _BadRecord(_json_error(e, line_offset=lineno - 1))
-
-
-def _peek_format(path: Path, name: str) -> str:
-    """The detected format when limit=0 stopped before any record was looked at."""
-    for n, obj in _iter_raw(path, name):
-        fmt = detect_format(obj) if type(obj) is dict else None
-        if fmt is None:
-            raise UserError(_detect_failure(name, n, obj))
-        return fmt
-    raise UserError(f"{name}: contains no records")  # pragma: no cover - _iter_raw raises first
-
-
-def _detect_failure(name: str, n: int, obj: Any) -> str:
-    """Say which fields were seen, which formats exist, and what the closest one lacks."""
-    if type(obj) is not dict:
-        return f"{name}:record {n}: expected a JSON object, got {_json_type(obj)}"
-    seen = ", ".join(repr(k)[1:-1] for k in sorted(obj)) or "none"  # repr: a key with a newline stays one line
-    closest = max(_SIGNATURES, key=lambda f: sum(k in obj for k in _SIGNATURES[f]))
-    missing = [k for k in _SIGNATURES[closest] if k not in obj]
-    hint = ""
-    if len(missing) < len(_SIGNATURES[closest]):  # shares at least one field with a format
-        hint = f"closest is {closest}, missing field {', '.join(repr(k) for k in missing)}; "
-    known = "; ".join(f"{f} ({', '.join(keys)})" for f, keys in _SIGNATURES.items())
-    return (
-        f"{name}:record {n}: cannot tell the format from the fields (seen: {seen}); "
-        f"{hint}known formats: {known}; choose one with --format"
-    )

@@ -64,7 +64,7 @@ def calibration_records(path: str | Path, start: int = 0, end: int | None = None
     `RELATION_EVIDENCE` records (the relation test's joins grow with the list: lists of its size, as the
     benchmarks build them)."""
     from moecli.data.probes import RELATION_EVIDENCE, with_probes, with_same_subject
-    from moecli.data.records import read_records
+    from moecli.data.readers import read_records
 
     read = read_records(path, fmt, limit=end)
     if not read.records:
@@ -196,3 +196,33 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     return f"{round(seconds / 60)} min"
+
+
+def calibration_sources(data: list[Path] | None, spans: list[str], same_subject: int, seed: int,
+                        fmt: str | None = None) -> tuple[list, list[str], list[str]]:
+    """The records `calibrate` trains a key on: the `--data` files (the shipped train files when there are
+    none), each cut to its `START:END` span; returns the records, each record's source label, and the labels
+    in order (held-out figures are reported per source)."""
+    if data:
+        sources = [(path, spans[i] if spans else None) for i, path in enumerate(data)]
+        if spans and len(spans) != len(data):
+            raise UserError(f"--records: give one START:END per --data file ({len(data)} files, {len(spans)} ranges)")
+    else:  # the shipped train files, their default ranges unless --records gives others
+        if spans and len(spans) != len(SHIPPED):
+            raise UserError(f"--records: give one START:END per shipped file ({', '.join(s.name for s in SHIPPED)})")
+        sources = [(s.path, spans[i] if spans else f"{s.start}:{s.end}") for i, s in enumerate(SHIPPED)]
+    picked, groups, labels = [], [], []
+    for path, span in sources:
+        start, end = 0, None
+        if span is not None:
+            try:
+                start, end = (int(v) for v in span.split(":"))
+            except ValueError:
+                raise UserError(f"--records {span!r}: expected START:END, e.g. 0:1000") from None
+        part = calibration_records(path, start, end, same_subject, seed, fmt)
+        name = str(path) if data else f"shipped:{Path(path).name.split('.')[0]}"
+        label = f"{name}[{span}]" if span else name
+        picked += part
+        groups += [label] * len(part)
+        labels.append(label)
+    return picked, groups, labels

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moecli.data.records import EditRecord, write_jsonl
+from moecli.data.readers import write_jsonl
+from moecli.data.records import EditRecord
 from moecli.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; transformers is imported lazily

@@ -15,7 +15,7 @@ import torch
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import BypassConfig, BypassMethod
+from moecli.methods.bypass_method import BypassConfig, BypassMethod
 from moecli.routing.routers import AnchorGate
 
 EDITS_PER_RANK_16 = 50

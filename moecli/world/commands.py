@@ -199,7 +199,7 @@ def export(
     seed: Annotated[int, typer.Option("--seed", help="Fact-world generator seed (0 is the committed world).")] = 0,
 ) -> None:
     """Write the fact world's edit set as moecli JSONL (the first N records, always the same order)."""
-    from moecli.data.records import write_jsonl
+    from moecli.data.readers import write_jsonl
     from moecli.world.generator import build_world
 
     world = build_world(seed)

@@ -274,7 +274,7 @@ def benchmark_model_dir(
 
     The cache key covers the file's bytes, `n`, the trainer config and the trainer version.
     """
-    from moecli.data.records import read_records
+    from moecli.data.readers import read_records
 
     path = Path(path)
     if not path.is_file():

@@ -1,0 +1,181 @@
+"""The options shared by several commands, each declared once (help text, type, flag name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="A Hugging Face model directory, a .gguf file (converted once, cached), or a packaged "
+                                 "model: smollm2, gemma3-270m. Default: the embedded fact-world model."),
+]
+
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Edit records: ZsRE, CounterFact, hallucination or JSONL.")]
+
+
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="Force the record format: zsre, counterfact, counterfact-rome, hallucination, jsonl."
+    ),
+]
+
+
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip and count invalid records instead of stopping.")]
+
+
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N valid records.")]
+
+
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Output directory. Default: a new timestamped directory under runs/.")
+]
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (or cuda:N).")]
+
+
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+
+
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="'auto' hands a model too big for one GPU to accelerate.")
+]
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the summary as one JSON object on stdout.")]
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+
+
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed and inputs give the same result.")]
+
+
+EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", min=1, help="Batch size for evaluation.")]
+
+
+GenerateOpt = Annotated[
+    bool, typer.Option("--generate/--no-generate",
+                       help="Also score free generation (greedy, ≤ 32 tokens, to the stop token) and greedy EM.")
+]
+
+
+FailUnderOpt = Annotated[
+    str | None, typer.Option("--fail-under", help="CI check: exit 1 when a metric is under its bound, e.g. "
+                                                   "rel=0.95,gen=0.7,loc=0.99 (one stderr line per shortfall).")
+]
+
+
+JunitOpt = Annotated[
+    Path | None, typer.Option("--junit", help="Write a JUnit XML file, one test case per edit (fails under "
+                                               "--fail-under, or when the edit's answer is not fully produced).")
+]
+
+
+SameSubjectOpt = Annotated[int, typer.Option(
+    "--same-subject", min=0, help="Add N same_subject locality probes per record: the edited subject put into other "
+                                  "records' prompts that ask another relation (the hard locality case; 0: none).")]
+
+
+ChatOpt = Annotated[
+    bool, typer.Option("--chat", help="Wrap every prompt in the model's chat template (instruct models; off: plain "
+                                      "completion prompts, as the benchmarks use).")
+]
+
+
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", help="YAML recipe: a file or a shipped name (lemoe, …); flags override it.")
+]
+
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one recipe option: --set KEY=VALUE (repeatable).")
+]
+
+
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="Decoder layer to edit (default: the method's).")]
+
+
+ExpertFormOpt = Annotated[str | None, typer.Option("--expert-form", help="dense | lowrank")]
+
+
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate of the edit training.")]
+
+
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Maximum training steps per batch.")]
+
+
+@dataclass
+class EditingOptions:
+    """The options `edit`, `batch-edit` and `lifelong` share, declared once (`EDITING_OPTIONS`)."""
+
+    fmt: str | None = None
+    skip_invalid: bool = False
+    limit: int | None = None
+    method: str | None = None
+    recipe: Path | None = None
+    sets: list[str] | None = None
+    layer: int | None = None
+    expert_form: str | None = None
+    lr: float | None = None
+    max_steps: int | None = None
+    model: str | None = None
+    adapter: Path | None = None
+    out: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    eval_batch_size: int = 64
+    generate: bool = True
+    chat: bool = False
+    same_subject: int = 0
+    fail_under: str | None = None
+    junit: Path | None = None
+    as_json: bool = False
+    quiet: bool = False
+    seed: int = 0
+
+
+EDITING_OPTIONS: dict[str, object] = {
+    "fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt,
+    "method": Annotated[str | None, typer.Option(
+        "--method", help="memoe, lemoe, scen, ft, lora, grace, wise or locft (default: the recipe's, else memoe; "
+                         "lifelong: lemoe).")],
+    "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
+    "max_steps": StepsOpt, "model": ModelOpt,
+    "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],
+    "out": OutOpt, "device": DeviceOpt, "dtype": DtypeOpt, "device_map": DeviceMapOpt,
+    "eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt, "same_subject": SameSubjectOpt,
+    "fail_under": FailUnderOpt,
+    "junit": JunitOpt, "as_json": JsonOpt, "quiet": QuietOpt, "seed": SeedOpt,
+}
+
+
+def editing_command(fn):
+    """Give an editing command every option of `EditingOptions` (its own options come first); the
+    command receives them as one `opts` argument, so a new shared option is added in one place."""
+    import functools
+    import inspect
+    import typing
+
+    defaults = EditingOptions()
+    hints = typing.get_type_hints(fn, include_extras=True)  # this module's annotations are strings
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                default=getattr(defaults, name)) for name, kind in EDITING_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        opts = EditingOptions(**{name: kwargs.pop(name) for name in EDITING_OPTIONS})
+        return fn(**kwargs, opts=opts)
+
+    command.__signature__ = inspect.Signature(own + shared)
+    command.__annotations__ = {**{p.name: p.annotation for p in own}, **EDITING_OPTIONS}
+    return command
