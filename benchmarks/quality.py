@@ -6,7 +6,7 @@
     python benchmarks/quality.py --full --exact --generate --datasets counterfact_smollm2,zsre_smollm2 \
         --protocols lifelong:100:10 --out benchmarks/results/smollm2   # chosen cells at their exact sizes
 
-Protocols (EVALUATION.md): batch (all N edits at once, N = 100 and 1000) and lifelong (a stream of T =
+Protocols: batch (all N edits at once, N = 100 and 1000) and lifelong (a stream of T =
 1000 edits in batches of 10 and of 1, every edit evaluated on the final model); `--protocols` picks
 others. Metrics are the teacher-forced token metrics, Loc per group (`same_subject` on real data: the
 case entity routing can fail), Avg with the lowest Loc group, and the routing diagnosis of the bypass
@@ -287,7 +287,7 @@ def _table(rows: list[dict], absent: list[dict], methods: tuple[str, ...]) -> li
 def render_markdown(result: dict) -> str:
     m = result["meta"]
     out = ["# moecli edit quality", "", *meta_lines(m),
-           "- metrics: teacher-forced token accuracy (EVALUATION.md); Avg = mean(Rel, Gen, Loc); Known = the "
+           "- metrics: teacher-forced token accuracy (moecli.engine.evaluation); Avg = mean(Rel, Gen, Loc); Known = the "
            "unedited model's accuracy on the old answer; Port = one-hop portability (fact world only); "
            "Avg (min Loc) = mean(Rel, Gen, the lowest Loc group) (issue 16). "
            + ("Rel EM / Gen EM: greedy generation, exact match after normalisation."

@@ -12,6 +12,8 @@ import torch
 from conftest import run_moecli
 from safetensors.torch import load_file
 
+from moecli.world import default_model_dir
+
 FIXTURE = Path(__file__).parent / "data" / "adapters_0_1_0"
 METHODS = ["lemoe", "memoe", "scen", "grace", "lora"]
 
@@ -28,8 +30,8 @@ def test_an_adapter_saved_by_the_previous_release_answers_as_it_did(method, caps
     prompts = json.loads((FIXTURE / "prompts.json").read_text())
     before = json.loads((FIXTURE / f"{method}.answers.json").read_text())
     assert sum(row["edited"] != row["base"] for row in before) >= 5  # the fixture holds edits that show
-    code, out, err = run_moecli(["ask", "--adapter", str(FIXTURE / method), "--json", "--max-new-tokens", "6",
-                                 *prompts], capsys)
+    code, out, err = run_moecli(["ask", "--adapter", str(FIXTURE / method), "--model", str(default_model_dir()),
+                                 "--json", "--max-new-tokens", "6", *prompts], capsys)
     assert code == 0, err
     assert json.loads(out) == before
     logits = _maker().last_logits(FIXTURE / method, prompts)

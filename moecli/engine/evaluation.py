@@ -1,4 +1,4 @@
-"""Metrics and protocols of EVALUATION.md: Rel, Gen, Loc, Port, Known, strict and generation forms.
+"""The evaluation protocol, stated here once: Rel, Gen, Loc, Port, Known, teacher-forced and free generation.
 
 Rel, Gen, Loc, Port and Known are teacher-forced (`prompt + " " + answer` fed once, argmax at each
 answer position compared with the answer token), batched, and right-padded by `moecli.model.batching`, so

@@ -1,6 +1,6 @@
 """Reports: `report.json` (everything, for scripts) and `report.md` (for people), written atomically.
 
-Every report says which model, which data, how many edits and which protocol (EVALUATION.md), so
+Every report says which model, which data, how many edits and which protocol (`moecli.engine.evaluation`), so
 a number never travels without what it was measured on.
 """
 

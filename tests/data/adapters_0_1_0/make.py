@@ -58,8 +58,12 @@ def main() -> None:
                             "--out", str(run), "--quiet"], check=True, capture_output=True)
             shutil.rmtree(HERE / method, ignore_errors=True)
             shutil.copytree(run / "adapter", HERE / method)
-            answers = subprocess.run([*moe, "ask", "--adapter", str(HERE / method), "--json", "--max-new-tokens",
-                                      "6", *texts], check=True, capture_output=True, text=True).stdout
+            manifest = HERE / method / "manifest.json"  # no path of this machine in the repository
+            manifest.write_text(manifest.read_text().replace(str(default_model_dir()), "fact_world")
+                                .replace(str(edits), "edits.jsonl"))
+            answers = subprocess.run([*moe, "ask", "--adapter", str(HERE / method), "--model",
+                                      str(default_model_dir()), "--json", "--max-new-tokens", "6", *texts],
+                                     check=True, capture_output=True, text=True).stdout
             (HERE / f"{method}.answers.json").write_text(json.dumps(json.loads(answers), indent=1) + "\n")
             save_file({"logits": last_logits(HERE / method, texts)}, str(HERE / f"{method}.logits.safetensors"))
 
