@@ -14,9 +14,9 @@ from moecli.errors import UserError
 from moecli.world import store
 from moecli.world.commands import world_app
 from moecli.world.generator import RELATIONS, build_world
-from moecli.world.trainer import TrainConfig, train_knowledge_model
+from moecli.world.trainer import KnowledgeModelConfig, train_knowledge_model
 
-TINY = TrainConfig(
+TINY = KnowledgeModelConfig(
     hidden_size=64,
     num_layers=2,
     num_heads=4,
@@ -164,7 +164,7 @@ def test_benchmark_model_is_cached(tmp_path, monkeypatch):
     data = tmp_path / "mini.jsonl"
     world = build_world(0)
     write_jsonl(world.edit_records(4), data)
-    cfg = TrainConfig(**{**TINY.__dict__, "max_epochs": 2, "target_accuracy": 0.0})
+    cfg = KnowledgeModelConfig(**{**TINY.__dict__, "max_epochs": 2, "target_accuracy": 0.0})
     calls = []
 
     real = store.train_knowledge_model
@@ -193,7 +193,7 @@ def test_build_from_prints_dir_last(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECLI_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "mini.jsonl"
     write_jsonl(build_world(0).edit_records(3), data)
-    small = TrainConfig(**{**TINY.__dict__, "max_epochs": 1, "target_accuracy": 0.0})
+    small = KnowledgeModelConfig(**{**TINY.__dict__, "max_epochs": 1, "target_accuracy": 0.0})
     orig = store.benchmark_model_dir
 
     def with_small_config(path, n=1000, progress=None, **kw):

@@ -209,7 +209,9 @@ def load_model(
     Nothing is downloaded (`local_files_only`). Every failure is a `UserError` of one line that
     names the path, because a wrong or damaged model directory is something the user fixes.
     """
-    model_path = resolve_model(path)  # a packaged name or a GGUF file becomes its cached HF directory
+    # a packaged name or a GGUF file becomes its cached HF directory; a directory already resolved (the CLI
+    # resolves --model once, with a progress bar) is taken as it is
+    model_path = Path(path) if (Path(path) / "config.json").is_file() else resolve_model(path)
     if not model_path.is_dir():
         raise UserError(f"--model {path}: not a model directory nor a .gguf file")
     family = _read_model_type(model_path)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.model.sources import quiet_progress
 from moecli.paths import ASSETS, cache_root
 from moecli.world.generator import GENERATOR_VERSION, World, build_world
 from moecli.world.trainer import (
     TRAINER_VERSION,
     EpochStats,
+    KnowledgeModelConfig,
     Progress,
-    TrainConfig,
     TrainResult,
     group_mean,
-    quiet_hf,
     train_knowledge_model,
 )
 
@@ -37,7 +37,7 @@ REBUILD_COMMAND = "moecli world build --rebuild"
 # The fact world: stop at a mean accuracy of 0.99 with every template at 0.97 (90 epochs at most).
 # 1.64 M parameters, so the committed float32 model stays under 8 MB. A wide MLP over few layers
 # memorises these facts fastest (measured: 3x1024 beats 4x512 and 4x768 per epoch).
-FACT_WORLD_CONFIG = TrainConfig(
+FACT_WORLD_CONFIG = KnowledgeModelConfig(
     hidden_size=128,
     num_layers=3,
     num_heads=4,
@@ -51,7 +51,7 @@ FACT_WORLD_CONFIG = TrainConfig(
 )
 # Benchmark knowledge models: real-text facts with multi-token answers and a larger vocabulary
 # (tied embeddings keep the vocabulary cheap). ZsRE N=1000 reaches >= 0.95 in ~35 epochs.
-BENCHMARK_CONFIG = TrainConfig(
+BENCHMARK_CONFIG = KnowledgeModelConfig(
     hidden_size=128,
     num_layers=3,
     num_heads=4,
@@ -103,7 +103,7 @@ def fact_world_repeats(world: World, groups: Sequence[str]) -> list[int]:
     return [per_relation if g.startswith("hop/") else 1 for g in groups]
 
 
-def _fact_world_identity(seed: int, config: TrainConfig) -> dict:
+def _fact_world_identity(seed: int, config: KnowledgeModelConfig) -> dict:
     return {
         "kind": "fact_world",
         "seed": seed,
@@ -123,7 +123,7 @@ def committed_model_dir(seed: int = DEFAULT_SEED) -> Path | None:
     return ASSET_DIR
 
 
-def fact_world_cache_dir(seed: int = DEFAULT_SEED, config: TrainConfig = FACT_WORLD_CONFIG) -> Path:
+def fact_world_cache_dir(seed: int = DEFAULT_SEED, config: KnowledgeModelConfig = FACT_WORLD_CONFIG) -> Path:
     key = _key(_fact_world_identity(seed, config))[:12]
     return cache_dir() / f"fact_world-s{seed}-{key}"
 
@@ -131,7 +131,7 @@ def fact_world_cache_dir(seed: int = DEFAULT_SEED, config: TrainConfig = FACT_WO
 def build_fact_world(
     out_dir: str | Path,
     seed: int = DEFAULT_SEED,
-    config: TrainConfig = FACT_WORLD_CONFIG,
+    config: KnowledgeModelConfig = FACT_WORLD_CONFIG,
     progress: Progress | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> TrainResult:
@@ -184,7 +184,7 @@ def load_model(model_dir: str | Path):
     """Load a model directory as (model, tokenizer), the model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_hf():
+    with quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model.eval()
@@ -248,7 +248,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def benchmark_cache_dir(path: str | Path, n: int, config: TrainConfig = BENCHMARK_CONFIG) -> Path:
+def benchmark_cache_dir(path: str | Path, n: int, config: KnowledgeModelConfig = BENCHMARK_CONFIG) -> Path:
     path = Path(path)
     identity = {
         "kind": "benchmark",
@@ -267,7 +267,7 @@ def benchmark_model_dir(
     progress: Progress | None = None,
     *,
     rebuild: bool = False,
-    config: TrainConfig = BENCHMARK_CONFIG,
+    config: KnowledgeModelConfig = BENCHMARK_CONFIG,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> Path:
     """The knowledge model of the first `n` records of `path`: cached, or trained now.

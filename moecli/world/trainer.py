@@ -30,12 +30,13 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from moecli.model.sources import quiet_progress
 
 TRAINER_VERSION = 1
 
@@ -43,7 +44,7 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass
-class TrainConfig:
+class KnowledgeModelConfig:
     """Model shape and optimisation settings. Part of the cache key of every built model."""
 
     hidden_size: int = 128
@@ -107,19 +108,6 @@ class TrainResult:
         d["out_dir"] = str(self.out_dir)
         return d
 
-
-@contextmanager
-def quiet_hf() -> Iterator[None]:
-    """Silence transformers' own progress bars (loading, saving): the engine never prints."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def group_mean(values: Sequence[float], groups: Sequence[str] | None) -> dict[str, float]:
@@ -199,7 +187,7 @@ def _lr_factor(step: int, decay_frac: float, warmup: int, min_ratio: float) -> f
     return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_model(config: TrainConfig, tokenizer, max_len: int):
+def build_model(config: KnowledgeModelConfig, tokenizer, max_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -222,7 +210,7 @@ def build_model(config: TrainConfig, tokenizer, max_len: int):
 def train_knowledge_model(
     facts: Sequence[tuple[str, str]],
     out_dir: str | Path,
-    config: TrainConfig | None = None,
+    config: KnowledgeModelConfig | None = None,
     progress: Progress | None = None,
     *,
     groups: Sequence[str] | None = None,
@@ -244,7 +232,7 @@ def train_knowledge_model(
     """
     from moecli.model.tokenizer import train_tokenizer
 
-    config = config or TrainConfig()
+    config = config or KnowledgeModelConfig()
     facts = [(p, a.strip()) for p, a in facts]
     if not facts:
         raise ValueError("no facts to train on")
@@ -369,13 +357,13 @@ def train_knowledge_model(
 
 
 def _save(
-    model, tokenizer, out_dir: Path, config: TrainConfig, result: TrainResult, metadata: dict, info_name: str
+    model, tokenizer, out_dir: Path, config: KnowledgeModelConfig, result: TrainResult, metadata: dict, info_name: str
 ) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with quiet_hf():
+    with quiet_progress():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     info = {
