@@ -329,9 +329,9 @@ def final_checkpoint_only():
 
     real = engine._save
 
-    def save_last(spec, method, fp, ledger, position, n_batches, timings, retention):
+    def save_last(spec, method, fp, ledger, position, n_batches, *rest):
         if position >= n_batches:
-            return real(spec, method, fp, ledger, position, n_batches, timings, retention)
+            return real(spec, method, fp, ledger, position, n_batches, *rest)
         return None
 
     engine._save = save_last

@@ -287,7 +287,8 @@ def _table(rows: list[dict], absent: list[dict], methods: tuple[str, ...]) -> li
 def render_markdown(result: dict) -> str:
     m = result["meta"]
     out = ["# moecli edit quality", "", *meta_lines(m),
-           "- metrics: teacher-forced token accuracy (moecli.engine.evaluation); Avg = mean(Rel, Gen, Loc); Known = the "
+           "- metrics: teacher-forced token accuracy (moecli.engine.evaluation); Avg = mean(Rel, Gen, Loc); "
+           "Known = the "
            "unedited model's accuracy on the old answer; Port = one-hop portability (fact world only); "
            "Avg (min Loc) = mean(Rel, Gen, the lowest Loc group) (issue 16). "
            + ("Rel EM / Gen EM: greedy generation, exact match after normalisation."

@@ -67,6 +67,9 @@ class RunSpec:
     generation: bool = True
     perplexity: bool = False
     evaluate_before: bool = True
+    # False: edit and save only, no evaluation at all (a long stream is measured on samples of its own, e.g.
+    # benchmarks/stream.py; evaluating every record of it would cost more than the editing)
+    evaluate: bool = True
     protocol: str = "batch"
     eval_every: int = 0  # lifelong: also evaluate a fixed sample of edited records every K batches
     eval_sample: int = 100
@@ -246,11 +249,14 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             except OSError as exc:
                 raise RunError(f"cannot write {spec.out_dir / RUN_FILE}: {exc.strerror or exc}") from exc
         t = time.perf_counter()
-        # Locality prompts without an answer are scored where the unedited model's own answer stands.
-        unedited = unedited_evaluation(model, tok, records, base_fp, batch_size=spec.eval_batch_size,
-                                       generation=spec.generation, perplexity=spec.perplexity,
-                                       before=spec.evaluate_before, progress=progress)
-        records, baseline, before = unedited.records, unedited.baseline, unedited.before
+        unedited = None
+        baseline = before = None
+        if spec.evaluate:
+            # Locality prompts without an answer are scored where the unedited model's own answer stands.
+            unedited = unedited_evaluation(model, tok, records, base_fp, batch_size=spec.eval_batch_size,
+                                           generation=spec.generation, perplexity=spec.perplexity,
+                                           before=spec.evaluate_before, progress=progress)
+            records, baseline, before = unedited.records, unedited.baseline, unedited.before
         batches = [records[i : i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
         timings["evaluate_before"] = time.perf_counter() - t
         ledger: list[dict] = []
@@ -288,7 +294,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                                **{f"train_{k}": v for k, v in stats.items()}})
             timings["edit"] = timings.get("edit", 0.0) + (time.perf_counter() - t)
             t = time.perf_counter()
-            if spec.eval_every and ((b + 1) % spec.eval_every == 0 or b + 1 == len(batches)):
+            if spec.evaluate and spec.eval_every and ((b + 1) % spec.eval_every == 0 or b + 1 == len(batches)):
                 seen = {r.id for batch in batches[: b + 1] for r in batch}
                 part = [r for r in sample if r.id in seen]
                 summ = evaluate_records(model, tok, part, baseline, batch_size=spec.eval_batch_size,
@@ -300,24 +306,29 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
             if progress:
                 progress("batches", b + 1, len(batches))
         t = time.perf_counter()
-        after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
-                                 generation=spec.generation, perplexity=spec.perplexity, progress=progress)
-        routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size, ledger)
-        if routing is not None:
-            after.summary["routing"] = routing
-        timings["evaluate_after"] = time.perf_counter() - t
+        summary: dict = {}
+        per_edit: list[dict] = []
+        if spec.evaluate:
+            after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
+                                     generation=spec.generation, perplexity=spec.perplexity, progress=progress)
+            routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size, ledger)
+            if routing is not None:
+                after.summary["routing"] = routing
+            summary, per_edit = after.summary, after.per_edit
+            timings["evaluate_after"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
     columns = {"before": before.summary} if before else {}
-    columns["after"] = after.summary
+    if spec.evaluate:
+        columns["after"] = summary
     return {
         "command": spec.command, "moecli_version": __version__, "model": str(spec.model_path),
         "data": spec.data, "format": spec.data_format, "method": spec.method, "protocol": spec.protocol,
         "n_edits": len(spec.records), "batch_size": spec.batch_size, "n_batches": len(batches), "seed": spec.seed,
         "config": dataclasses.asdict(spec.config), "adapter": str(spec.out_dir / "adapter"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings": timings,
-        "columns": columns, "summary": after.summary, "per_edit": after.per_edit, "order": spec.order,
+        "columns": columns, "summary": summary, "per_edit": per_edit, "order": spec.order,
         "retention": retention, "chat": spec.chat, "question_key": spec.question_key,
-        "unedited_from_cache": unedited.cached,  # the unedited model's answers were read, not computed
+        "unedited_from_cache": unedited.cached if unedited else None,  # the unedited answers were read, not computed
     }
 
 

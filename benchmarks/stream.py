@@ -1,0 +1,128 @@
+"""A long lifelong stream: 10,000 CounterFact edits on SmolLM2 in batches of 10, measured every 1,000.
+
+    python benchmarks/stream.py edit      # the stream itself (resumable: run it again to go on)
+    python benchmarks/stream.py measure   # figures of the marks the stream has passed (resumable too)
+
+`edit` runs the engine's `run_edits` with `evaluate=False` (editing and a checkpoint per batch, as
+`moecli lifelong` does, without evaluating 10,000 records at the end), in `runs/stream-<n>/run`
+(`--work`). Every `--mark` edits it writes a mark: the stream position, the cumulative edit time the
+checkpoint records, the adapter's size on disk, this process's peak RSS, and a hard-linked copy of the
+checkpoint in `marks/<edits>/` (a checkpoint is never changed in place, so the links cost nothing).
+
+`measure` reads the marks: per-edit edit time per segment and its ratio to the first segment, adapter
+size, peak RSS; with the model loaded, for each mark adapter, forward time against the bare model on
+prompts of which half name an edited entity and on prompts naming none, generation tokens/s; and quality
+(teacher-forced and free generation, `--same-subject 3`) of the first 1,000 edits at the first mark and
+at the last, and of a sample spread over the whole stream at the last mark. Each figure is written to
+`benchmarks/results/stream/stream.json` as soon as it is measured; a figure already there is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    DATA_DIR,
+    REPO,
+    SAME_SUBJECT_PER_EDIT,
+    dir_bytes,
+    meta,
+    peak_rss_mb,
+    portable,
+    write_json,
+)
+
+OUT = REPO / "benchmarks" / "results" / "stream"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _records(args):
+    from moecli.engine.prepare import read_edit_records
+
+    return read_edit_records(DATA_DIR / args.data, limit=args.n, same_subject=SAME_SUBJECT_PER_EDIT).records
+
+
+def edit(args) -> None:
+    """Run (or resume) the stream, writing a mark every `args.mark` edits."""
+    from moecli.engine.checkpoint import load_checkpoint
+    from moecli.engine.recipes import build_config
+    from moecli.engine.run import RunSpec, load_run_spec, run_edits
+    from moecli.model.sources import resolve_model
+
+    work = Path(args.work)
+    run_dir = work / "run"
+    resume = (run_dir / "run.json").is_file()
+    if resume:
+        spec = load_run_spec(run_dir)
+    else:
+        records = _records(args)
+        spec = RunSpec(command="bench-stream", method=args.method, config=build_config(args.method, None, {}),
+                       records=records, batch_size=args.batch_size, out_dir=run_dir,
+                       model_path=resolve_model(args.model), seed=0, data=f"{args.data} first {args.n}",
+                       protocol="lifelong", evaluate=False, evaluate_before=False, generation=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    marks_file = Path(args.results) / "marks.json"
+    state = _load(marks_file) or {"meta": meta(False, {"model": args.model, "data": spec.data,
+                                                       "method": spec.method, "batch_size": spec.batch_size,
+                                                       "work": portable(work)}), "marks": []}
+    done_marks = {m["edits"] for m in state["marks"]}
+    t0 = time.perf_counter()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage != "batches":
+            return
+        edits = done * spec.batch_size
+        if edits % args.mark and done != total:
+            return
+        if edits in done_marks:
+            return
+        ckpt_dir = run_dir / "adapter"
+        ckpt = load_checkpoint(ckpt_dir)
+        target = work / "marks" / str(edits)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in ckpt_dir.iterdir():
+            if f.is_file() and not (target / f.name).exists():
+                os.link(f, target / f.name)
+        state["marks"].append({
+            "edits": edits, "batches": done, "edit_seconds": ckpt.manifest.get("timings", {}).get("edit"),
+            "adapter_bytes": dir_bytes(ckpt_dir), "peak_rss_mb": peak_rss_mb(),
+            "wall_since_start_s": time.perf_counter() - t0, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        done_marks.add(edits)
+        marks_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(marks_file, state)
+        print(f"mark {edits}: {state['marks'][-1]}", flush=True)
+
+    run_edits(spec, progress, resume=resume)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["edit", "measure"])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--data", default="counterfact_edit.json")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--mark", type=int, default=1000)
+    parser.add_argument("--method", default="lemoe")
+    parser.add_argument("--work", default=str(REPO / "runs" / "stream-10000"))
+    parser.add_argument("--results", default=str(OUT))
+    args = parser.parse_args(argv)
+    if args.phase == "edit":
+        edit(args)
+    else:
+        raise SystemExit("measure: not written yet")
+
+
+if __name__ == "__main__":
+    main()
