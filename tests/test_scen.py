@@ -65,3 +65,16 @@ def test_scoped_edits_one_at_a_time_each_reach_their_own_expert(tmp_path):
     assert after["rel"] == 1.0
     assert method.routes([unrelated.prompt]) == [None]  # names no edited entity: null route
     assert method.routes([r.prompt for r in recs]) == [0, 1, 2]
+
+
+def test_stage_one_trains_an_edit_that_names_no_entity_with_scope_on(tmp_path):
+    """Stage 1 forces every input to the new expert, those that name no edited entity too: the bypass's shortcut
+    for a forward in which no input names one is off while it trains, and back on after."""
+    loaded = load_model(make_tiny_model("llama", tmp_path / "m"))
+    rec = EditRecord(prompt="The sky on that day was", target="green")
+    method = SCEN(loaded, SCENConfig(lr=0.02, max_steps=60, neuron_loss="hinge", neuron_steps=50, stop_prob=0.0),
+                  seed=0)
+    assert method.config.scope and method.bypass.unmatched_get_nothing
+    stats = method.apply_batch([rec], 0)
+    assert stats["all_correct"] and method.bypass.experts[0].B.abs().sum() > 0
+    assert method.bypass.unmatched_get_nothing and method.bypass.router.forced is None

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from moecli.model.batching import logits_at
 from moecli.model.feed import current_feed
 from moecli.model.loading import LayerStandIn
 from moecli.routing.context import AnchorContext
+from moecli.routing.routers import KeyMatcher
 
 EXPERT_FORMS = ("dense", "lowrank")
 SIGNATURES_KEPT = 32
@@ -62,29 +64,61 @@ def make_expert(form: str, d_in: int, d_out: int, rank: int, generator: torch.Ge
     raise ValueError(f"unknown expert form {form!r} (choose from {', '.join(EXPERT_FORMS)})")
 
 
+@runtime_checkable
+class WrappedLayer(Protocol):
+    """What `Injection` puts in a model in place of the frozen target module: `MoEBypass`, GRACE's
+    `GraceLayer` and WISE's `WiseLayer`. It is an `nn.Module` (set on the target's parent, so it is found
+    among the decoder layer's modules) whose `forward(x)` returns the base module's output for `x`,
+    changed or not; these are the members the injection and `bypass_disabled` use."""
+
+    base: nn.Module  # the frozen target module, put back by `Injection.remove`
+    context: AnchorContext  # filled by the injection's pre-hook before each prompt forward
+    enabled: bool  # false: exactly the base output (the injection's signature pass, `bypass_disabled`)
+    matcher: KeyMatcher | None  # feature "output": the injection computes the base answer's signature for it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BypassOptions:
+    """How a bypass's experts are made and where they act, beside its router: what a method settles from its
+    config before it builds the bypass in one call."""
+
+    expert_form: str = "lowrank"  # one of EXPERT_FORMS
+    rank: int = 16  # of lowrank experts
+    scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
+    positions: str = "all"  # all | answer: only the last prompt token onwards
+    experts: int = 0  # experts made with the bypass (more come from `add_expert`)
+    matcher: KeyMatcher | None = None  # the method's key matcher (key substitution, the output signature)
+    key_substitution: bool = False  # with a matcher: see `_substitute_keys_impl`
+    scope: KeyMatcher | None = None  # inputs it matches to no edit get no expert at all
+    # the router sends every input that names no edited entity to no expert: a forward in which no input
+    # names one then returns the base output at once
+    unmatched_get_nothing: bool = False
+
+
 class MoEBypass(nn.Module):
     """Wraps the frozen target module; adds the routed sum of expert deltas to its output."""
 
-    def __init__(
-        self, base: nn.Module, d_in: int, d_out: int, router: nn.Module, context: AnchorContext,
-        expert_form: str = "lowrank", rank: int = 16, scale: float = 1.0, positions: str = "all",
-    ) -> None:
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, router: nn.Module, context: AnchorContext,
+                 options: BypassOptions | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        options = options or BypassOptions()
         self.base = base
         self.d_in, self.d_out = d_in, d_out
-        self.expert_form, self.rank, self.scale = expert_form, rank, scale
-        self.positions = positions
+        self.expert_form, self.rank, self.scale = options.expert_form, options.rank, options.scale
+        self.positions = options.positions
         self.experts = nn.ModuleList()
         self.router = router
         self.context = context
         self.enabled = True
-        self.scope = None  # optional KeyMatcher: inputs it matches to no edit get no expert at all
-        self.matcher = None  # the method's KeyMatcher, when it has one (for key substitution)
-        self.key_substitution = False
-        # set by a method whose routes send every input that names no edited entity to no expert: a
-        # forward in which no input names one then returns the base output at once
-        self.unmatched_get_nothing = False
+        self.scope = options.scope
+        self.matcher = options.matcher
+        self.key_substitution = options.key_substitution
+        self.unmatched_get_nothing = options.unmatched_get_nothing
         self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
+        for _ in range(options.experts):
+            self.add_expert(generator)
 
     def add_expert(self, generator: torch.Generator | None = None) -> int:
         """Append a fresh (zero-delta) expert; returns its id."""
@@ -108,8 +142,7 @@ class MoEBypass(nn.Module):
     def _routed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`y` (the base module's output for `x`, both [B, T, ·]) plus the routed experts' deltas."""
         ctx = self.context
-        if (self.unmatched_get_nothing and ctx.matched is not None and not bool(ctx.matched.any())
-                and getattr(self.router, "forced", None) is None):  # SCEN's stage 1 forces its expert
+        if self.unmatched_get_nothing and ctx.matched is not None and not bool(ctx.matched.any()):
             self.last_routes = None
             return y
         if self.key_substitution and self.matcher is not None:
@@ -213,7 +246,7 @@ class Injection:
     are bit-identical (they are never copied or written).
     """
 
-    def __init__(self, model: nn.Module, target_name: str, bypass: MoEBypass) -> None:
+    def __init__(self, model: nn.Module, target_name: str, bypass: WrappedLayer) -> None:
         self.model, self.target_name, self.bypass = model, target_name, bypass
         parent, child = _get_parent(model, target_name)
         setattr(parent, child, bypass)
@@ -291,8 +324,8 @@ class Injection:
         ctx = self.bypass.context
         ctx.compute(self.model.get_input_embeddings(), input_ids, mask)
         self._job = None
-        matcher = getattr(self.bypass, "matcher", None)  # GRACE injects a module of its own, without one
-        if getattr(self.bypass, "enabled", True) and matcher is not None and matcher.feature == "output":
+        matcher = self.bypass.matcher  # GRACE's and WISE's layers route by no key matcher
+        if self.bypass.enabled and matcher is not None and matcher.feature == "output":
             # Computed once the layers below the bypass have run (`_after_prefix`, sharing them), or, if
             # that hook does not run, when the router first reads it (a whole extra pass).
             job = (input_ids, kwargs, matcher.null_unmatched)
@@ -413,7 +446,7 @@ def _rows_like(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | No
 
 
 @contextmanager
-def bypass_disabled(bypass: MoEBypass) -> Iterator[None]:
+def bypass_disabled(bypass: WrappedLayer) -> Iterator[None]:
     """Run the base model's own computation (for baselines and retain targets) inside the block."""
     old = bypass.enabled
     bypass.enabled = False

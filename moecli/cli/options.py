@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -89,13 +89,36 @@ ChatOpt = Annotated[
 ]
 
 
+def show_set_help(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+    """`--set help` (or `--set ?`): print the chosen method's options and exit 0.
+
+    The callback of --method, --recipe and --set, all three eager: they are read before every other option, so
+    `batch-edit --set help` needs no --data; the last of them to be read decides, since the method is --method's,
+    else the recipe's, else the command's default (as `edit._run_editing` picks it)."""
+    seen = {**ctx.params, param.name: value}
+    if ctx.resilient_parsing or not all(name in seen for name in ("method", "recipe", "sets")):
+        return value
+    from moecli.engine.recipes import SET_HELP, describe_options, read_recipe
+
+    if not any(item.strip() in SET_HELP for item in seen["sets"] or []):
+        return value
+    recipe = read_recipe(seen["recipe"]) if seen["recipe"] else {}
+    method = seen["method"] or recipe.get("method") or ("lemoe" if ctx.info_name == "lifelong" else "memoe")
+    typer.echo(describe_options(method), nl=False)
+    raise typer.Exit(0)
+
+
 RecipeOpt = Annotated[
-    Path | None, typer.Option("--recipe", help="YAML recipe: a file or a shipped name (lemoe, …); flags override it.")
+    Path | None, typer.Option("--recipe", help="YAML recipe: a file or a shipped name (lemoe, …); flags override it.",
+                              callback=show_set_help, is_eager=True)
 ]
 
 
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override one recipe option: --set KEY=VALUE (repeatable).")
+    list[str] | None, typer.Option(
+        "--set", help="Override one option of the method: --set KEY=VALUE (repeatable). --set help (or --set '?') "
+                      "lists the method's options: name, type, default and what it does.",
+        callback=show_set_help, is_eager=True)
 ]
 
 
@@ -146,7 +169,7 @@ EDITING_OPTIONS: dict[str, object] = {
     "fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt,
     "method": Annotated[str | None, typer.Option(
         "--method", help="memoe, lemoe, scen, ft, lora, grace, wise or locft (default: the recipe's, else memoe; "
-                         "lifelong: lemoe).")],
+                         "lifelong: lemoe).", callback=show_set_help, is_eager=True)],
     "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
     "max_steps": StepsOpt, "model": ModelOpt,
     "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],

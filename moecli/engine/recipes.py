@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -22,6 +23,8 @@ from moecli.paths import ASSETS
 
 RUN_KEYS = ("method", "batch_size", "seed")
 RECIPES_DIR = ASSETS / "recipes"  # shipped in the wheel
+SET_HELP = ("help", "?")  # `--set help`: list the method's options instead of running
+COMMENT_WIDTH = 116  # a recipe's help comments, "# " included, stay within the 120 columns of the code
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def _coerce(config_class: type, key: str, raw: str) -> Any:
     """Turn a `--set key=value` string into the field's type."""
     hints = get_type_hints(config_class)
     if key not in hints:
-        raise UserError(f"--set {key}: unknown option ({_known_keys(config_class, key)})")
+        raise UserError(f"--set {key}: unknown option ({_known_keys(config_class, key)}; --set help describes them)")
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -81,7 +84,7 @@ def build_config(
             values[k], origin[k] = v, "--" + k.replace("_", "-")
     for item in sets or []:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE (--set help lists the options)")
         key, raw = item.split("=", 1)
         values[key.strip()] = _coerce(cls, key.strip(), raw)
         origin[key.strip()] = f"--set {item}"
@@ -124,13 +127,53 @@ HEADERS = {
 }
 
 
-def default_recipe_text(method: str) -> str:
-    """The YAML of a method's defaults, as shipped in `assets/recipes/<method>.yaml` (a test keeps them equal)."""
+def _type_name(hint: Any) -> str:
+    """`float`, `int | null`: a field's type as a recipe or `--set` writes it."""
+    args = getattr(hint, "__args__", None)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A default as a recipe writes it (`null`, `true`, `0.01`, `auto`)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """A field's default, made by its factory when it has one (a mutable default)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def describe_options(method: str) -> str:
+    """What `--set help` prints: every option of `method`, one a line, as `name (type, default value): help`."""
     cls = get_method(method).config_class
-    body = yaml.safe_dump({"method": method, **dataclasses.asdict(cls())}, sort_keys=False)
-    return (f"# {HEADERS.get(method, method)}\n# Every key is a field of the method's config dataclass "
-            f"(moecli/methods/{method}.py);\n# CLI flags (--lr, --layer, --set KEY=VALUE …) override these values.\n"
-            + body)
+    hints = get_type_hints(cls)
+    lines = [f"{method} options (--set KEY=VALUE, or a recipe key):"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {_yaml_scalar(_default_of(f))}): "
+                     f"{f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def help_comment(method: str, key: str) -> list[str]:
+    """The comment lines a shipped recipe puts above `key`: the option's help, wrapped."""
+    field = next(f for f in dataclasses.fields(get_method(method).config_class) if f.name == key)
+    return ["# " + line for line in textwrap.wrap(field.metadata["help"], COMMENT_WIDTH - 2, break_on_hyphens=False,
+                                                   break_long_words=False)]
+
+
+def default_recipe_text(method: str) -> str:
+    """The YAML of a method's defaults, each key under its help, as shipped in `assets/recipes/<method>.yaml`
+    (a test keeps them equal)."""
+    cls = get_method(method).config_class
+    source = cls.__module__.replace(".", "/") + ".py"
+    lines = [f"# {HEADERS.get(method, method)}", f"# Every key is a field of the method's config dataclass ({source});",
+             "# CLI flags (--lr, --layer, --set KEY=VALUE …) override these values; --set help lists them.",
+             f"method: {method}"]
+    for key, value in dataclasses.asdict(cls()).items():
+        lines += [*help_comment(method, key), yaml.safe_dump({key: value}, sort_keys=False).rstrip("\n")]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # python -m moecli.engine.recipes: rewrite the shipped <method>.yaml from the defaults

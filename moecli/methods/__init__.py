@@ -8,8 +8,12 @@ checkpoint and can be rebuilt from one.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from moecli.errors import UserError
+
+if TYPE_CHECKING:  # the method modules load on demand: importing one pulls in torch
+    from moecli.methods.base import EditMethod
 
 _MODULES = {
     "memoe": ("moecli.methods.memoe", "MEMoE"),
@@ -24,7 +28,7 @@ _MODULES = {
 METHOD_NAMES = tuple(_MODULES)
 
 
-def get_method(name: str):
+def get_method(name: str) -> type[EditMethod]:
     """The method class for `name`; an unknown name is a one-line UserError listing the known ones."""
     if name not in _MODULES:
         raise UserError(f"--method {name!r}: unknown method (choose from {', '.join(METHOD_NAMES)})")

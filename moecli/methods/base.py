@@ -4,7 +4,7 @@ has. The bypass methods' shared plumbing is `bypass_method`; each method is one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -16,18 +16,44 @@ from moecli.model.loading import LoadedModel, default_layer, find_target_module,
 from moecli.routing.context import AnchorContext
 
 
+def option(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
+    """A config field carrying its help (`metadata["help"]`), which `--set help` and the shipped recipes show;
+    a mutable default goes in `default_factory=` instead of `default`."""
+    if not help:
+        raise ValueError("every config option needs a help text")
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+LAYER_FRACTION_HELP = ("depth of the edited layer when `layer` is null: round(fraction · (num_layers − 1)), "
+                       "0 the first layer, 1 the last")
+
+
+def layer_fraction_option(default: float, why: str) -> Any:
+    """`layer_fraction` with a method's own default and the reason for it. Its meaning and its range check stay
+    `MethodConfig`'s, so a method whose default differs states only the value and why."""
+    return option(default, f"{LAYER_FRACTION_HELP}; default {default}: {why}")
+
+
 @dataclass
 class MethodConfig:
-    """Options every method has. Field metadata `help` is shown by recipes and --help."""
+    """Options every method has; each field's help is in its metadata (`option`)."""
 
-    layer: int | None = None  # decoder layer to edit; None = the method's default
-    lr: float = 1e-2
-    max_steps: int = 200
-    weight_decay: float = 0.0
-    early_stop: bool = True
-    stop_prob: float = 0.0  # early stop once every target token is the argmax with at least this probability
-    prefix_cache: bool = True  # run the frozen layers below the edited one once per batch (off: every step)
-    eos_target: bool = True  # train target + end-of-sequence (end-of-turn with --chat): the edit answers and stops
+    layer: int | None = option(None, "decoder layer to edit; null: the one `layer_fraction` gives")
+    layer_fraction: float = layer_fraction_option(
+        0.85, "[choice] the MoE bypass methods' late layer, which carries a key-routed edit to the output with the "
+              "least interference from the rest of the prompt")
+    lr: float = option(1e-2, "learning rate of the edit training")
+    max_steps: int = option(200, "most optimisation steps per batch")
+    weight_decay: float = option(0.0, "weight decay of the trained parameters with AdamW or SGD (0: none; Adam "
+                                      "has none)")
+    early_stop: bool = option(True, "stop training a batch once every target token is the argmax (and at least "
+                                    "stop_prob likely)")
+    stop_prob: float = option(0.0, "early stop only once every target token is the argmax with at least this "
+                                   "probability (0: the argmax is enough)")
+    prefix_cache: bool = option(True, "run the frozen layers below the edited one once per batch (false: every "
+                                      "step); the same result, faster")
+    eos_target: bool = option(True, "train target + end-of-sequence (end-of-turn with --chat): the edit answers "
+                                    "and stops")
 
     def train_config(self, **over: Any) -> TrainConfig:
         cfg = TrainConfig(lr=self.lr, max_steps=self.max_steps, weight_decay=self.weight_decay,
@@ -55,6 +81,8 @@ class MethodConfig:
             raise UserError(f"stop_prob must be a probability in [0, 1) (got {self.stop_prob})")
         if self.max_steps < 1:
             raise UserError(f"max_steps must be ≥ 1 (got {self.max_steps})")
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            raise UserError(f"layer_fraction must be in [0, 1] (got {self.layer_fraction})")
 
 
 class EditMethod:
@@ -66,11 +94,11 @@ class EditMethod:
     def __init__(self, loaded: LoadedModel, config: MethodConfig, seed: int = 0) -> None:
         self.loaded, self.config, self.seed = loaded, config, seed
 
-    def locate(self, layer_fraction: float) -> torch.nn.Module:
-        """Pick the edited layer (the config's, else `layer_fraction` of the depth) and return its FFN output
-        module, setting `layer`, `target_name`, `d_in` and `d_out` (what every checkpoint records)."""
+    def locate(self) -> torch.nn.Module:
+        """Pick the edited layer (the config's `layer`, else its `layer_fraction` of the depth) and return its FFN
+        output module, setting `layer`, `target_name`, `d_in` and `d_out` (what every checkpoint records)."""
         layer = self.config.layer
-        self.layer = layer if layer is not None else default_layer(self.loaded.model, layer_fraction)
+        self.layer = layer if layer is not None else default_layer(self.loaded.model, self.config.layer_fraction)
         self.target_name, target = find_target_module(self.loaded.model, self.layer)
         self.d_in, self.d_out = module_dims(target)
         return target

@@ -9,14 +9,22 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moecli.adapter.bypass import EXPERT_FORMS, Injection, MoEBypass, bypass_disabled, signature_of
-from moecli.adapter.training import RetainSet
+from moecli.adapter.bypass import (
+    EXPERT_FORMS,
+    BypassOptions,
+    Injection,
+    MoEBypass,
+    bypass_disabled,
+    signature_of,
+)
+from moecli.adapter.training import RetainSet, TrainConfig
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import EditMethod, MethodConfig
+from moecli.methods.base import EditMethod, MethodConfig, option
 from moecli.model.batching import collate, encode_pair, forward, length_groups, logits_at, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.anchors import AnchorTrie, prompt_hash
@@ -28,34 +36,45 @@ from moecli.routing.routers import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 class BypassConfig(MethodConfig):
     """Options of the MoE-bypass methods (MEMoE, LEMoE, SCEN)."""
 
-    # [choice] train until every target token has probability ≥ 0.9, not just the argmax: a rephrasing
-    # routed to the edit gets the same expert output in another context and needs the margin (SmolLM2,
-    # MEMoE@100, counterfact_train 9000–9099: Gen among routed rephrasings 0.875 → 0.958, same edit time)
-    stop_prob: float = 0.9
-    expert_form: str = "lowrank"  # dense | lowrank
-    rank: int = 16  # rank of low-rank experts
-    scale: float = 1.0  # λ in h = W0 x + λ Σ g_i E_i(x)
-    layer_fraction: float = 0.85  # [choice] default layer = round(fraction · (num_layers − 1)) when layer is None
-    retain: str = "none"  # none | swap: keep the base model's outputs on subject-swapped prompts
-    retain_per_edit: int = 2  # swapped retain prompts per edit
-    retain_weight: float = 1.0
-    positions: str = "answer"  # all | answer: edit every position, or only the last prompt token onwards
-    key_substitution: bool = True  # [choice] a matched input's last prompt token uses the edit's own input
-    # [choice] other question forms put on each edit's entity, kept apart from it; None: 16, and 0 with
-    # query_feature learned (its threshold is calibrated on such probes; the stream's forms include other
-    # wordings of the edit's own relation, and raising the threshold above them turns rephrasings away)
-    scope_negatives: int | None = None
-    scope_margin: float = 0.05  # ... the edit's threshold ends this far above the most similar of them
-    anchor_threshold: float = 0.95  # key matcher: anchor cosine that counts as the same entity
-    query_threshold: float = 0.5  # key matcher: question similarity that counts as the same question (-1: entity only)
-    # [choice] same-question test on: input (target-module input) | output (base answer) | learned (question_encoder)
-    # | auto: learned with the encoder calibrated for the model if one is installed or shipped, else output
-    query_feature: str = "auto"
-    question_encoder: str | None = None  # query_feature learned: a `moecli calibrate` file (its threshold is used)
-    # query_feature auto on a real model with no key installed or shipped: calibrate one from the shipped train
-    # data first, once per model (`moecli.engine.calibration.auto_key`); false: route by the answer test instead
-    auto_calibrate: bool = True
-    signature_topk: int = 64  # query_feature output: tokens of the base next-token distribution kept per edit
+    stop_prob: float = option(0.9, "[choice] train until every target token has at least this probability, not "
+                                   "just the argmax: a rephrasing routed to the edit gets the same expert output in "
+                                   "another context and needs the margin")
+    expert_form: str = option("lowrank", "dense (a full d_out × d_in delta per expert, as the papers) | lowrank "
+                                         "(B·A, so that thousands of experts stay cheap)")
+    rank: int = option(16, "rank of the low-rank experts")
+    scale: float = option(1.0, "λ in h = W0 x + λ Σ g_i E_i(x)")
+    retain: str = option("none", "none | swap: also keep the base model's outputs on subject-swapped prompts "
+                                 "(other edits' questions put on this edit's entity)")
+    retain_per_edit: int = option(2, "retain: swap: swapped prompts per edit")
+    retain_weight: float = option(1.0, "retain: swap: weight of the loss that keeps their outputs")
+    positions: str = option("answer", "all | answer: edit every position, or only the last prompt token onwards "
+                                      "(the entity's own tokens keep their representation)")
+    key_substitution: bool = option(True, "[choice] a matched input's last prompt token uses the edit's own input, "
+                                          "so a rephrasing gets the push the edit prompt was trained with")
+    scope_negatives: int | None = option(
+        None, "[choice] other question forms put on each edit's entity, kept apart from it; null: 16, and 0 with "
+              "query_feature learned (its threshold is calibrated on such probes, and raising it above other "
+              "wordings of the edit's own relation turns rephrasings away)")
+    scope_margin: float = option(0.05, "an edit's question threshold ends this far above the most similar of its "
+                                       "scope negatives")
+    anchor_threshold: float = option(0.95, "key matcher: anchor cosine that counts as the same entity")
+    query_threshold: float = option(0.5, "key matcher: question similarity that counts as the same question (-1: "
+                                         "entity only)")
+    query_feature: str = option(
+        "auto", "[choice] same-question test on: input (target-module input) | output (base answer) | learned "
+                "(question_encoder) | auto: learned with the encoder calibrated for the model if one is installed "
+                "or shipped, else output")
+    question_encoder: str | None = option(None, "query_feature learned: a `moecli calibrate` file (its threshold "
+                                                "is used)")
+    # the calibration is `moecli.engine.calibration.auto_key`
+    auto_calibrate: bool = option(
+        True, "query_feature auto on a real model with no key installed or shipped: calibrate one from the shipped "
+              "train data first, once per model; false: route by the answer test instead")
+    signature_topk: int = option(64, "query_feature output: tokens of the base next-token distribution kept per "
+                                     "edit")
+
+    def train_config(self, **over: Any) -> TrainConfig:
+        return super().train_config(**{"retain_weight": self.retain_weight, **over})
 
     def validate(self) -> None:
         super().validate()
@@ -107,7 +126,7 @@ class BypassMethod(EditMethod):
     def __init__(self, loaded: LoadedModel, config: BypassConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
         model = loaded.model
-        target = self.locate(config.layer_fraction)
+        target = self.locate()
         self.d_anchor = model.get_input_embeddings().weight.shape[1]
         self.generator = torch.Generator().manual_seed(seed)
         self.context = self.new_context()
@@ -125,8 +144,8 @@ class BypassMethod(EditMethod):
                 self._question_missing = ("query_feature learned needs question_encoder: a file `moecli calibrate` "
                                           "wrote" + (f" ({path}: no such file)" if path else ""))
         router = self.make_router().to(loaded.device)
-        self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context,
-                                config.expert_form, config.rank, config.scale, config.positions)
+        self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context, self.bypass_options(),
+                                self.generator)
         self.bypass.eval()  # inference behaviour (no gate noise) unless the training loop says otherwise
         self.injection = Injection(model, self.target_name, self.bypass)
 
@@ -147,7 +166,15 @@ class BypassMethod(EditMethod):
 
     # -- to be provided by each method
     def make_router(self) -> torch.nn.Module:
+        """The method's router; a method that routes or scopes by key makes its `matcher` here."""
         raise NotImplementedError
+
+    def bypass_options(self) -> BypassOptions:
+        """The bypass's experts and where they act, from the config, and the key matcher `make_router` made
+        (for key substitution); a method adds what its routes promise (`dataclasses.replace`)."""
+        c = self.config
+        return BypassOptions(expert_form=c.expert_form, rank=c.rank, scale=c.scale, positions=c.positions,
+                             matcher=self.matcher, key_substitution=c.key_substitution and self.matcher is not None)
 
     # -- shared helpers
     @torch.no_grad()

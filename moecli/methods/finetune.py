@@ -27,8 +27,8 @@ import torch
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import EditMethod, MethodConfig
-from moecli.model.loading import LoadedModel, default_layer, find_target_module
+from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option, option
+from moecli.model.loading import LoadedModel
 
 DELTA_KEY = "ft.delta"
 
@@ -37,13 +37,15 @@ DELTA_KEY = "ft.delta"
 class FTConfig(MethodConfig):
     """FT-L options; defaults are EasyEdit's `hparams/FT/llama-7b.yaml` unless marked [choice]."""
 
-    layer: int | None = None  # decoder layer whose FFN output weight is trained; None = layer_fraction
-    lr: float = 5e-4  # [EasyEdit] learning rate of Adam(W)
-    max_steps: int = 25  # [EasyEdit num_steps] optimisation steps per batch
-    weight_decay: float = 0.0  # [EasyEdit] AdamW weight decay (0 = Adam)
-    early_stop: bool = True  # [choice] stop once every target token is the argmax (the shared loop)
-    norm_constraint: float | None = None  # [EasyEdit, off by default] clamp each weight to W0 ± this
-    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · (num_layers − 1)), LEMoE's depth
+    layer: int | None = option(None, "decoder layer whose FFN output weight is trained; null: the one "
+                                     "`layer_fraction` gives")
+    layer_fraction: float = layer_fraction_option(0.56, "[choice] LEMoE's depth (index 17 of LLaMA2-7B's 0..31)")
+    lr: float = option(5e-4, "[EasyEdit] learning rate of Adam(W)")
+    max_steps: int = option(25, "[EasyEdit num_steps] optimisation steps per batch")
+    weight_decay: float = option(0.0, "[EasyEdit] AdamW weight decay (0: Adam)")
+    early_stop: bool = option(True, "[choice] stop once every target token is the argmax (the shared loop)")
+    norm_constraint: float | None = option(None, "[EasyEdit, off by default] clamp each weight to W0 ± this "
+                                                 "(null: no clamp)")
 
     def validate(self) -> None:
         super().validate()
@@ -51,8 +53,6 @@ class FTConfig(MethodConfig):
             raise UserError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
             raise UserError(f"norm_constraint must be > 0 or null (got {self.norm_constraint})")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise UserError(f"layer_fraction must be in [0, 1] (got {self.layer_fraction})")
 
 
 class FineTune(EditMethod):
@@ -64,9 +64,7 @@ class FineTune(EditMethod):
 
     def __init__(self, loaded: LoadedModel, config: FTConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
-        model = loaded.model
-        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
-        self.target_name, self.target = find_target_module(model, self.layer)
+        self.target = self.locate()
         self.weight: torch.nn.Parameter = self.target.weight
         self.original: torch.Tensor | None = None  # W0, copied on the first edit
         self.delta: torch.Tensor | None = None  # W − W0 as stored; the live weight is W0 + delta

@@ -53,10 +53,11 @@ from moecli.adapter.bypass import Injection, flat_batch
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import EditMethod, MethodConfig
+from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option, option
 from moecli.model.batching import collate, forward, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.context import AnchorContext
+from moecli.routing.routers import KeyMatcher
 
 EXPAND_SLACK = 1e-4  # relative margin added to an expanded radius (see the module docstring)
 TARGETS_FILE = "grace_targets.json"
@@ -67,18 +68,19 @@ REPLACEMENTS = ("all", "last")
 class GRACEConfig(MethodConfig):
     """GRACE options; defaults are EasyEdit's `hparams/GRACE/llama-7B.yaml` unless marked [choice]."""
 
-    layer: int | None = None  # decoder layer whose FFN output module holds the codebook; None = layer_fraction
-    lr: float = 1.0  # [EasyEdit edit_lr] learning rate of the value vector
-    max_steps: int = 100  # [EasyEdit n_iter] optimisation steps per edit
-    weight_decay: float = 0.0  # [EasyEdit] none on the values
-    early_stop: bool = True  # [choice; EasyEdit lists reg: early_stop] stop once every target token is right
-    eps: float = 1.0  # [EasyEdit eps] ε₀, the initial deferral radius of a new key (L2 distance)
-    replacement: str = "all"  # [choice] all: every position (EasyEdit replace_all) | last: last prompt token [paper]
-    # [choice] default layer = round(fraction · num_layers), where the MoE methods edit (EasyEdit: the last layer)
-    layer_fraction: float = 0.56
-    # [choice; EasyEdit appends nothing] one value vector steers every answer position alike, so it cannot
-    # say the target and then stop (a tiny model: not even a one-token target + end of sequence)
-    eos_target: bool = False
+    layer: int | None = option(None, "decoder layer whose FFN output module holds the codebook; null: the one "
+                                     "`layer_fraction` gives")
+    layer_fraction: float = layer_fraction_option(0.56, "[choice] LEMoE's depth, as FT-L and LoRA (EasyEdit: the "
+                                                        "last layer)")
+    lr: float = option(1.0, "[EasyEdit edit_lr] learning rate of the value vector")
+    max_steps: int = option(100, "[EasyEdit n_iter] optimisation steps per edit")
+    weight_decay: float = option(0.0, "[EasyEdit] weight decay of the values (none)")
+    early_stop: bool = option(True, "[choice; EasyEdit lists reg: early_stop] stop once every target token is right")
+    eps: float = option(1.0, "[EasyEdit eps] ε₀, the initial deferral radius of a new key (L2 distance)")
+    replacement: str = option("all", "[choice] all: the value replaces every position (EasyEdit replace_all) | "
+                                     "last: only the last prompt token [paper]")
+    eos_target: bool = option(False, "[choice; EasyEdit appends nothing] one value vector steers every answer "
+                                     "position alike, so it cannot say the target and then stop")
 
     def validate(self) -> None:
         super().validate()
@@ -88,15 +90,13 @@ class GRACEConfig(MethodConfig):
             raise UserError(f"eps must be > 0 (got {self.eps})")
         if self.weight_decay < 0:
             raise UserError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise UserError(f"layer_fraction must be in [0, 1] (got {self.layer_fraction})")
 
 
 class GraceLayer(nn.Module):
     """The frozen target module plus a codebook; replaces the output where a key is within its radius.
 
-    Same shape as `MoEBypass` (`base`, `context`, `enabled`, `forward(x)`), so `Injection` places
-    and removes it and its pre-hook fills `context.prompt_last` / `context.continuation`.
+    A `WrappedLayer`, so `Injection` places and removes it and its pre-hook fills `context.prompt_last` /
+    `context.continuation`.
     """
 
     def __init__(self, base: nn.Module, d_in: int, d_out: int, context: AnchorContext,
@@ -107,6 +107,7 @@ class GraceLayer(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.context = context
         self.enabled = True
+        self.matcher: KeyMatcher | None = None  # routes by its codebook, not by a key matcher
         device = next(base.parameters()).device
         self.register_buffer("keys", torch.zeros(0, d_in, device=device))
         self.register_buffer("radii", torch.zeros(0, device=device))
@@ -194,7 +195,7 @@ class GRACE(EditMethod):
 
     def __init__(self, loaded: LoadedModel, config: GRACEConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
-        target = self.locate(config.layer_fraction)
+        target = self.locate()
         self.grace = GraceLayer(target, self.d_in, self.d_out, self.new_context(), config.replacement)
         self.grace.eval()
         self.injection: Injection | None = Injection(loaded.model, self.target_name, self.grace)

@@ -11,13 +11,15 @@ over the entity span), the same in training and inference. Two routers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from moecli.adapter.bypass import BypassOptions
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
 from moecli.routing.context import record_anchor_vectors
 from moecli.routing.routers import KNNRouter, KVAnchorRouter
@@ -29,12 +31,15 @@ ROUTERS = ("knn", "kv")
 class LEMoEConfig(BypassConfig):
     """LEMoE options; the `lemoe-paper` recipe sets the paper's (kv router, dense experts, lr 2e-4)."""
 
-    router: str = "knn"  # knn (moecli) | kv (paper)
-    index: str = "auto"  # knn: FAISS index, flat (exact) | hnsw (approximate) | auto (flat, HNSW above 10k keys)
-    null_route: bool = True  # [choice] inputs naming no edited entity get no expert
-    router_hidden: int = 64  # kv: width of W_down
-    key_dim: int = 64  # kv: width of the keys
-    route_loss_weight: float = 1.0  # kv [choice]: CE pushing batch t's inputs to expert t
+    router: str = option("knn", "knn (moecli: each edit's key points to its batch's expert, nothing learned, so "
+                                "earlier routes never drift) | kv (the paper's learned key-value anchor router)")
+    index: str = option("auto", "knn: FAISS index, flat (exact) | hnsw (approximate) | auto (flat, HNSW above 10k "
+                                "keys)")
+    null_route: bool = option(True, "[choice] inputs naming no edited entity get no expert")
+    router_hidden: int = option(64, "kv: width of W_down")
+    key_dim: int = option(64, "kv: width of the keys")
+    route_loss_weight: float = option(1.0, "kv [choice]: weight of the cross-entropy pushing batch t's inputs to "
+                                           "expert t")
 
     def validate(self) -> None:
         super().validate()
@@ -56,11 +61,8 @@ class LEMoE(BypassMethod):
             return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
 
-    def __init__(self, loaded, config: LEMoEConfig, seed: int = 0) -> None:
-        super().__init__(loaded, config, seed)
-        self.bypass.unmatched_get_nothing = config.null_route
-        if self.matcher is not None:
-            self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
+    def bypass_options(self) -> BypassOptions:
+        return replace(super().bypass_options(), unmatched_get_nothing=self.config.null_route)
 
     def _anchors(self, texts: list[str]) -> torch.Tensor:
         emb = self.loaded.model.get_input_embeddings()

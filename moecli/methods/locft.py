@@ -24,6 +24,7 @@ import torch
 from moecli.adapter.training import Progress
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.methods.base import layer_fraction_option, option
 from moecli.methods.finetune import FineTune, FTConfig
 
 EDITS_FILE = "locft_edits.json"
@@ -33,14 +34,16 @@ EDITS_FILE = "locft_edits.json"
 class LocFTConfig(FTConfig):
     """LocFT-BF options; defaults are the public code's `hparams/llama3-8b.yaml` unless marked [choice]."""
 
-    lr: float = 5e-4  # [LocFT] Adam
-    max_steps: int = 25  # [LocFT num_steps] epochs over the (accumulated) edits
-    mini_batch: int = 100  # [LocFT batch_size] edits per optimiser step
-    loss_stop: float = 1e-2  # [LocFT] a mini-batch under this loss takes no step; an epoch under it ends training
-    early_stop: bool = False  # [LocFT] no argmax stop: the loss decides
-    eos_target: bool = True  # [LocFT] target + tok.eos_token
-    accumulate: bool = True  # [choice] each batch of a stream trains every edit so far (breadth-first)
-    layer_fraction: float = 0.71  # [LocFT] layer 22 of LLaMA-3-8B's 32
+    layer_fraction: float = layer_fraction_option(0.71, "[LocFT] layer 22 of LLaMA-3-8B's 32")
+    lr: float = option(5e-4, "[LocFT] learning rate of Adam")
+    max_steps: int = option(25, "[LocFT num_steps] epochs over the (accumulated) edits")
+    mini_batch: int = option(100, "[LocFT batch_size] edits per optimiser step")
+    loss_stop: float = option(1e-2, "[LocFT] a mini-batch under this loss takes no step; an epoch under it ends "
+                                    "training")
+    early_stop: bool = option(False, "[LocFT] no argmax stop: the loss decides (loss_stop)")
+    eos_target: bool = option(True, "[LocFT] train target + the tokenizer's end-of-sequence token, so the edited "
+                                    "prompt answers and stops")
+    accumulate: bool = option(True, "[choice] each batch of a stream trains every edit so far (breadth-first)")
 
     def validate(self) -> None:
         super().validate()

@@ -27,8 +27,8 @@ from transformers.pytorch_utils import Conv1D
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import EditMethod, MethodConfig
-from moecli.model.loading import LoadedModel, default_layer, find_target_module, module_dims
+from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option, option
+from moecli.model.loading import LoadedModel
 
 ADAPTER = "moecli"  # peft adapter name; not part of the exported tensor names
 
@@ -37,14 +37,15 @@ ADAPTER = "moecli"  # peft adapter name; not part of the exported tensor names
 class LoRAConfig(MethodConfig):
     """LoRA options; defaults are EasyEdit's `hparams/LoRA/llama-7b.yaml` unless marked [choice]."""
 
-    layer: int | None = None  # decoder layer whose FFN output module gets the adapter; None = layer_fraction
-    lr: float = 5e-3  # [EasyEdit] learning rate
-    max_steps: int = 70  # [EasyEdit num_steps] optimisation steps per batch
-    weight_decay: float = 0.0  # [EasyEdit] AdamW weight decay
-    early_stop: bool = True  # [choice] stop once every target token is the argmax (the shared loop)
-    rank: int = 8  # [EasyEdit] LoRA rank r
-    alpha: float = 32.0  # [EasyEdit lora_alpha] the update is scaled by alpha / rank
-    layer_fraction: float = 0.56  # [choice] default layer = round(fraction · (num_layers − 1)), LEMoE's depth
+    layer: int | None = option(None, "decoder layer whose FFN output module gets the adapter; null: the one "
+                                     "`layer_fraction` gives")
+    layer_fraction: float = layer_fraction_option(0.56, "[choice] LEMoE's depth (index 17 of LLaMA2-7B's 0..31)")
+    lr: float = option(5e-3, "[EasyEdit] learning rate")
+    max_steps: int = option(70, "[EasyEdit num_steps] optimisation steps per batch")
+    weight_decay: float = option(0.0, "[EasyEdit] AdamW weight decay")
+    early_stop: bool = option(True, "[choice] stop once every target token is the argmax (the shared loop)")
+    rank: int = option(8, "[EasyEdit] LoRA rank r")
+    alpha: float = option(32.0, "[EasyEdit lora_alpha] the update is scaled by alpha / rank")
     # [choice] lora_dropout is fixed at 0 (EasyEdit: 0.1): the frozen model runs in eval mode during
     # editing, and a deterministic adapter is what makes checkpoints reproduce metrics exactly.
 
@@ -56,8 +57,6 @@ class LoRAConfig(MethodConfig):
             raise UserError(f"alpha must be > 0 (got {self.alpha})")
         if self.weight_decay < 0:
             raise UserError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise UserError(f"layer_fraction must be in [0, 1] (got {self.layer_fraction})")
 
 
 class LoRA(EditMethod):
@@ -70,9 +69,7 @@ class LoRA(EditMethod):
     def __init__(self, loaded: LoadedModel, config: LoRAConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
         model = loaded.model
-        self.layer = config.layer if config.layer is not None else default_layer(model, config.layer_fraction)
-        self.target_name, target = find_target_module(model, self.layer)
-        self.d_in, self.d_out = module_dims(target)
+        target = self.locate()
         peft_config = PeftLoraConfig(
             r=config.rank, lora_alpha=config.alpha, target_modules=[self.target_name], lora_dropout=0.0,
             bias="none", fan_in_fan_out=isinstance(target, Conv1D),

@@ -8,13 +8,15 @@ batch editing keeps training the same experts batch after batch (the forgetting 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from moecli.adapter.bypass import BypassOptions
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
 from moecli.routing.routers import AnchorGate
 
@@ -26,19 +28,17 @@ EDITS_PER_RANK_16 = 50
 class MEMoEConfig(BypassConfig):
     """MEMoE options; defaults are moecli's measured choices where the paper is silent."""
 
-    # [choice] rank of the low-rank experts; None: 16 per 50 edits an expert takes (top-1 routing spreads a
-    # batch over n_experts), at least 16. Every expert sees the whole batch's keys, and a rank-r delta that
-    # must answer too many of them trains to a small margin that rephrasings lose (SmolLM2, one batch, 4
-    # experts: 200 counterfact_train edits at rank 16 (50 an expert) Gen 0.884; the first 1000 counterfact_edit
-    # records (250 an expert) Gen 0.570 at rank 16, 0.814 at rank 80, the rank this rule gives)
-    rank: int | None = None
-    n_experts: int = 4  # [choice] number of experts
-    top_k: int = 1  # [choice] experts per token
-    noisy_gate: bool = True  # noisy top-k gating during training [paper]
-    null_route: bool = True  # [choice] inputs naming no edited entity get no expert
-    aux_loss_weight: float = 0.0  # [choice] Switch load-balancing loss weight
-    null_gate: bool = False  # [choice] a learned per-token gate that lets the router leave a token alone
-    scope: bool = True  # [choice] act only on inputs that match an edit (same entity, same question)
+    rank: int | None = option(
+        None, "[choice] rank of the low-rank experts; null: 16 per 50 edits an expert takes (top-1 routing spreads a "
+              "batch over n_experts), at least 16. Every expert sees the whole batch's keys, and a rank-r delta "
+              "that must answer too many of them trains to a small margin that rephrasings lose")
+    n_experts: int = option(4, "[choice] number of experts")
+    top_k: int = option(1, "[choice] experts per token")
+    noisy_gate: bool = option(True, "[paper] noisy top-k gating during training")
+    null_route: bool = option(True, "[choice] inputs naming no edited entity get no expert")
+    aux_loss_weight: float = option(0.0, "[choice] weight of the Switch load-balancing loss (0: off)")
+    null_gate: bool = option(False, "[choice] a learned per-token gate that lets the router leave a token alone")
+    scope: bool = option(True, "[choice] act only on inputs that match an edit (same entity, same question)")
 
     def resolve(self, model: torch.nn.Module, model_fingerprint: dict | None = None,
                 batch_size: int | None = None) -> None:
@@ -60,20 +60,18 @@ class MEMoE(BypassMethod):
     config_class = MEMoEConfig
     config: MEMoEConfig
 
-    def __init__(self, loaded, config: MEMoEConfig, seed: int = 0) -> None:
-        super().__init__(loaded, config, seed)
-        for _ in range(config.n_experts):
-            self.bypass.add_expert(self.generator)
-        self.bypass.unmatched_get_nothing = config.null_route
-        if config.scope:
-            self.matcher = self.make_matcher(config.null_route)
-            self.bypass.scope = self.matcher
-            self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
-
     def make_router(self) -> AnchorGate:
         c = self.config
+        if c.scope:
+            self.matcher = self.make_matcher(c.null_route)
         return AnchorGate(self.d_in, self.d_anchor, c.n_experts, c.top_k, c.noisy_gate, c.null_route, self.generator,
                           null_gate=c.null_gate)
+
+    def bypass_options(self) -> BypassOptions:
+        """All `n_experts` experts at once; with `scope`, the key matcher decides which inputs any expert sees."""
+        c = self.config
+        return replace(super().bypass_options(), experts=c.n_experts, scope=self.matcher,
+                       unmatched_get_nothing=c.null_route)
 
     def apply_batch(self, records: list[EditRecord], batch_index: int, progress: Progress | None = None) -> dict:
         self.register_anchors(records)

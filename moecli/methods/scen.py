@@ -19,13 +19,17 @@ full copy); lowrank r=16: 0.97 MB + 44 KB.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
+from moecli.adapter.bypass import BypassOptions
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
+from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
 from moecli.routing.routers import IndexingNeuronRouter
 
@@ -34,17 +38,21 @@ from moecli.routing.routers import IndexingNeuronRouter
 class SCENConfig(BypassConfig):
     """SCEN options. the `scen-paper` recipe holds the authors' values (Adam 1e-4, 10/20 steps)."""
 
-    retain: str = "none"
-    threshold: float = 0.65  # θ [paper: 0.65 ZsRE, 0.6 hallucination]
-    neuron_lr: float = 1e-2
-    neuron_steps: int = 50
-    neuron_loss: str = "scen"  # scen (the authors' loss) | hinge
-    margin: float = 0.2  # hinge: s_p ≥ θ + margin, s_n ≤ θ − margin
-    max_negatives: int = 256  # [choice] cap on earlier edits used as negatives (0 = all)
-    locality_negatives: bool = False  # [choice] also push the records' locality prompts below θ
-    faiss_above: int = 4096  # search neurons with FAISS once there are more than this
-    normalize_inputs: bool = True  # [choice] neurons score h scaled to unit RMS (paper: raw h)
-    scope: bool = True  # [choice] neurons compete only among edits the key matcher accepts (paper: all neurons)
+    threshold: float = option(0.65, "θ: the best indexing neuron's score must exceed it for its expert to run "
+                                    "[paper: 0.65 ZsRE, 0.6 hallucination]")
+    neuron_lr: float = option(1e-2, "learning rate (Adam) of each indexing neuron")
+    neuron_steps: int = option(50, "optimisation steps of each indexing neuron")
+    neuron_loss: str = option("scen", "scen (the authors' loss, as coded) | hinge (see margin)")
+    margin: float = option(0.2, "hinge: s_p ≥ θ + margin, s_n ≤ θ − margin")
+    max_negatives: int = option(256, "[choice] cap on earlier edits used as a neuron's negatives (0: all): stage 2 "
+                                     "is otherwise quadratic in the stream")
+    locality_negatives: bool = option(False, "[choice] also push the records' locality prompts below θ (off: those "
+                                             "are also what Loc measures)")
+    faiss_above: int = option(4096, "search the neurons with FAISS once there are more than this")
+    normalize_inputs: bool = option(True, "[choice] neurons score h scaled to unit RMS, so θ means the same on every "
+                                          "model (paper: raw h)")
+    scope: bool = option(True, "[choice] neurons compete only among the edits the key matcher accepts (paper: all "
+                               "neurons)")
 
     def validate(self) -> None:
         super().validate()
@@ -66,15 +74,30 @@ class SCEN(BypassMethod):
         self.keys: list[torch.Tensor] = []  # h of each edit's last prompt token (negatives for later neurons)
         self._rng = random.Random(seed)
         self._experts_of_last: list[int] = []
-        self.bypass.unmatched_get_nothing = config.scope  # the scope's matcher null-routes them
-        if config.scope:
-            self.matcher = self.make_matcher()
-            self.bypass.router.scope = self.matcher
-            self.bypass.matcher, self.bypass.key_substitution = self.matcher, config.key_substitution
 
     def make_router(self) -> IndexingNeuronRouter:
         c = self.config
-        return IndexingNeuronRouter(self.d_in, c.threshold, c.faiss_above, c.normalize_inputs)
+        router = IndexingNeuronRouter(self.d_in, c.threshold, c.faiss_above, c.normalize_inputs)
+        if c.scope:
+            self.matcher = self.make_matcher()
+            router.scope = self.matcher  # the router's constructor takes no scope
+        return router
+
+    def bypass_options(self) -> BypassOptions:
+        """With `scope`, the router's key matcher null-routes every input that names no edited entity."""
+        return replace(super().bypass_options(), unmatched_get_nothing=self.config.scope)
+
+    @contextmanager
+    def forced(self, expert_id: int) -> Iterator[None]:
+        """Stage 1: every input goes to `expert_id`, those that name no edited entity too, so the bypass's
+        shortcut for a forward in which none does is off meanwhile."""
+        router: IndexingNeuronRouter = self.bypass.router
+        shortcut = self.bypass.unmatched_get_nothing
+        router.forced, self.bypass.unmatched_get_nothing = expert_id, False
+        try:
+            yield
+        finally:
+            router.forced, self.bypass.unmatched_get_nothing = None, shortcut
 
     def last_token_inputs(self, prompts: list[str]) -> torch.Tensor:
         """The target module's input at each prompt's last token (what the neurons score)."""
@@ -117,13 +140,12 @@ class SCEN(BypassMethod):
             if self.matcher is not None:
                 self.register_anchors([r])
                 self.store_edits([r], [expert_id])
-            router.forced = expert_id
             try:
-                params = self.trainable([self.bypass.experts[expert_id]])
-                stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target)],
-                                       c.train_config(optimizer="adam"), unedited=self.unedited())
+                with self.forced(expert_id):
+                    params = self.trainable([self.bypass.experts[expert_id]])
+                    stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target)],
+                                           c.train_config(optimizer="adam"), unedited=self.unedited())
             finally:
-                router.forced = None
                 self.freeze([self.bypass])
             steps, seconds = steps + stats.steps, seconds + stats.seconds
             all_correct &= stats.all_correct

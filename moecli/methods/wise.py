@@ -56,14 +56,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moecli.adapter.bypass import Injection, flat_batch
+from moecli.adapter.bypass import Injection, bypass_disabled, flat_batch
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
 from moecli.errors import UserError
-from moecli.methods.base import EditMethod, MethodConfig
+from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option, option
 from moecli.model.batching import collate, forward, logits_at, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.context import AnchorContext, mean_embedding
+from moecli.routing.routers import KeyMatcher
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")  # [ROME/EasyEdit context templates]
 PREFIX_LENGTHS = (5, 10)  # tokens; one prefix per start and length [ROME: length_params [[5, 5], [10, 5]]]
@@ -76,24 +77,28 @@ TOP_K_SAMPLING = 5  # [ROME generate_fast] sample the next token from the 5 most
 class WISEConfig(MethodConfig):
     """WISE options; defaults are EasyEdit's `hparams/WISE/llama-7b.yaml` unless marked [choice]."""
 
-    layer: int | None = None  # decoder layer whose FFN down-projection gets the side memory; None = layer_fraction
-    lr: float = 1.0  # [EasyEdit edit_lr] learning rate
-    optimizer: str = "sgd"  # [EasyEdit] sgd | adam | adamw
-    max_steps: int = 70  # [EasyEdit n_iter]
-    early_stop: bool = False  # [EasyEdit] all n_iter steps: the margins keep training after the answer is right
-    mask_ratio: float = 0.2  # [EasyEdit] share of the side memory's elements a shard may change
-    norm_constraint: float = 1.0  # [EasyEdit] every element of W_side − W stays within ±this
-    alpha: float = 5.0  # [EasyEdit act_margin] irrelevant inputs: Δ_act below α
-    beta: float = 20.0  # ... edit inputs: Δ_act above β
-    gamma: float = 10.0  # ... and at least γ above every irrelevant input
-    act_ratio: float = 0.88  # [EasyEdit] threshold = act_ratio × the smallest Δ_act of a memory's edits
-    shard_edits: int = 500  # [EasyEdit save_freq] edits per shard (a new random mask each)
-    merge_edits: int = 1000  # [EasyEdit merge_freq] shards closed in this many edits are Ties-merged
-    retrieve: bool = True  # [EasyEdit yaml] keep merged memories apart (WISE-Retrieve); false: one (WISE-Merge)
-    density: float = 0.53  # [EasyEdit densities] Ties: share of each shard's largest changes kept
-    prefixes: int = 10  # [EasyEdit/ROME] random-prefix copies of each edit prompt (0: none)
-    irrelevant_per_edit: int = 1  # [EasyEdit: one locality prompt per edit] model-written texts [choice]
-    layer_fraction: float = 0.87  # [paper] default layer = round(fraction · (num_layers − 1)): 27 of 32
+    layer: int | None = option(None, "decoder layer whose FFN down-projection gets the side memory; null: the one "
+                                     "`layer_fraction` gives")
+    layer_fraction: float = layer_fraction_option(0.87, "[paper] index 27 of LLaMA2-7B's 0..31")
+    lr: float = option(1.0, "[EasyEdit edit_lr] learning rate")
+    optimizer: str = option("sgd", "[EasyEdit] sgd | adam | adamw")
+    max_steps: int = option(70, "[EasyEdit n_iter] optimisation steps per batch")
+    early_stop: bool = option(False, "[EasyEdit] all n_iter steps: the margins keep training after the answer is "
+                                     "right")
+    mask_ratio: float = option(0.2, "[EasyEdit] share of the side memory's elements a shard may change")
+    norm_constraint: float = option(1.0, "[EasyEdit] every element of W_side − W stays within ±this")
+    alpha: float = option(5.0, "[EasyEdit act_margin] irrelevant inputs: Δ_act below α")
+    beta: float = option(20.0, "[EasyEdit act_margin] edit inputs: Δ_act above β")
+    gamma: float = option(10.0, "[EasyEdit act_margin] edit inputs: Δ_act at least γ above every irrelevant input")
+    act_ratio: float = option(0.88, "[EasyEdit] a memory's threshold is act_ratio × the smallest Δ_act of its edits")
+    shard_edits: int = option(500, "[EasyEdit save_freq] edits per shard (a new random mask each)")
+    merge_edits: int = option(1000, "[EasyEdit merge_freq] shards closed in this many edits are Ties-merged")
+    retrieve: bool = option(True, "[EasyEdit yaml] keep merged memories apart (WISE-Retrieve); false: one "
+                                  "(WISE-Merge)")
+    density: float = option(0.53, "[EasyEdit densities] Ties: share of each shard's largest changes kept")
+    prefixes: int = option(10, "[EasyEdit/ROME] random-prefix copies of each edit prompt (0: none)")
+    irrelevant_per_edit: int = option(1, "[choice; EasyEdit: one locality prompt per edit] model-written texts per "
+                                         "edit that must not activate the side memory")
 
     def validate(self) -> None:
         super().validate()
@@ -116,8 +121,6 @@ class WISEConfig(MethodConfig):
             raise UserError(f"optimizer must be sgd, adam or adamw (got {self.optimizer!r})")
         if self.irrelevant_per_edit < 1:
             raise UserError(f"irrelevant_per_edit must be ≥ 1 (got {self.irrelevant_per_edit})")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise UserError(f"layer_fraction must be in [0, 1] (got {self.layer_fraction})")
 
 
 def activation(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float)
 
 
 class WiseLayer(nn.Module):
-    """The frozen target module with side memories; same shape as `MoEBypass` for `Injection`.
+    """The frozen target module with side memories; a `WrappedLayer` for `Injection`.
 
     `memories` (closed and merged, frozen) and `current` (the open shard, trained) are changes of the
     module's weight, applied as `x·Dᵀ` beside the untouched base output (a Linear or a GPT-2 Conv1D alike).
@@ -168,6 +171,7 @@ class WiseLayer(nn.Module):
         self.context = context
         self.act_ratio = act_ratio
         self.enabled = True
+        self.matcher: KeyMatcher | None = None  # routes by activation, not by a key matcher
         self.editing = False  # training: every row runs the open shard's side memory
         device = next(base.parameters()).device
         self.current = nn.Parameter(torch.zeros(d_out, d_in, device=device), requires_grad=False)
@@ -259,7 +263,7 @@ class WISE(EditMethod):
 
     def __init__(self, loaded: LoadedModel, config: WISEConfig, seed: int = 0) -> None:
         super().__init__(loaded, config, seed)
-        target = self.locate(config.layer_fraction)
+        target = self.locate()
         self.wise = WiseLayer(target, self.d_in, self.d_out, self.new_context(), config.act_ratio)
         self.wise.eval()
         self.injection: Injection | None = Injection(loaded.model, self.target_name, self.wise)
@@ -274,17 +278,13 @@ class WISE(EditMethod):
         tok, model = self.loaded.tokenizer, self.loaded.model
         item = prompt_only(tok, start)
         n0 = len(item.ids)
-        old = self.wise.enabled
-        self.wise.enabled = False
-        try:
+        with bypass_disabled(self.wise):
             for _ in range(tokens):
                 batch = collate([item], pad_id_of(tok)).to(self.loaded.device)
                 logits = forward(model, batch)[0, -1].float().cpu()
                 top = torch.topk(logits, TOP_K_SAMPLING)
                 pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
                 item.ids.append(int(top.indices[pick]))
-        finally:
-            self.wise.enabled = old
         return start + tok.decode(item.ids[n0:], skip_special_tokens=True)
 
     def _texts(self) -> tuple[list[str], list[str]]:
