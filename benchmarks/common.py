@@ -145,6 +145,18 @@ def meta_lines(m: dict) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------ time
+def timed(fn, reps: int = 5, stat: str = "min") -> float:
+    """Seconds one call of `fn()` takes: the minimum (or `stat="median"`) of `reps` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) if stat == "min" else sorted(times)[len(times) // 2]
+
+
 # ------------------------------------------------------------------ memory
 def peak_rss_mb() -> float | None:
     """This process's peak resident set (VmHWM) in MB."""

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     reset_peak_rss,
     results_dir,
     rss_mb,
+    timed,
     write_results,
 )
 
@@ -197,7 +198,7 @@ def routing(cfg) -> list[dict]:
             def torch_search(qt=qt, kt=kt):
                 return (torch.nn.functional.normalize(qt, dim=-1) @ kt.T).max(-1)
 
-            row["torch_ms_per_query"] = _time(torch_search) / N_QUERIES
+            row["torch_ms_per_query"] = timed(torch_search) * 1e3 / N_QUERIES
             exact = torch_search()[1].numpy()
             del kt
             for kind in ("flat", "hnsw"):
@@ -210,7 +211,7 @@ def routing(cfg) -> list[dict]:
                 t = time.perf_counter()
                 store.add(keys, np.arange(n))
                 row[f"{kind}_build_s"] = time.perf_counter() - t
-                row[f"{kind}_ms_per_query"] = _time(lambda s=store, q=q: s.search(q, 1)) / N_QUERIES
+                row[f"{kind}_ms_per_query"] = timed(lambda s=store, q=q: s.search(q, 1)) * 1e3 / N_QUERIES
                 ids = store.search(q, 1)[1][:, 0]
                 row[f"{kind}_recall@1"] = float((ids == exact).mean())
                 row[f"{kind}_vs_torch"] = row[f"{kind}_ms_per_query"] / row["torch_ms_per_query"]
@@ -221,15 +222,6 @@ def routing(cfg) -> list[dict]:
     return rows
 
 
-def _time(fn, reps: int = 5) -> float:
-    """Best of `reps` runs, in ms (after one warm-up run)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts) * 1e3
 
 
 # ------------------------------------------------------------------ 4: SCEN stage 2
@@ -246,14 +238,14 @@ def scen_stage2(loaded, records, cfg) -> list[dict]:
         stage2: list[float] = []
         n_neg: list[int] = []
 
-        def timed(pos, neg, real=real, stage2=stage2, n_neg=n_neg):
+        def timed_neuron(pos, neg, real=real, stage2=stage2, n_neg=n_neg):
             t = time.perf_counter()
             w = real(pos, neg)
             stage2.append(time.perf_counter() - t)
             n_neg.append(int(neg.shape[0]))
             return w
 
-        meth._train_neuron = timed
+        meth._train_neuron = timed_neuron
         total: list[float] = []
         for i, r in enumerate(records[:T]):
             t = time.perf_counter()
@@ -293,7 +285,7 @@ def scen_neuron_scaling(loaded, cfg) -> list[dict]:
                     pos = torch.randn(1, d, generator=gen)
                     neg = torch.randn(k, d, generator=gen)
                     row[f"{label}_negatives"] = k
-                    row[f"{label}_ms"] = _time(lambda p=pos, n=neg: meth._train_neuron(p, n), reps=3)
+                    row[f"{label}_ms"] = timed(lambda p=pos, n=neg: meth._train_neuron(p, n), reps=3) * 1e3
                 row["all_vs_capped"] = row["all_ms"] / row["capped_ms"]
                 log(f"SCEN neuron | width {d}, position {i}: capped {row['capped_ms']:.1f} ms, "
                     f"all {row['all_ms']:.1f} ms")

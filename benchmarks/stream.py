@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     meta,
     peak_rss_mb,
     portable,
+    timed,
     write_json,
 )
 
@@ -106,6 +107,108 @@ def edit(args) -> None:
     run_edits(spec, progress, resume=resume)
 
 
+def _segments(marks: list[dict], mark: int) -> list[dict]:
+    """Per-edit edit time of each segment of `mark` edits (from the checkpoints' cumulative edit time), its
+    ratio to the first segment's, adapter size and peak RSS at the segment's end."""
+    rows, prev = [], {"edits": 0, "edit_seconds": 0.0}
+    for m in sorted(marks, key=lambda m: m["edits"]):
+        n = m["edits"] - prev["edits"]
+        per_edit = (m["edit_seconds"] - prev["edit_seconds"]) / n if n else None
+        rows.append({"edits": m["edits"], "s_per_edit": per_edit, "adapter_mb": m["adapter_bytes"] / 2**20,
+                     "peak_rss_mb": m["peak_rss_mb"]})
+        prev = m
+    first = rows[0]["s_per_edit"] if rows else None
+    for r in rows:
+        r["vs_first"] = r["s_per_edit"] / first if first and r["s_per_edit"] else None
+    return rows
+
+
+
+
+def _median(fn) -> float:
+    return timed(fn, reps=3, stat="median")
+
+
+def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dict:
+    """Forward time with the adapter over the bare model's, on prompts half of which name an edited entity
+    and on prompts naming none; generation tokens/s with the adapter over without (16 new tokens each)."""
+    import torch
+
+    from moecli.engine.adapters import load_edited
+
+    tok, model = loaded.tokenizer, loaded.model
+    half = edited[: len(edited) // 2] + other[: len(other) // 2]
+
+    def forward(prompts: list[str]) -> None:
+        with torch.no_grad():
+            for i in range(0, len(prompts), 10):
+                enc = tok(prompts[i : i + 10], return_tensors="pt", padding=True)
+                model(**enc)
+
+    def generate() -> None:
+        with torch.no_grad():
+            enc = tok(half[:10], return_tensors="pt", padding=True, padding_side="left")
+            model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+
+    bare = {"half": _median(lambda: forward(half)), "none": _median(lambda: forward(other)), "gen": _median(generate)}
+    method = load_edited(loaded, adapter)
+    try:
+        routes = method.routes(other)
+        ours = {"half": _median(lambda: forward(half)), "none": _median(lambda: forward(other)),
+                "gen": _median(generate)}
+    finally:
+        method.remove()
+    return {"forward_half_ratio": ours["half"] / bare["half"], "forward_none_ratio": ours["none"] / bare["none"],
+            "generate_tokens_per_s_ratio": bare["gen"] / ours["gen"],
+            "none_prompts_routed": sum(r is not None for r in routes), "prompts": len(half)}
+
+
+def measure(args) -> None:
+    """Figures of every mark the stream has passed; each is written as soon as it is measured."""
+    from moecli.data.readers import read_records
+    from moecli.engine.evaluate import evaluate_model
+    from moecli.model.loading import load_model
+    from moecli.model.sources import resolve_model
+
+    work = Path(args.work)
+    state = _load(Path(args.results) / "marks.json")
+    marks = sorted(state.get("marks", []), key=lambda m: m["edits"])
+    if not marks:
+        raise SystemExit(f"no marks in {args.results}: run `stream.py edit` first")
+    out_file = Path(args.results) / "stream.json"
+    result = _load(out_file) or {"meta": state["meta"], "overhead": {}, "quality": {}}
+    result["segments"] = _segments(marks, args.mark)
+    write_json(out_file, result)
+    model_path = resolve_model(args.model)
+    records = _records(args)
+    stream_ids = {r.id for r in records}
+    other = [r.prompt for r in read_records(DATA_DIR / "counterfact_train.json", limit=400).records
+             if r.id not in stream_ids][:100]
+    loaded = load_model(model_path)
+    for m in marks:
+        key = str(m["edits"])
+        if key not in result["overhead"]:
+            edited = [r.prompt for r in records[: m["edits"]]][-100:]
+            result["overhead"][key] = _overhead(loaded, work / "marks" / key, edited, other)
+            write_json(out_file, result)
+            print(f"overhead at {key}: {result['overhead'][key]}", flush=True)
+    first, last = marks[0]["edits"], marks[-1]["edits"]
+    step = max(1, last // args.sample)
+    jobs = {f"first{first}@{first}": (records[:first], first), f"first{first}@{last}": (records[:first], last),
+            f"spread{args.sample}@{last}": (records[:last:step][: args.sample], last)}
+    for key, (part, at) in jobs.items():
+        if key in result["quality"]:
+            continue
+        report = evaluate_model(model_path, part, data=f"{args.data} ({key})", data_format="counterfact",
+                                adapter=work / "marks" / str(at), generation=True)
+        s = report["summary"]
+        result["quality"][key] = {k: s.get(k) for k in ("rel", "gen", "loc", "rel_free_exact", "gen_free_exact",
+                                                        "loc_by_group", "loc_free", "routing")}
+        result["quality"][key]["seconds"] = report["timings"]["total"]
+        write_json(out_file, result)
+        print(f"quality {key}: {result['quality'][key]}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=["edit", "measure"])
@@ -117,11 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="lemoe")
     parser.add_argument("--work", default=str(REPO / "runs" / "stream-10000"))
     parser.add_argument("--results", default=str(OUT))
+    parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
     args = parser.parse_args(argv)
     if args.phase == "edit":
         edit(args)
     else:
-        raise SystemExit("measure: not written yet")
+        measure(args)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import run_moecli
 from torch import nn
 
 from moecli.adapter.bypass import BypassOptions, MoEBypass, WrappedLayer
-from moecli.cli.app import main
 from moecli.engine.recipes import RECIPES_DIR, build_config, default_recipe_text, describe_options, read_recipe
 from moecli.errors import UserError
 from moecli.methods import METHOD_NAMES, get_method
@@ -88,12 +88,6 @@ def test_every_key_of_a_shipped_recipe_is_an_option_with_its_help_above_it(path)
         assert comments[key].split() == fields[key].metadata["help"].split(), f"{path.name}: {key}"
 
 
-def _run(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
 
 
 @pytest.mark.parametrize(("args", "method"), [
@@ -104,7 +98,7 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     (["batch-edit", "--set", "help"], "memoe"),
 ])
 def test_set_help_lists_the_chosen_methods_options_and_exits_0(capsys, args, method):
-    code, out, err = _run(args, capsys)
+    code, out, err = run_moecli(args, capsys)
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].startswith(f"{method} options")
@@ -116,12 +110,12 @@ def test_set_help_lists_the_chosen_methods_options_and_exits_0(capsys, args, met
 
 
 def test_edit_help_tells_of_set_help(capsys):
-    code, out, _ = _run(["edit", "--help"], capsys)
+    code, out, _ = run_moecli(["edit", "--help"], capsys)
     assert code == 0 and "--set help" in " ".join(out.replace("│", " ").split())
 
 
 def test_set_help_with_an_unknown_method_is_a_one_line_error(capsys):
-    code, _, err = _run(["edit", "--set", "help", "--method", "nope"], capsys)
+    code, _, err = run_moecli(["edit", "--set", "help", "--method", "nope"], capsys)
     assert code == 2 and "nope" in err
 
 

@@ -10,13 +10,10 @@ import typer
 from moecli.cli.options import DataOpt, EditingOptions, editing_command
 from moecli.cli.output import (
     Interrupted,
-    check_gates,
     check_out_dir,
     default_out_dir,
-    emit_json,
-    err_console,
+    finish,
     load_records,
-    print_metrics,
     progress_reporter,
     resolve_model_path,
 )
@@ -105,13 +102,9 @@ def _execute(spec, as_json: bool, quiet: bool, resume: bool = False, gates: dict
                        f"once there is room, `moecli lifelong --resume {spec.out_dir}` writes the report") from exc
     if report.get("retention"):
         plot_retention(report["retention"], spec.out_dir / "retention.png", f"{spec.method} retention")
-    if as_json:
-        emit_json(report["summary"])
-    elif not quiet:
-        print_metrics(report["columns"], f"{spec.method} · {len(spec.records)} edits · batch {spec.batch_size} · "
-                                         f"{Path(spec.model_path).name}")
-        err_console.print(f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}", markup=False)
-    check_gates(report, gates or {}, junit)
+    finish(report, f"adapter: {report['adapter']}\nreports: {json_path}  {md_path}",
+           f"{spec.method} · {len(spec.records)} edits · batch {spec.batch_size} · {Path(spec.model_path).name}",
+           as_json=as_json, quiet=quiet, gates=gates or {}, junit=junit)
 
 
 def _interrupted_message(out_dir: Path) -> str:

@@ -13,58 +13,36 @@ from rich.table import Table
 from moecli.cli.options import (
     ChatOpt,
     DataOpt,
-    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
-    EvalBatchOpt,
-    FailUnderOpt,
-    FormatOpt,
-    GenerateOpt,
+    EvalOptions,
     JsonOpt,
-    JunitOpt,
-    LimitOpt,
-    ModelOpt,
+    ModelOptions,
     OutOpt,
-    QuietOpt,
-    SameSubjectOpt,
+    OutputOptions,
+    ReadOptions,
     SeedOpt,
-    SkipOpt,
+    grouped,
 )
 from moecli.cli.output import (
-    check_gates,
     check_out_dir,
     default_out_dir,
-    emit_json,
     err_console,
+    finish,
     load_records,
     out_console,
-    print_metrics,
     progress_reporter,
     resolve_model_path,
 )
 from moecli.errors import UserError
 
 
+@grouped(read=ReadOptions, model=ModelOptions, evaluation=EvalOptions, output=OutputOptions)
 def evaluate(
     data: DataOpt,
-    model: ModelOpt = None,
     adapter: Annotated[Path | None, typer.Option("--adapter", help="An adapter checkpoint directory to load.")] = None,
-    fmt: FormatOpt = None,
-    skip_invalid: SkipOpt = False,
-    limit: LimitOpt = None,
     out: OutOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    eval_batch_size: EvalBatchOpt = 64,
-    generate: GenerateOpt = True,
-    chat: ChatOpt = False,
-    same_subject: SameSubjectOpt = 0,
-    fail_under: FailUnderOpt = None,
-    junit: JunitOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, read: ReadOptions, model: ModelOptions, evaluation: EvalOptions, output: OutputOptions,
 ) -> None:
     """Measure a model (optionally with an adapter) on edit records: Known, Rel, Gen, Loc, Port.
 
@@ -73,8 +51,7 @@ def evaluate(
     """
     from moecli.engine.reports import check_report_free, parse_fail_under, write_report
 
-    gates = parse_fail_under(fail_under)
-    quiet = quiet or as_json
+    gates = parse_fail_under(evaluation.fail_under)
     out_dir = out or default_out_dir("evaluate")
     check_out_dir(out_dir)
     check_report_free(out_dir)
@@ -82,22 +59,20 @@ def evaluate(
         from moecli.engine.checkpoint import resolve_adapter_dir
 
         adapter = resolve_adapter_dir(adapter)
-    read = load_records(data, fmt, skip_invalid, limit, same_subject, what="valid records to evaluate")
+    found = load_records(data, read.fmt, read.skip_invalid, read.limit, evaluation.same_subject,
+                         what="valid records to evaluate")
     # Imported only now (torch + transformers take seconds): a bad --data file is reported at once.
     from moecli.engine.evaluate import evaluate_model
 
-    with progress_reporter(not quiet) as progress:
-        report = evaluate_model(resolve_model_path(model, quiet), read.records, data=str(data),
-                                data_format=read.format, adapter=adapter, device=device, dtype=dtype,
-                                device_map=device_map, eval_batch_size=eval_batch_size, generation=generate,
-                                chat=chat, skipped=read.skipped, seed=seed, progress=progress)
+    with progress_reporter(not output.silent) as progress:
+        report = evaluate_model(resolve_model_path(model.model, output.silent), found.records, data=str(data),
+                                data_format=found.format, adapter=adapter, device=model.device, dtype=model.dtype,
+                                device_map=model.device_map, eval_batch_size=evaluation.eval_batch_size,
+                                generation=evaluation.generate, chat=evaluation.chat, skipped=found.skipped,
+                                seed=output.seed, progress=progress)
     json_path, md_path = write_report(out_dir, report)
-    if as_json:
-        emit_json(report["summary"])
-    elif not quiet:
-        print_metrics(report["columns"], f"{len(read.records)} records · {Path(report['model']).name}")
-        err_console.print(f"reports: {json_path}  {md_path}", markup=False)
-    check_gates(report, gates, junit)
+    finish(report, f"reports: {json_path}  {md_path}", f"{len(found.records)} records · {Path(report['model']).name}",
+           as_json=output.as_json, quiet=output.quiet, gates=gates, junit=evaluation.junit)
 
 
 def ask(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
@@ -134,13 +134,69 @@ LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate of the 
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Maximum training steps per batch.")]
 
 
+# ---------------------------------------------------------------- option groups
+# Options several commands share come in groups, each a dataclass (its defaults) with a table of its flags
+# (`FLAGS`: field -> the Annotated option). `grouped` gives a command every option of the groups it names
+# and hands each group to it as one argument, so a shared option is declared once and added in one place.
+
+
 @dataclass
-class EditingOptions:
-    """The options `edit`, `batch-edit` and `lifelong` share, declared once (`EDITING_OPTIONS`)."""
+class ReadOptions:
+    """How --data is read."""
 
     fmt: str | None = None
     skip_invalid: bool = False
     limit: int | None = None
+    FLAGS: ClassVar[dict[str, object]] = {"fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt}
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and where it runs."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    FLAGS: ClassVar[dict[str, object]] = {"model": ModelOpt, "device": DeviceOpt, "dtype": DtypeOpt,
+                                          "device_map": DeviceMapOpt}
+
+
+@dataclass
+class EvalOptions:
+    """How a run is measured and checked."""
+
+    eval_batch_size: int = 64
+    generate: bool = True
+    chat: bool = False
+    same_subject: int = 0
+    fail_under: str | None = None
+    junit: Path | None = None
+    FLAGS: ClassVar[dict[str, object]] = {"eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt,
+                                          "same_subject": SameSubjectOpt, "fail_under": FailUnderOpt,
+                                          "junit": JunitOpt}
+
+
+@dataclass
+class OutputOptions:
+    """What is printed, and the seed."""
+
+    as_json: bool = False
+    quiet: bool = False
+    seed: int = 0
+    FLAGS: ClassVar[dict[str, object]] = {"as_json": JsonOpt, "quiet": QuietOpt, "seed": SeedOpt}
+
+    @property
+    def silent(self) -> bool:
+        """No progress bars or tables: --quiet, or --json (whose stdout is the JSON alone)."""
+        return self.quiet or self.as_json
+
+
+@dataclass
+class EditingOptions(ReadOptions, ModelOptions, EvalOptions, OutputOptions):
+    """Every option of `edit`, `batch-edit` and `lifelong`: the shared groups, plus what they edit with and
+    where the run goes."""
+
     method: str | None = None
     recipe: Path | None = None
     sets: list[str] | None = None
@@ -148,57 +204,44 @@ class EditingOptions:
     expert_form: str | None = None
     lr: float | None = None
     max_steps: int | None = None
-    model: str | None = None
     adapter: Path | None = None
     out: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None
-    eval_batch_size: int = 64
-    generate: bool = True
-    chat: bool = False
-    same_subject: int = 0
-    fail_under: str | None = None
-    junit: Path | None = None
-    as_json: bool = False
-    quiet: bool = False
-    seed: int = 0
+    FLAGS: ClassVar[dict[str, object]] = {
+        "method": Annotated[str | None, typer.Option(
+            "--method", help="memoe, lemoe, scen, ft, lora, grace, wise or locft (default: the recipe's, else memoe; "
+                             "lifelong: lemoe).", callback=show_set_help, is_eager=True)],
+        "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
+        "max_steps": StepsOpt,
+        "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],
+        "out": OutOpt, **ReadOptions.FLAGS, **ModelOptions.FLAGS, **EvalOptions.FLAGS, **OutputOptions.FLAGS,
+    }
 
 
-EDITING_OPTIONS: dict[str, object] = {
-    "fmt": FormatOpt, "skip_invalid": SkipOpt, "limit": LimitOpt,
-    "method": Annotated[str | None, typer.Option(
-        "--method", help="memoe, lemoe, scen, ft, lora, grace, wise or locft (default: the recipe's, else memoe; "
-                         "lifelong: lemoe).", callback=show_set_help, is_eager=True)],
-    "recipe": RecipeOpt, "sets": SetOpt, "layer": LayerOpt, "expert_form": ExpertFormOpt, "lr": LrOpt,
-    "max_steps": StepsOpt, "model": ModelOpt,
-    "adapter": Annotated[Path | None, typer.Option("--adapter", help="Continue an existing adapter.")],
-    "out": OutOpt, "device": DeviceOpt, "dtype": DtypeOpt, "device_map": DeviceMapOpt,
-    "eval_batch_size": EvalBatchOpt, "generate": GenerateOpt, "chat": ChatOpt, "same_subject": SameSubjectOpt,
-    "fail_under": FailUnderOpt,
-    "junit": JunitOpt, "as_json": JsonOpt, "quiet": QuietOpt, "seed": SeedOpt,
-}
-
-
-def editing_command(fn):
-    """Give an editing command every option of `EditingOptions` (its own options come first); the
-    command receives them as one `opts` argument, so a new shared option is added in one place."""
+def grouped(**groups: type):
+    """Give a command every option of the named groups (after its own options); the command receives each group
+    as one argument of that name, e.g. `@grouped(read=ReadOptions)` → `def cmd(..., *, read: ReadOptions)`."""
     import functools
     import inspect
     import typing
 
-    defaults = EditingOptions()
-    hints = typing.get_type_hints(fn, include_extras=True)  # this module's annotations are strings
-    own = [p.replace(annotation=hints.get(p.name, p.annotation))
-           for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                default=getattr(defaults, name)) for name, kind in EDITING_OPTIONS.items()]
+    def wrap(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)  # the commands' annotations are strings
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.name not in groups]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                    default=getattr(group(), name))
+                  for group in groups.values() for name, kind in group.FLAGS.items()]
 
-    @functools.wraps(fn)
-    def command(**kwargs):
-        opts = EditingOptions(**{name: kwargs.pop(name) for name in EDITING_OPTIONS})
-        return fn(**kwargs, opts=opts)
+        @functools.wraps(fn)
+        def command(**kwargs):
+            made = {key: group(**{name: kwargs.pop(name) for name in group.FLAGS}) for key, group in groups.items()}
+            return fn(**kwargs, **made)
 
-    command.__signature__ = inspect.Signature(own + shared)
-    command.__annotations__ = {**{p.name: p.annotation for p in own}, **EDITING_OPTIONS}
-    return command
+        command.__signature__ = inspect.Signature(own + shared)
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return command
+
+    return wrap
+
+
+editing_command = grouped(opts=EditingOptions)

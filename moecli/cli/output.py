@@ -177,3 +177,15 @@ def check_gates(report: dict, gates: dict[str, float], junit: Path | None) -> No
         for line in short:
             err_console.print(f"moecli: fail-under: {line}", markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def finish(report: dict, paths: str, title: str, *, as_json: bool, quiet: bool, gates: dict[str, float],
+           junit: Path | None) -> None:
+    """After a job has written its report: the summary as JSON (`--json`) or the metrics table and where the
+    files are, then the `--junit` file and the `--fail-under` gates (exit 1 under a bound)."""
+    if as_json:
+        emit_json(report["summary"])
+    elif not quiet:
+        print_metrics(report["columns"], title)
+        err_console.print(paths, markup=False)
+    check_gates(report, gates, junit)

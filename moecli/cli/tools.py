@@ -12,20 +12,17 @@ from rich.table import Table
 
 from moecli.cli.options import (
     DataOpt,
-    DeviceOpt,
-    DtypeOpt,
     FormatOpt,
-    JsonOpt,
-    LimitOpt,
-    ModelOpt,
-    QuietOpt,
-    SeedOpt,
-    SkipOpt,
+    ModelOptions,
+    OutputOptions,
+    ReadOptions,
+    grouped,
 )
 from moecli.cli.output import err_console, load_records, note, out_console, progress_reporter, resolve_model_path
 from moecli.errors import RunError, UserError
 
 
+@grouped(model=ModelOptions, output=OutputOptions)
 def calibrate(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", help="Train-split records (repeat for several files); never the records you evaluate on. "
@@ -53,12 +50,7 @@ def calibrate(
         help="Share of held-out other questions about the same subject the threshold lets through "
              "(default: moecli.routing.question.FALSE_MATCH_RATE).")] = None,
     fmt: FormatOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, model: ModelOptions, output: OutputOptions,
 ) -> None:
     """Train a question encoder for --model on train records: the learned same-question test of the key
     matcher (recipe: query_feature: learned, question_encoder: FILE). Measures it on a held-out fifth of the
@@ -68,14 +60,15 @@ def calibrate(
     from moecli.engine.calibration import calibration_sources
     from moecli.engine.calibration import install as install_key
 
-    picked, groups, labels = calibration_sources(data, list(records or []), same_subject, seed, fmt)
+    picked, groups, labels = calibration_sources(data, list(records or []), same_subject, output.seed, fmt)
     from moecli.model.loading import load_model
     from moecli.routing.question import FALSE_MATCH_RATE
     from moecli.routing.question import calibrate as train
 
-    loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
-    with progress_reporter(not (quiet or as_json)) as progress:
-        encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=seed, sources=labels,
+    loaded = load_model(resolve_model_path(model.model, output.silent), device=model.device, dtype=model.dtype,
+                        device_map=model.device_map)
+    with progress_reporter(not output.silent) as progress:
+        encoder = train(loaded, picked, layers=layer, dim=dim, hidden=hidden, seed=output.seed, sources=labels,
                         progress=progress, text=text, groups=groups,
                         false_match_rate=FALSE_MATCH_RATE if false_match_rate is None else false_match_rate)
     if out is not None:
@@ -85,7 +78,7 @@ def calibrate(
             raise RunError(f"--out {out}: cannot write it: {exc.strerror or exc}") from exc
     if install or out is None:
         install_key(encoder)  # both kinds (text, layers alone) may be installed: find_encoder picks
-    _print_key(encoder.info, out, as_json)
+    _print_key(encoder.info, out, output.as_json)
 
 
 def _print_key(info: dict, out: Path | None, as_json: bool) -> None:
@@ -104,6 +97,7 @@ def _print_key(info: dict, out: Path | None, as_json: bool) -> None:
     err_console.print("\n".join(lines), markup=False)
 
 
+@grouped(read=ReadOptions, model=ModelOptions, output=OutputOptions)
 def plan_order(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Where to write the planned records (moecli JSONL).")],
@@ -111,15 +105,7 @@ def plan_order(
     embedder: Annotated[
         str, typer.Option("--embedder", help="anchor (the model's input embeddings over the subject) | minilm.")
     ] = "anchor",
-    fmt: FormatOpt = None,
-    skip_invalid: SkipOpt = False,
-    limit: LimitOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    seed: SeedOpt = 0,
+    *, read: ReadOptions, model: ModelOptions, output: OutputOptions,
 ) -> None:
     """Plan a clustering-based editing order (LEMoE): k-means over edit embeddings, batches of
     similar edits, consecutive batches dissimilar. Writes the records in planned order with their
@@ -128,19 +114,20 @@ def plan_order(
 
     if embedder not in EMBEDDERS:
         raise UserError(f"--embedder {embedder!r}: choose {', '.join(EMBEDDERS)}")
-    read = load_records(data, fmt, skip_invalid, limit)
+    found = load_records(data, read.fmt, read.skip_invalid, read.limit)
     loaded = None
     if embedder == "anchor":
         from moecli.model.loading import load_model
 
-        loaded = load_model(resolve_model_path(model, quiet or as_json), device=device, dtype=dtype)
-    plan = plan_batches(read.records, batch_size, loaded=loaded, seed=seed, embedder=embedder)
+        loaded = load_model(resolve_model_path(model.model, output.silent), device=model.device, dtype=model.dtype,
+                            device_map=model.device_map)
+    plan = plan_batches(found.records, batch_size, loaded=loaded, seed=output.seed, embedder=embedder)
     write_plan(plan, out)
     stats = plan.stats
-    if as_json:
+    if output.as_json:
         sys.stdout.write(json.dumps(stats) + "\n")
         return
-    table = Table(title=f"{len(read.records)} records · batches of {batch_size} · {embedder} embeddings")
+    table = Table(title=f"{len(found.records)} records · batches of {batch_size} · {embedder} embeddings")
     table.add_column("order")
     table.add_column("within batches", justify="right")
     table.add_column("between consecutive", justify="right")
