@@ -58,3 +58,30 @@ class _Interrupt(Exception):
 @pytest.mark.parametrize("when", ["after_save", "mid_batch"])
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_dir, tmp_path, monkeypatch, when):
     assert_resume_is_exact(lambda out: _spec(tiny_dir, out), tmp_path, monkeypatch, when)
+
+
+def test_context_prefixes_train_each_edit_behind_prefixes_the_unedited_model_writes(tiny_dir, tmp_path):
+    """`context_prefixes: 2`: every edit is trained as written and behind two prefixes; the prefixes are the
+    unedited model's text, the same for the same seed (a resumed run trains the same pairs), each ending in
+    ". "; the edits still hold."""
+    from moecli.adapter import augment
+    from moecli.methods.lemoe import LEMoE
+    from moecli.model.loading import load_model
+
+    loaded = load_model(tiny_dir)
+    config = build_config("lemoe", overrides={**FAST, "context_prefixes": 2})
+    one = LEMoE(loaded, config, seed=3)
+    pairs = one.edit_pairs(RECORDS[:2])
+    one.remove()
+    two = LEMoE(loaded, config, seed=3)
+    assert pairs == two.edit_pairs(RECORDS[:2]) and len(pairs) == 6
+    two.remove()
+    prefixes = [p[: -len(RECORDS[0].prompt)] for p, _ in pairs[1:3]]
+    assert all(p.endswith(". ") and p[:-2].strip() for p in prefixes) and prefixes[0] != prefixes[1]
+    assert all(p.startswith(s) for p, s in zip(prefixes, augment.PREFIX_STARTS))
+    assert [t for _, t in pairs] == [RECORDS[0].target] * 3 + [RECORDS[1].target] * 3
+    spec = _spec(tiny_dir, tmp_path / "run")
+    spec.config = config
+    report = run_edits(spec)
+    assert report["summary"]["rel"] == 1.0
+    assert load_checkpoint(tmp_path / "run").config["context_prefixes"] == 2

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moecli.adapter.augment import MAX_PREFIXES, context_prefixes
 from moecli.adapter.bypass import (
     EXPERT_FORMS,
     BypassOptions,
@@ -47,6 +48,9 @@ class BypassConfig(MethodConfig):
                                  "(other edits' questions put on this edit's entity)")
     retain_per_edit: int = option(2, "retain: swap: swapped prompts per edit")
     retain_weight: float = option(1.0, "retain: swap: weight of the loss that keeps their outputs")
+    context_prefixes: int = option(0, "[choice] copies of each edit prompt behind a random prefix the unedited "
+                                      "model writes (ROME's context templates), trained beside the prompt so that "
+                                      "the edit holds in other contexts, as a rephrasing reaching it needs; 0: none")
     positions: str = option("answer", "all | answer: edit every position, or only the last prompt token onwards "
                                       "(the entity's own tokens keep their representation)")
     key_substitution: bool = option(True, "[choice] a matched input's last prompt token uses the edit's own input, "
@@ -78,6 +82,8 @@ class BypassConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0 <= self.context_prefixes <= MAX_PREFIXES:
+            raise UserError(f"context_prefixes must be between 0 and {MAX_PREFIXES} (got {self.context_prefixes})")
         if self.expert_form not in EXPERT_FORMS:
             raise UserError(f"expert_form must be one of {', '.join(EXPERT_FORMS)} (got {self.expert_form!r})")
         if self.rank is not None and self.rank < 1:
@@ -338,6 +344,16 @@ class BypassMethod(EditMethod):
                 canon = tok(" " + r.subject, add_special_tokens=False)["input_ids"]
                 for ids in self._prompt_ids(r):
                     trie.add_exact(ids, canon)
+
+    def edit_pairs(self, records: list[EditRecord]) -> list[tuple[str, str]]:
+        """The (prompt, target) pairs a batch trains: each edit prompt, and `context_prefixes` copies of it behind
+        the run's prefixes (written once by the unedited model, seeded by the run's seed)."""
+        n = self.config.context_prefixes
+        if n and getattr(self, "_prefixes", None) is None:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + 17)
+            self._prefixes = context_prefixes(self.loaded, n, generator, lambda: bypass_disabled(self.bypass))
+        prefixes = ["", *self._prefixes] if n else [""]
+        return [(p + r.prompt, r.target) for r in records for p in prefixes]
 
     def retain_set(self, records: list[EditRecord]) -> RetainSet | None:
         """Subject-swapped prompts whose base outputs must be kept ([choice] `retain: swap`).

@@ -101,7 +101,7 @@ class LEMoE(BypassMethod):
         retain = self.retain_set(records)
         try:
             stats = train_on_pairs(
-                self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target) for r in records],
+                self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
                 self.config.train_config(), extra_loss=extra, retain=retain, train_modules=[self.bypass],
                 progress=progress, unedited=self.unedited(),
             )

@@ -87,7 +87,7 @@ class MEMoE(BypassMethod):
 
         try:
             stats = train_on_pairs(
-                self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target) for r in records],
+                self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
                 self.config.train_config(), extra_loss=aux, retain=retain, train_modules=[self.bypass],
                 progress=progress, unedited=None if weight > 0 else self.unedited(),  # that loss sees every token
             )

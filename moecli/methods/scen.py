@@ -143,7 +143,7 @@ class SCEN(BypassMethod):
             try:
                 with self.forced(expert_id):
                     params = self.trainable([self.bypass.experts[expert_id]])
-                    stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, [(r.prompt, r.target)],
+                    stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs([r]),
                                            c.train_config(optimizer="adam"), unedited=self.unedited())
             finally:
                 self.freeze([self.bypass])

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from moecli.adapter.augment import MAX_PREFIXES, context_prefixes, sample_text
 from moecli.adapter.bypass import Injection, bypass_disabled, flat_batch
 from moecli.adapter.training import Progress, train_on_pairs
 from moecli.data.records import EditRecord
@@ -66,11 +67,8 @@ from moecli.model.loading import LoadedModel
 from moecli.routing.context import AnchorContext, mean_embedding
 from moecli.routing.routers import KeyMatcher
 
-PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")  # [ROME/EasyEdit context templates]
-PREFIX_LENGTHS = (5, 10)  # tokens; one prefix per start and length [ROME: length_params [[5, 5], [10, 5]]]
 IRRELEVANT_STARTS = ("In", "A", "It", "This", "When", "There", "We", "He", "She", "My", "Our", "After")
 IRRELEVANT_TOKENS = 12
-TOP_K_SAMPLING = 5  # [ROME generate_fast] sample the next token from the 5 most likely
 
 
 @dataclass
@@ -114,8 +112,8 @@ class WISEConfig(MethodConfig):
         if self.shard_edits < 1 or self.merge_edits < self.shard_edits:
             raise UserError(f"shard_edits must be ≥ 1 and merge_edits ≥ shard_edits (got {self.shard_edits}, "
                             f"{self.merge_edits})")
-        if not 0 <= self.prefixes <= len(PREFIX_STARTS) * len(PREFIX_LENGTHS):
-            raise UserError(f"prefixes must be between 0 and {len(PREFIX_STARTS) * len(PREFIX_LENGTHS)} "
+        if not 0 <= self.prefixes <= MAX_PREFIXES:
+            raise UserError(f"prefixes must be between 0 and {MAX_PREFIXES} "
                             f"(got {self.prefixes})")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise UserError(f"optimizer must be sgd, adam or adamw (got {self.optimizer!r})")
@@ -273,28 +271,17 @@ class WISE(EditMethod):
 
     # -- texts the model writes itself
     @torch.no_grad()
-    def _sample(self, start: str, tokens: int, generator: torch.Generator) -> str:
-        """`start` continued by `tokens` tokens sampled from the unedited model's top 5 (ROME's generate_fast)."""
-        tok, model = self.loaded.tokenizer, self.loaded.model
-        item = prompt_only(tok, start)
-        n0 = len(item.ids)
-        with bypass_disabled(self.wise):
-            for _ in range(tokens):
-                batch = collate([item], pad_id_of(tok)).to(self.loaded.device)
-                logits = forward(model, batch)[0, -1].float().cpu()
-                top = torch.topk(logits, TOP_K_SAMPLING)
-                pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
-                item.ids.append(int(top.indices[pick]))
-        return start + tok.decode(item.ids[n0:], skip_special_tokens=True)
-
     def _texts(self) -> tuple[list[str], list[str]]:
         """(random prefixes, irrelevant texts), written once per run by the unedited model, seeded."""
         if self._prefix_texts is None:
             gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
-            prefixes = [self._sample(s, n, gen) for n in PREFIX_LENGTHS for s in PREFIX_STARTS]
-            # [ROME] "{prefix}. {prompt}", braces taken out of the generated text
-            self._prefix_texts = [p.replace("{", " ").replace("}", " ").strip() + ". " for p in prefixes]
-            self._irrelevant = [self._sample(s, IRRELEVANT_TOKENS, gen) for s in IRRELEVANT_STARTS for _ in range(2)]
+
+            def unedited():
+                return bypass_disabled(self.wise)
+
+            self._prefix_texts = context_prefixes(self.loaded, MAX_PREFIXES, gen, unedited)
+            self._irrelevant = [sample_text(self.loaded, s, IRRELEVANT_TOKENS, gen, unedited)
+                                for s in IRRELEVANT_STARTS for _ in range(2)]
         return self._prefix_texts[: self.config.prefixes], self._irrelevant
 
     # -- shards
