@@ -4,6 +4,7 @@ data and its sources, the embedded fact-world model; and no path of the machine 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -52,8 +53,9 @@ def installed(wheel, tmp_path_factory) -> Path:
 
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # pip must not see a checkout's moecli
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                           "--no-deps", "-q", wheel.filename], capture_output=True, text=True)
+                           "--no-deps", "-q", wheel.filename], capture_output=True, text=True, env=clean)
     if done.returncode != 0:
         pytest.skip(f"cannot install the wheel here: {done.stderr.strip().splitlines()[-1:]}")
     target = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path"
@@ -66,9 +68,9 @@ def installed(wheel, tmp_path_factory) -> Path:
 def test_the_installed_wheel_edits_with_a_recipe_by_name(installed, tmp_path):
     env = {"PATH": str(installed / "bin"), "HOME": str(tmp_path), "MOECLI_CACHE": str(tmp_path / "cache"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import moecli; print(moecli.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(installed)), where  # the wheel's moecli, not the repository's
+    done = subprocess.run([str(installed / "bin" / "python"), "-c", "import moecli; print(moecli.__file__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(str(installed)), done.stderr  # the wheel's moecli
     done = subprocess.run([str(installed / "bin" / "moecli"), "--help"], cwd=tmp_path, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0 and "lifelong" in done.stdout, done.stderr
