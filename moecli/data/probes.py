@@ -97,9 +97,9 @@ class RelationTest:
     _ in?"). Forms are joined transitively where records support it: a record's prompt and its rephrasings
     ask one relation, so two forms that are (prompt, rephrasing) of at least `support` records are joined,
     and so on through chains ("_ died at" ~ "_ expired at" through records that have one as prompt and the
-    other as rephrasing). Measured on 1000 `counterfact_train` records: without the joins a sixth of the
-    probes asked the record's own relation in other words ("_ was employed in" for "_ took up work in"),
-    and those were most of the probes a learned question key took for the same question. [choice]
+    other as rephrasing). Without the joins many probes ask the record's own relation in other words ("_ was
+    employed in" for "_ took up work in"), and a learned question key rightly takes those for the same
+    question, which would count as locality failures (figures: docs/design.md). [choice]
     `support` 2: with 1, forms CounterFact uses for several relations ("_ originated from") join languages,
     birthplaces and manufacturers into one class; with 2 the classes stay one kind of question each (work
     place, headquarters, death place, ...), the widest being the "_ is known for / is incredible at"
@@ -227,8 +227,8 @@ def without_edited_neighbours(records: Sequence[EditRecord],
     Why: CounterFact's neighbours of record i are other subjects asked i's relation; when one of them is
     the subject of record j of the same list and j asks that relation too ("What sport does Hank Aaron
     play?" among one record's neighbours, Hank Aaron's sport edited by another), the edited model *should*
-    answer it differently: the probe is j's rephrasing, not a locality probe. Measured on
-    `counterfact_edit.json` 0–999: 11 of the 26 neighbourhood misses of a LEMoE run were such. Same relation
+    answer it differently: the probe is j's rephrasing, not a locality probe (such probes were a large part of
+    a LEMoE run's neighbourhood misses; docs/design.md). Same relation
     by `RelationTest` (learned from `evidence`, see `relation_test`), names matched as whole names (`_names`).
     """
     test = relation_test(records, evidence)

@@ -23,9 +23,8 @@ def continues_name(decode: Callable[[list[int]], str], ids: list[int], end: int)
     """Whether the text after token `end - 1` goes on with the same name: a word piece ("Paris|ian") or a
     capitalised word or a number (" P12", " General Assembly").
 
-    [choice] Measured on SmolLM2's tokenizer: of 9967 prompts and rephrasings that contain their own
-    subject (`counterfact_train` 0–2999, `counterfact_edit` 0–999, ZsRE 2000–2999) 3 go on naming after
-    it (ZsRE: "Motormaster Part").
+    [choice] A subject followed by more of a name is another entity ("Motormaster Part"); real prompts
+    rarely do this (docs/design.md has the count), so the rule costs almost nothing.
     """
     if end >= len(ids):
         return False
