@@ -24,7 +24,7 @@ LATEST_TORCH ?= torch
 TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gemma demo test test-random test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real clean
+.PHONY: install install-gemma demo test test-random test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real bench-stream bench-stream-measure clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -96,6 +96,14 @@ bench-speed: $(STAMP)
 
 bench-speed-real: $(STAMP)
 	MOECLI_BENCH_THREADS=2 $(BIN)/python benchmarks/speed_real.py --full
+
+# The 10,000-edit lifelong stream on SmolLM2 (hours on 2 CPU cores): run it again to resume; marks every 1,000
+# edits in benchmarks/results/stream/marks.json, the figures of the marks with bench-stream-measure.
+bench-stream: $(STAMP)
+	$(BIN)/python benchmarks/stream.py edit
+
+bench-stream-measure: $(STAMP)
+	$(BIN)/python benchmarks/stream.py measure
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache .ruff_cache *.egg-info
