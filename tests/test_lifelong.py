@@ -85,3 +85,25 @@ def test_context_prefixes_train_each_edit_behind_prefixes_the_unedited_model_wri
     report = run_edits(spec)
     assert report["summary"]["rel"] == 1.0
     assert load_checkpoint(tmp_path / "run").config["context_prefixes"] == 2
+
+
+def test_prefixed_copies_reach_their_edit_while_training_and_leave_nothing_behind(tiny_dir):
+    """A prefixed copy the key would not match could not be trained: while its batch trains, the hash of each
+    copy as a forward sees it is pinned to its edit's row, as the edit prompt is; afterwards the matcher is as a
+    reloaded adapter's (nothing of it is saved)."""
+    from moecli.methods.lemoe import LEMoE
+    from moecli.model.loading import load_model
+
+    method = LEMoE(load_model(tiny_dir), build_config("lemoe", overrides={**FAST, "context_prefixes": 3}), seed=0)
+    records = RECORDS[:2]
+    method.register_anchors(records)
+    method.store_edits(records, [method.bypass.add_expert(method.generator)] * 2)
+    prefixed = [p + r.prompt for r in records for p in method.prefix_texts()]
+    before = dict(method.matcher._row_of_prompt)
+    with method.augmented_routes(records):
+        pinned = dict(method.matcher._row_of_prompt)
+        assert method.routes(prefixed) == [0, 0, 0, 1, 1, 1]
+        seen = list(method.context.prompt_hashes)  # the prompts' hashes as the routed forward computed them
+    assert [pinned.get(h) for h in seen] == [0, 0, 0, 1, 1, 1] and not set(seen) & set(before)
+    assert method.matcher._row_of_prompt == before
+    method.remove()

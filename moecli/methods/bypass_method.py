@@ -5,8 +5,11 @@ The baselines (FT-L, LoRA, GRACE, WISE, LocFT-BF) do not import it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -345,15 +348,32 @@ class BypassMethod(EditMethod):
                 for ids in self._prompt_ids(r):
                     trie.add_exact(ids, canon)
 
-    def edit_pairs(self, records: list[EditRecord]) -> list[tuple[str, str]]:
-        """The (prompt, target) pairs a batch trains: each edit prompt, and `context_prefixes` copies of it behind
-        the run's prefixes (written once by the unedited model, seeded by the run's seed)."""
+    def prefix_texts(self) -> list[str]:
+        """The run's `context_prefixes` prefixes, written once by the unedited model (seeded by the run's seed, so
+        a resumed run writes the same)."""
         n = self.config.context_prefixes
         if n and getattr(self, "_prefixes", None) is None:
             generator = torch.Generator().manual_seed(self.seed * 7919 + 17)
             self._prefixes = context_prefixes(self.loaded, n, generator, lambda: bypass_disabled(self.bypass))
-        prefixes = ["", *self._prefixes] if n else [""]
-        return [(p + r.prompt, r.target) for r in records for p in prefixes]
+        return self._prefixes if n else []
+
+    def edit_pairs(self, records: list[EditRecord]) -> list[tuple[str, str]]:
+        """The (prompt, target) pairs a batch trains: each edit prompt, and a copy of it behind each of the run's
+        `context_prefixes` prefixes."""
+        return [(p + r.prompt, r.target) for r in records for p in ["", *self.prefix_texts()]]
+
+    @contextmanager
+    def augmented_routes(self, records: list[EditRecord]) -> Iterator[None]:
+        """While `records` (the matcher's newest rows) train, their prefixed copies reach their edits as their
+        prompts do: a copy that the key would not match could not be trained at all. Nothing of it is saved."""
+        if not self.config.context_prefixes or self.matcher is None:
+            yield
+            return
+        first = len(self.matcher) - len(records)
+        rows_of = {prompt_hash(ids): first + i for i, r in enumerate(records) for p in self.prefix_texts()
+                   for ids in self._prompt_ids(dataclasses.replace(r, prompt=p + r.prompt))}
+        with self.matcher.pinned(rows_of):
+            yield
 
     def retain_set(self, records: list[EditRecord]) -> RetainSet | None:
         """Subject-swapped prompts whose base outputs must be kept ([choice] `retain: swap`).

@@ -100,11 +100,12 @@ class LEMoE(BypassMethod):
             params += params_router
         retain = self.retain_set(records)
         try:
-            stats = train_on_pairs(
-                self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
-                self.config.train_config(), extra_loss=extra, retain=retain, train_modules=[self.bypass],
-                progress=progress, unedited=self.unedited(),
-            )
+            with self.augmented_routes(records):
+                stats = train_on_pairs(
+                    self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
+                    self.config.train_config(), extra_loss=extra, retain=retain, train_modules=[self.bypass],
+                    progress=progress, unedited=self.unedited(),
+                )
         finally:
             self.freeze([self.bypass])
         self._last_expert = expert_id

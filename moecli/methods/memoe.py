@@ -86,11 +86,12 @@ class MEMoE(BypassMethod):
             return router.aux_loss * weight if weight > 0 and router.aux_loss is not None else None
 
         try:
-            stats = train_on_pairs(
-                self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
-                self.config.train_config(), extra_loss=aux, retain=retain, train_modules=[self.bypass],
-                progress=progress, unedited=None if weight > 0 else self.unedited(),  # that loss sees every token
-            )
+            with self.augmented_routes(records):
+                stats = train_on_pairs(
+                    self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs(records),
+                    self.config.train_config(), extra_loss=aux, retain=retain, train_modules=[self.bypass],
+                    progress=progress, unedited=None if weight > 0 else self.unedited(),  # that loss sees every token
+                )
         finally:
             self.freeze([self.bypass])
         return {"steps": stats.steps, "loss": stats.loss, "all_correct": stats.all_correct,

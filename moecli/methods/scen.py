@@ -141,7 +141,7 @@ class SCEN(BypassMethod):
                 self.register_anchors([r])
                 self.store_edits([r], [expert_id])
             try:
-                with self.forced(expert_id):
+                with self.forced(expert_id), self.augmented_routes([r]):
                     params = self.trainable([self.bypass.experts[expert_id]])
                     stats = train_on_pairs(self.loaded.model, self.loaded.tokenizer, params, self.edit_pairs([r]),
                                            c.train_config(optimizer="adam"), unedited=self.unedited())

@@ -8,6 +8,9 @@ their gate values. The bypass adds `Σ gates · E_idx(x)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,6 +185,18 @@ class KeyMatcher:
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, (queries if raw is None else raw).detach().float().cpu()])
+
+    @contextmanager
+    def pinned(self, rows_of: dict[int, int]) -> Iterator[None]:
+        """Inside the block, inputs whose prompt hash is in `rows_of` reach that row, as an edit's own prompt
+        does (training routes an edit's augmented copies so); nothing of it is kept or saved."""
+        added = [h for h in rows_of if h not in self._row_of_prompt]
+        self._row_of_prompt.update({h: rows_of[h] for h in added})
+        try:
+            yield
+        finally:
+            for h in added:
+                del self._row_of_prompt[h]
 
     def _add_prompts(self, hashes: torch.Tensor) -> None:
         first = len(self.prompt_hashes)
