@@ -24,7 +24,7 @@ from moecli.model.batching import logits_at
 from moecli.model.feed import current_feed
 from moecli.model.loading import LayerStandIn
 from moecli.routing.context import AnchorContext
-from moecli.routing.routers import KeyMatcher
+from moecli.routing.keys import KeyMatcher
 
 EXPERT_FORMS = ("dense", "lowrank")
 SIGNATURES_KEPT = 32

@@ -32,8 +32,8 @@ from moecli.methods.base import EditMethod, MethodConfig, option
 from moecli.model.batching import collate, encode_pair, forward, length_groups, logits_at, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.anchors import AnchorTrie, prompt_hash
+from moecli.routing.keys import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 from moecli.routing.question import Capture, QuestionEncoder, find_encoder
-from moecli.routing.routers import QUERY_FEATURES, VECTOR_FEATURES, KeyMatcher
 
 
 @dataclass

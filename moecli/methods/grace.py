@@ -57,7 +57,7 @@ from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option,
 from moecli.model.batching import collate, forward, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.context import AnchorContext
-from moecli.routing.routers import KeyMatcher
+from moecli.routing.keys import KeyMatcher
 
 EXPAND_SLACK = 1e-4  # relative margin added to an expanded radius (see the module docstring)
 TARGETS_FILE = "grace_targets.json"

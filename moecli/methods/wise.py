@@ -65,7 +65,7 @@ from moecli.methods.base import EditMethod, MethodConfig, layer_fraction_option,
 from moecli.model.batching import collate, forward, logits_at, pad_id_of, prompt_only
 from moecli.model.loading import LoadedModel
 from moecli.routing.context import AnchorContext, mean_embedding
-from moecli.routing.routers import KeyMatcher
+from moecli.routing.keys import KeyMatcher
 
 IRRELEVANT_STARTS = ("In", "A", "It", "This", "When", "There", "We", "He", "She", "My", "Our", "After")
 IRRELEVANT_TOKENS = 12
