@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moecli.cli.options import DataOpt, EditingOptions, editing_command
+from moecli.cli.options import DataOpt, EditingOptions, chosen_method, editing_command
 from moecli.cli.output import (
     Interrupted,
     check_out_dir,
@@ -28,7 +28,7 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
     from moecli.engine.run import RunSpec
 
     gates = parse_fail_under(opts.fail_under)  # a malformed check is refused before minutes of editing
-    quiet = opts.quiet or opts.as_json
+    quiet = opts.silent
     out_dir = opts.out or default_out_dir(command)
     check_out_dir(out_dir)
     overrides = {"layer": opts.layer, "expert_form": opts.expert_form, "lr": opts.lr, "max_steps": opts.max_steps}
@@ -36,7 +36,7 @@ def _run_editing(command: str, records, read_format: str | None, data: Path | No
         method, config, recipe_values = _continued_config(opts, overrides)
     else:
         recipe_values = read_recipe(opts.recipe) if opts.recipe else {}
-        method = opts.method or recipe_values.get("method") or ("lemoe" if command == "lifelong" else "memoe")
+        method = chosen_method(command, opts.method, recipe_values)
         config = build_config(method, recipe_values, overrides, opts.sets, source=str(opts.recipe or "options"))
     spec = RunSpec(
         command=command, method=method, config=config, records=records, batch_size=batch_size,
@@ -189,7 +189,7 @@ def lifelong(
 
         gates = parse_fail_under(opts.fail_under)
         spec = load_run_spec(resume)
-        _execute(spec, opts.as_json, opts.quiet or opts.as_json, resume=True, gates=gates, junit=opts.junit)
+        _execute(spec, opts.as_json, opts.silent, resume=True, gates=gates, junit=opts.junit)
         return
     if order not in ("file", "random", "planned"):
         raise UserError(f"--order {order!r}: choose file, random or planned")

@@ -89,6 +89,12 @@ ChatOpt = Annotated[
 ]
 
 
+def chosen_method(command: str, method: str | None, recipe: dict) -> str:
+    """The method a run edits with: --method, else the recipe's, else the command's default (lifelong: LEMoE,
+    the others: MEMoE)."""
+    return method or recipe.get("method") or ("lemoe" if command == "lifelong" else "memoe")
+
+
 def show_set_help(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
     """`--set help` (or `--set ?`): print the chosen method's options and exit 0.
 
@@ -103,7 +109,7 @@ def show_set_help(ctx: typer.Context, param: typer.CallbackParam, value: Any) ->
     if not any(item.strip() in SET_HELP for item in seen["sets"] or []):
         return value
     recipe = read_recipe(seen["recipe"]) if seen["recipe"] else {}
-    method = seen["method"] or recipe.get("method") or ("lemoe" if ctx.info_name == "lifelong" else "memoe")
+    method = chosen_method(ctx.info_name, seen["method"], recipe)
     typer.echo(describe_options(method), nl=False)
     raise typer.Exit(0)
 

@@ -3,8 +3,8 @@
 - `generator`: the deterministic fact world (`build_world(seed)`), its facts and its edit set.
 - `trainer`: `train_knowledge_model(facts, out_dir, config)`, a small Llama LM trained until it
   knows a list of (prompt, answer) facts.
-- `store`: where built models live (`default_model_dir()`, `benchmark_model_dir(path, n)`,
-  `cache_dir()`).
+- `store`: where built models live (`default_model_dir()`, `benchmark_model_dir(path, n)`; under
+  `moecli.paths.cache_root()`).
 - `commands`: the `moecli world` commands.
 
 The store functions are imported lazily so that importing `moecli.world` stays cheap.
@@ -14,14 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["benchmark_model_dir", "cache_dir", "default_model_dir"]
+__all__ = ["benchmark_model_dir", "default_model_dir"]
 
-
-def cache_dir() -> Path:
-    """Where built knowledge models live: the one cache root (`moecli.paths.cache_root`)."""
-    from moecli.world.store import cache_dir as _cache_dir
-
-    return _cache_dir()
 
 
 def default_model_dir(progress=None) -> Path:

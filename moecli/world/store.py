@@ -66,10 +66,6 @@ BENCHMARK_CONFIG = KnowledgeModelConfig(
 )
 
 
-def cache_dir() -> Path:
-    """Where built knowledge models live: the one cache root (`moecli.paths.cache_root`)."""
-    return cache_root()
-
 
 def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
@@ -125,7 +121,7 @@ def committed_model_dir(seed: int = DEFAULT_SEED) -> Path | None:
 
 def fact_world_cache_dir(seed: int = DEFAULT_SEED, config: KnowledgeModelConfig = FACT_WORLD_CONFIG) -> Path:
     key = _key(_fact_world_identity(seed, config))[:12]
-    return cache_dir() / f"fact_world-s{seed}-{key}"
+    return cache_root() / f"fact_world-s{seed}-{key}"
 
 
 def build_fact_world(
@@ -258,7 +254,7 @@ def benchmark_cache_dir(path: str | Path, n: int, config: KnowledgeModelConfig =
         "config": config.identity(),
     }
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)[:40]
-    return cache_dir() / f"{stem}-n{n}-{_key(identity)[:12]}"
+    return cache_root() / f"{stem}-n{n}-{_key(identity)[:12]}"
 
 
 def benchmark_model_dir(
