@@ -2,6 +2,7 @@
 
     python benchmarks/stream.py edit      # the stream itself (resumable: run it again to go on)
     python benchmarks/stream.py measure   # figures of the marks the stream has passed (resumable too)
+    python benchmarks/stream.py saves     # checkpoint save time against stream length, whole vs incremental
 
 `edit` runs the engine's `run_edits` with `evaluate=False` (editing and a checkpoint per batch, as
 `moecli lifelong` does, without evaluating 10,000 records at the end), in `runs/stream-<n>/run`
@@ -209,9 +210,76 @@ def measure(args) -> None:
         print(f"quality {key}: {result['quality'][key]}", flush=True)
 
 
+def _stream_state(edits: int, d_ff: int = 1536, d_model: int = 576, rank: int = 16, d_code: int = 128):
+    """Tensors and files shaped as a SmolLM2 LEMoE checkpoint after `edits` edits in batches of 10 (the
+    shapes and per-edit file sizes of the stream's 4,000-edit mark), and a function adding one batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    experts = {}
+    for b in range(edits // 10):
+        experts[f"experts.{b}.A"] = torch.randn(d_ff, rank, generator=g)
+        experts[f"experts.{b}.B"] = torch.randn(rank, d_model, generator=g)
+    table = {"raw_queries": torch.randn(edits, d_ff, generator=g), "queries": torch.randn(edits, d_code, generator=g),
+             "thresholds": torch.rand(edits, generator=g), "prompt_hashes": torch.zeros(edits, 2, dtype=torch.long)}
+    question = torch.randn(d_code, 2 * d_model + d_ff, generator=g)
+    per_edit_file_bytes = {"anchors.faiss": 2300, "anchors.json": 163}
+
+    def add_batch() -> tuple[dict, dict]:
+        b = len(experts) // 2
+        experts[f"experts.{b}.A"] = torch.randn(d_ff, rank, generator=g)
+        experts[f"experts.{b}.B"] = torch.randn(rank, d_model, generator=g)
+        for k, t in table.items():  # the key matcher grows by torch.cat, and state() hands out clones
+            table[k] = torch.cat([t, torch.zeros(10, *t.shape[1:], dtype=t.dtype)])
+        n = len(table["queries"])
+        tensors = {**experts, **{f"matcher.{k}": t.clone() for k, t in table.items()}, "question.weight": question}
+        return tensors, {name: os.urandom(size * n) for name, size in per_edit_file_bytes.items()}
+
+    return add_batch
+
+
+def saves(args) -> None:
+    """Seconds per checkpoint save at several stream lengths: every file written whole (the behaviour before
+    incremental writes, forced here by forgetting the previous layout) against incremental, in one run."""
+    import shutil
+    import tempfile
+
+    from moecli.engine import shards
+    from moecli.engine.checkpoint import Checkpoint, save_checkpoint
+
+    rows = []
+    for edits in (1000, 4000, 10000):
+        add_batch = _stream_state(edits)
+        row = {"edits": edits}
+        for mode in ("whole", "incremental"):
+            with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+                path = Path(tmp) / "adapter"
+                ledger = [{"id": str(i), "prompt": "x" * 60, "target": "y" * 8, "batch": i // 10} for i in range(edits)]
+                tensors, files = add_batch()
+                save_checkpoint(path, Checkpoint({"method": "lemoe"}, tensors, {}, ledger, files))  # not timed
+                times = []
+                for _ in range(args.reps):
+                    tensors, files = add_batch()
+                    if mode == "whole":
+                        shards.forget(path)
+                    t = time.perf_counter()
+                    save_checkpoint(path, Checkpoint({"method": "lemoe"}, tensors, {}, ledger, files))
+                    times.append(time.perf_counter() - t)
+                row[f"{mode}_s"] = sorted(times)[len(times) // 2]
+                row["adapter_mb"] = dir_bytes(path) / 2**20
+                shutil.rmtree(path)
+        row["ratio"] = row["whole_s"] / row["incremental_s"]
+        rows.append(row)
+        print(row, flush=True)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.results) / "saves.json", {"meta": meta(False, {"what": "checkpoint save, median of "
+                                                                         f"{args.reps}, SmolLM2 LEMoE shapes"}),
+                                                   "rows": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["edit", "measure"])
+    parser.add_argument("phase", choices=["edit", "measure", "saves"])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--data", default="counterfact_edit.json")
     parser.add_argument("--n", type=int, default=10_000)
@@ -221,11 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(REPO / "runs" / "stream-10000"))
     parser.add_argument("--results", default=str(OUT))
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
+    parser.add_argument("--reps", type=int, default=7, help="saves: saves timed per stream length and mode")
+    parser.add_argument("--tmp", default=None, help="saves: where to write (default: the system's temp dir)")
     args = parser.parse_args(argv)
-    if args.phase == "edit":
-        edit(args)
-    else:
-        measure(args)
+    {"edit": edit, "measure": measure, "saves": saves}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ def test_damaged_or_newer_checkpoints(work, capsys):
     code, _, err = run(["lifelong", "--resume", "runs/trunc"], capsys)
     check_row("a4", code, err)
     manifest = _copy_good(work, "newer") / "adapter" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 2'))
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version": 3'))
     code, _, err = run(["evaluate", "--data", "edits.jsonl", "--adapter", "runs/newer"], capsys)
     check_row("a5", code, err)
     # none of this touched the good checkpoint

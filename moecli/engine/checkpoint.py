@@ -4,7 +4,7 @@ A checkpoint is a small directory, PEFT-style, that any method writes the same w
 
     adapter/
       adapter_config.json        what the adapter is (method, layer, expert form, router, hyper-parameters)
-      adapter_model.safetensors  its tensors
+      adapter_model.safetensors  its tensors (with older shards adapter_model-NNNNN.safetensors: `shards`)
       manifest.json              how it was made (base model fingerprint, recipe, seed, stream position, ...)
       ledger.jsonl               one JSON object per applied edit, in order
       <extra files>              named blobs a method needs (e.g. a FAISS anchor index)
@@ -36,17 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from moecli.engine import shards
 from moecli.engine.lock import pid_alive
-from moecli.errors import UserError, one_line
+from moecli.errors import UserError
 from moecli.fsutil import _json_default, atomic_write_bytes, atomic_write_json
 
-FORMAT_VERSION = 1
-"""Version of the directory layout. Bump it when an older moecli could misread a new checkpoint."""
+FORMAT_VERSION = 2
+"""Version of the directory layout. Bump it when an older moecli could misread a new checkpoint.
+2: tensors in shards and row pieces (`shards`); an older moecli would read only the newest shard."""
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = shards.WEIGHTS_NAME
 MANIFEST_NAME = "manifest.json"
 LEDGER_NAME = "ledger.jsonl"
 CORE_NAMES = (CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME, LEDGER_NAME)
@@ -101,7 +103,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     os.mkdir(tmp)
     moved_old = False
     try:
-        _write_contents(tmp, ckpt)
+        layout = _write_contents(tmp, ckpt, path)
         _fsync_dir(tmp)
         if path.exists():
             os.replace(path, old)
@@ -117,6 +119,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         raise
     # The new checkpoint is in place; `.old` is either the one we moved or one left by an earlier
     # crash between the renames. Either way it is superseded now.
+    shards.remember(path, layout)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -130,6 +133,7 @@ def _check_for_save(ckpt: Checkpoint) -> None:
     for name, t in ckpt.tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise TypeError(f"Checkpoint.tensors must map str to torch.Tensor (bad entry {name!r})")
+        shards.check_name(name)
     for i, entry in enumerate(ckpt.ledger):
         if not isinstance(entry, dict):
             raise TypeError(f"Checkpoint.ledger[{i}] must be a dict, not {type(entry).__name__}")
@@ -148,23 +152,27 @@ def _check_file_name(name: str) -> None:
         or name.startswith(".")
         or any(c in name for c in "/\\\0")
         or name in CORE_NAMES
+        or shards.is_shard_name(name)
     ):
         raise ValueError(f"bad checkpoint file name {name!r}: use a plain, non-hidden name other than {CORE_NAMES}")
 
 
-def _write_contents(tmp: Path, ckpt: Checkpoint) -> None:
-    """Write every file into the fresh dir `tmp`, each fsynced, the manifest (with checksums) last."""
+def _write_contents(tmp: Path, ckpt: Checkpoint, path: Path) -> shards.Layout:
+    """Write every file into the fresh dir `tmp`, each fsynced, the manifest (with checksums) last; the
+    tensors only where they changed since this process last saved `path` (`shards`)."""
     atomic_write_json(tmp / CONFIG_NAME, ckpt.config)
-    _write_tensors(tmp / WEIGHTS_NAME, ckpt.tensors)
+    weights, layout = shards.write(tmp, path, ckpt.tensors, shards.previous_layout(path), _write_tensors, _sha256)
     atomic_write_bytes(tmp / LEDGER_NAME, _encode_ledger(ckpt.ledger))
     for name, blob in ckpt.files.items():
         atomic_write_bytes(tmp / name, bytes(blob))
-    names = [CONFIG_NAME, WEIGHTS_NAME, LEDGER_NAME, *ckpt.files]
     manifest = dict(ckpt.manifest)
     manifest["format_version"] = FORMAT_VERSION
-    # Checksums are taken from what landed on disk, so they also vouch for the write itself.
-    manifest[_CONTENTS_KEY] = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}
+    # Checksums are taken from what landed on disk, so they also vouch for the write itself (a linked
+    # shard keeps the checksum taken when it was written).
+    manifest[_CONTENTS_KEY] = {**weights, **{n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                                             for n in [CONFIG_NAME, LEDGER_NAME, *ckpt.files]}}
     atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return layout
 
 
 def _write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -326,17 +334,13 @@ def _load_dir(path: Path, where: Path, option: str) -> Checkpoint:
 
     # Parse before comparing checksums: "bad JSON at line 3" helps more than "checksum mismatch".
     config = _read_json_object(where, CONFIG_NAME, fail)
-    try:
-        tensors = load_file(str(where / WEIGHTS_NAME), device="cpu")
-    except Exception as exc:  # safetensors raises its own (Rust) error types for bad headers
-        raise fail(f"{WEIGHTS_NAME} is corrupt (safetensors: {one_line(exc)})") from None
+    tensors = shards.read(where, [n for n in contents if shards.is_shard_name(n)], fail)
     ledger = _read_ledger(where / LEDGER_NAME, fail)
     for name, meta in contents.items():
         if _sha256(where / name) != meta["sha256"]:
             raise fail(f"{name} is corrupt (SHA-256 does not match {MANIFEST_NAME}; edited by hand?)")
-    files = {
-        name: (where / name).read_bytes() for name in contents if name not in (CONFIG_NAME, WEIGHTS_NAME, LEDGER_NAME)
-    }
+    files = {name: (where / name).read_bytes() for name in contents
+             if name not in (CONFIG_NAME, LEDGER_NAME) and not shards.is_shard_name(name)}
     return Checkpoint(config=config, tensors=tensors, manifest=manifest, ledger=ledger, files=files)
 
 
@@ -393,7 +397,7 @@ def _valid_contents(contents: Any) -> bool:
     for name, meta in contents.items():
         if not isinstance(name, str) or not isinstance(meta, dict):
             return False
-        if name != MANIFEST_NAME and name not in CORE_NAMES:
+        if name != MANIFEST_NAME and name not in CORE_NAMES and not shards.is_shard_name(name):
             try:
                 _check_file_name(name)
             except ValueError:
