@@ -3,6 +3,7 @@
     python benchmarks/stream.py edit      # the stream itself (resumable: run it again to go on)
     python benchmarks/stream.py measure   # figures of the marks the stream has passed (resumable too)
     python benchmarks/stream.py saves     # checkpoint save time against stream length, whole vs incremental
+    python benchmarks/stream.py speedup   # edit time of this checkout against an earlier commit, same edits
 
 `edit` runs the engine's `run_edits` with `evaluate=False` (editing and a checkpoint per batch, as
 `moecli lifelong` does, without evaluating 10,000 records at the end), in `runs/stream-<n>/run`
@@ -277,9 +278,70 @@ def saves(args) -> None:
                                                    "rows": rows})
 
 
+_EDIT_ONLY = """
+import json, sys, time
+from pathlib import Path
+root, data, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+sys.path.insert(0, root)
+import torch
+torch.set_num_threads(1)
+from moecli.engine.checkpoint import load_checkpoint
+from moecli.engine.prepare import read_edit_records
+from moecli.engine.recipes import build_config
+from moecli.engine.run import RunSpec, run_edits
+from moecli.model.sources import resolve_model
+records = read_edit_records(Path(data), limit=n, same_subject=3).records
+spec = RunSpec(command="speedup", method="lemoe", config=build_config("lemoe", None, {}), records=records,
+               batch_size=10, out_dir=out, model_path=resolve_model("smollm2"), seed=0, data=data,
+               protocol="lifelong", evaluate=False, evaluate_before=False, generation=False)
+out.mkdir(parents=True)
+run_edits(spec, None, resume=False)
+ckpt = load_checkpoint(out / "adapter")
+batches = {e["batch"]: e for e in ckpt.ledger}.values()
+print(json.dumps({"edit_s": ckpt.manifest["timings"]["edit"], "lr": ckpt.config.get("lr"),
+                  "steps": sum(e["train_steps"] for e in batches),
+                  "train_s": sum(e["train_seconds"] for e in batches)}))
+"""
+
+
+def speedup(args) -> None:
+    """LEMoE's defaults, b = 10, the same edits, by this checkout and by `--before` (a git worktree), both
+    processes at once with one thread each, so that whatever else loads the machine weighs on both alike."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="moecli-speedup-", dir=args.tmp) as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
+                       capture_output=True)
+        try:
+            procs = {label: subprocess.Popen([sys.executable, "-c", _EDIT_ONLY, str(root), str(DATA_DIR / args.data),
+                                              str(args.speedup_n), str(Path(tmp) / f"run-{label}")],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for label, root in (("this checkout", REPO), (f"before ({args.before})", tree))}
+            rows = {}
+            for label, proc in procs.items():
+                out, err = proc.communicate()
+                if proc.returncode != 0:
+                    raise SystemExit(f"{label}: failed: {err.strip().splitlines()[-1:]}")
+                rows[label] = json.loads(out.strip().splitlines()[-1])
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    now, old = rows["this checkout"], rows[f"before ({args.before})"]
+    for r in rows.values():
+        r["s_per_edit"] = r["edit_s"] / args.speedup_n
+    result = {"meta": meta(False, {"model": args.model, "data": f"{args.data} first {args.speedup_n}",
+                                   "method": "lemoe (each code's defaults)", "batch_size": 10,
+                                   "before": args.before}),
+              "rows": rows, "speedup": old["edit_s"] / now["edit_s"]}
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.results) / "speedup.json", result)
+    print(json.dumps(result["rows"]), f"speedup {result['speedup']:.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["edit", "measure", "saves"])
+    parser.add_argument("phase", choices=["edit", "measure", "saves", "speedup"])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--data", default="counterfact_edit.json")
     parser.add_argument("--n", type=int, default=10_000)
@@ -291,8 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
     parser.add_argument("--reps", type=int, default=7, help="saves: saves timed per stream length and mode")
     parser.add_argument("--tmp", default=None, help="saves: where to write (default: the system's temp dir)")
+    parser.add_argument("--before", default="a086a07", help="speedup: the earlier commit (default: the code the "
+                                                             "10K-stream issue was measured against)")
+    parser.add_argument("--speedup-n", type=int, default=1000, help="speedup: edits")
     args = parser.parse_args(argv)
-    {"edit": edit, "measure": measure, "saves": saves}[args.phase](args)
+    {"edit": edit, "measure": measure, "saves": saves, "speedup": speedup}[args.phase](args)
 
 
 if __name__ == "__main__":

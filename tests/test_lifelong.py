@@ -107,3 +107,40 @@ def test_prefixed_copies_reach_their_edit_while_training_and_leave_nothing_behin
     assert [pinned.get(h) for h in seen] == [0, 0, 0, 1, 1, 1] and not set(seen) & set(before)
     assert method.matcher._row_of_prompt == before
     method.remove()
+
+
+def test_locality_prompts_no_edit_reaches_are_not_run_and_score_as_if_they_were(tiny_dir, tmp_path, monkeypatch):
+    """The evaluation takes the baseline's answers for locality prompts that reach no edit (LEMoE's knn
+    router gives them exactly the base output): the report equals the one that runs every prompt."""
+    from moecli.engine import evaluation
+    from moecli.engine.evaluate import evaluate_model
+    from moecli.methods.lemoe import LEMoE
+
+    records = [EditRecord(r.prompt, r.target, subject=r.subject, rephrases=r.rephrases,
+                          locality=[*r.locality, LocalityPair(f"{r.subject} works as a", "teacher", "same_subject")])
+               for r in RECORDS]
+    spec = _spec(tiny_dir, tmp_path / "run")
+    spec.records, spec.generation, spec.evaluate = records, True, False
+    run_edits(spec)
+    scored: list[int] = []
+    real = evaluation.score_pairs
+
+    def counting(model, tokenizer, pairs, *args, **kwargs):
+        scored.append(len(pairs))
+        return real(model, tokenizer, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score_pairs", counting)
+
+    def report() -> dict:
+        scored.clear()
+        return evaluate_model(tiny_dir, records, data="x", data_format="jsonl", adapter=tmp_path / "run",
+                              generation=True)
+
+    skipping = report()
+    skipped_scored = list(scored)
+    monkeypatch.setattr(LEMoE, "leaves_unrouted_alone", lambda self: False)
+    running = report()
+    assert skipping["per_edit"] == running["per_edit"]
+    assert skipping["summary"] == running["summary"]
+    assert skipping["summary"]["routing"]["loc_none"] > 0  # some locality prompts were skipped ...
+    assert sum(skipped_scored) < sum(scored)  # ... and not run

@@ -134,15 +134,17 @@ def train_on_pairs(
                     for i in range(0, len(group), cfg.micro_batch)]
     opt = make_optimizer(params, cfg)
     modes = [m.training for m in train_modules]
+    same_in_eval = not any(_mode_dependent(m) for m in train_modules)
     for m in train_modules:
         m.train()
     loss_value, all_correct, step, first_correct = float("nan"), False, 0, 0
     prefix = FrozenPrefix(model, params if cfg.prefix_cache else [])
     prompts = PromptCache(model, unedited if cfg.prefix_cache else None)
 
-    def gradients(group: list[tuple[int, int]]) -> tuple[bool, float]:
-        """Backward of one group's loss (its micro-batches, plus the per-step terms); (all argmax, loss)."""
-        correct, total_loss = True, 0.0
+    def gradients(group: list[tuple[int, int]]) -> tuple[bool, bool, float]:
+        """Backward of one group's loss (its micro-batches, plus the per-step terms); (all argmax, all at
+        least at `cfg.stop_prob` too, loss)."""
+        correct, confident, total_loss = True, True, 0.0
         for j, rows in group:
             batch = batches[j]
             with prefix.batch(j):
@@ -151,7 +153,8 @@ def train_on_pairs(
             extra = extra_loss() if extra_loss else None
             if extra is not None:
                 loss = loss + extra
-            correct &= _hits(logits.detach(), answers, 0.0)[0]
+            hit, sure = _hits(logits.detach(), answers, cfg.stop_prob)
+            correct, confident = correct and hit, confident and sure
             if loss.requires_grad:  # no trainable part on the path (nothing routed): nothing to learn here
                 loss.backward()
             total_loss += float(loss.detach())
@@ -166,7 +169,7 @@ def train_on_pairs(
             if rl.requires_grad:
                 rl.backward()
             total_loss += float(rl.detach())
-        return correct, total_loss
+        return correct, confident, total_loss
 
     try:
         with prefix:
@@ -175,7 +178,7 @@ def train_on_pairs(
                     losses = []
                     for g in torch.randperm(len(members), generator=rng).tolist():
                         opt.zero_grad(set_to_none=True)
-                        losses.append(gradients(members[g])[1])
+                        losses.append(gradients(members[g])[2])
                         if losses[-1] >= cfg.loss_stop:
                             opt.step()
                     loss_value = sum(losses) / len(losses)
@@ -188,11 +191,13 @@ def train_on_pairs(
                             break
                     continue
                 opt.zero_grad(set_to_none=True)
-                correct, loss_value = gradients(members[0])
+                correct, confident, loss_value = gradients(members[0])
                 if progress:
                     progress(stage, step, cfg.max_steps)
-                all_correct, sure = (_all_correct_eval(batches, train_modules, prefix, prompts, cfg.stop_prob)
-                                     if correct and cfg.early_stop else (False, False))
+                all_correct, sure = False, False
+                if correct and cfg.early_stop:  # the step's own forward decides where eval mode changes nothing
+                    all_correct, sure = ((correct, confident) if same_in_eval else
+                                         _all_correct_eval(batches, train_modules, prefix, prompts, cfg.stop_prob))
                 if all_correct:
                     first_correct = first_correct or step
                     # [choice] the margin gets as many steps again as the argmax took: from then on the first
@@ -225,6 +230,14 @@ def _hits(logits: torch.Tensor, answers: torch.Tensor, min_prob: float) -> tuple
         return True, True
     probs = logits.float().softmax(-1).gather(-1, answers.unsqueeze(-1))
     return True, bool((probs >= min_prob).all())
+
+
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether `module` computes differently in training mode (dropout, batch norm, a noisy router): then an
+    early stop must be confirmed by an eval-mode pass; otherwise the training forward's verdict is that
+    pass's, for the same parameters (the check comes before the optimiser step), and the pass is skipped."""
+    return any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+               or getattr(m, "noisy", False) for m in module.modules())
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from moecli.engine.checkpoint import (
     resolve_adapter_dir,
     save_checkpoint,
 )
+from moecli.engine.evaluation import Baseline, EvalReport, evaluate_records
 from moecli.engine.lock import RunLock
 from moecli.errors import UserError
 from moecli.methods import get_method
@@ -188,25 +189,30 @@ def revert_edits(adapter_dir: str | Path, ids: list[str], batches: list[int], ou
             "remaining": sum(1 for e in ledger if not e.get("reverted"))}
 
 
-def routing_diagnosis(method: EditMethod, records: list[EditRecord], per_edit: list[dict],
-                      batch_size: int = 64, ledger: list[dict] | None = None) -> dict | None:
-    """Where each evaluated input went: its own edit, another edit, or none (the null route).
+def evaluate_edited(method: EditMethod, records: list[EditRecord], baseline: Baseline, *, batch_size: int = 64,
+                    ledger: list[dict] | None = None, **kwargs) -> EvalReport:
+    """`evaluate_records` on the edited model, with the routing diagnosis in the summary.
 
-    Why: a lost rephrasing is either a routing miss or an expert that does not transfer, and a changed
-    locality answer either a wrong route or an expert acting where it was not asked to; the per-edit rows
-    get `route_rel`, `route_gen` and `route_loc` ("own", "other", "none"), and the summary the shares
-    plus Gen among the rephrasings that reached their edit. `records` are in stream (ledger) order, or
-    found in `ledger` by id (a record the adapter never edited has no "own" edit). None for a method
-    whose routes say nothing (FT-L, LoRA, GRACE, LEMoE's kv router).
-    """
-    if not method.knows_routes():
-        return None
-    own_index = list(range(len(records)))
-    if ledger is not None:
-        index = {e.get("id"): n for n, e in enumerate(ledger)}
-        own_index = [index.get(r.id) for r in records]
+    The routes come first: a locality prompt that no edit reaches, for a method whose unreached inputs get
+    exactly the base model's output (`EditMethod.leaves_unrouted_alone`), is not run again (its answers are
+    the baseline's), and the diagnosis reads the same routes."""
+    loaded = method.loaded
+    routes = _routes(method, records, batch_size) if method.knows_routes() else None
+    unchanged: frozenset[str] = frozenset()
+    if routes is not None and method.leaves_unrouted_alone():
+        unchanged = frozenset(p for p, (_, kind, _), route in zip(*routes) if kind == "loc" and route is None)
+    result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, batch_size=batch_size,
+                              unchanged=unchanged, **kwargs)
+    if routes is not None:
+        result.summary["routing"] = routing_diagnosis(records, result.per_edit, routes, ledger)
+    return result
+
+
+def _routes(method: EditMethod, records: list[EditRecord], batch_size: int
+            ) -> tuple[list[str], list[tuple[int, str, str | None]], list[int | None]]:
+    """(prompts, their slots (record, kind, locality group), the edit each reaches) for every evaluated input."""
     prompts: list[str] = []
-    slots: list[tuple[int, str, str | None]] = []  # (record, kind, locality group)
+    slots: list[tuple[int, str, str | None]] = []
     for i, r in enumerate(records):
         prompts += [r.prompt, *r.rephrases, *(lp.prompt for lp in r.locality)]
         slots += [(i, "rel", None), *[(i, "gen", None)] * len(r.rephrases)]
@@ -214,6 +220,26 @@ def routing_diagnosis(method: EditMethod, records: list[EditRecord], per_edit: l
     routes: list[int | None] = []
     for start in range(0, len(prompts), batch_size):
         routes += method.routes(prompts[start:start + batch_size])
+    return prompts, slots, routes
+
+
+def routing_diagnosis(records: list[EditRecord], per_edit: list[dict],
+                      routes: tuple[list[str], list[tuple[int, str, str | None]], list[int | None]],
+                      ledger: list[dict] | None = None) -> dict:
+    """Where each evaluated input went (`routes`, from `_routes`): its own edit, another edit, or none.
+
+    Why: a lost rephrasing is either a routing miss or an expert that does not transfer, and a changed
+    locality answer either a wrong route or an expert acting where it was not asked to; the per-edit rows
+    get `route_rel`, `route_gen` and `route_loc` ("own", "other", "none"), and the summary the shares
+    plus Gen among the rephrasings that reached their edit. `records` are in stream (ledger) order, or
+    found in `ledger` by id (a record the adapter never edited has no "own" edit). Only for a method whose
+    routes tell edits apart (not FT-L, LoRA, GRACE, LEMoE's kv router).
+    """
+    own_index = list(range(len(records)))
+    if ledger is not None:
+        index = {e.get("id"): n for n, e in enumerate(ledger)}
+        own_index = [index.get(r.id) for r in records]
+    _, slots, routes = routes
     where: dict[tuple[int, str], list[str]] = {}
     by_group: dict[str, list[str]] = {}
     for (i, kind, group), route in zip(slots, routes):

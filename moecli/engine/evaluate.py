@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from moecli.data.records import EditRecord
-from moecli.engine.adapters import checked_checkpoint, load_edited, routing_diagnosis
-from moecli.engine.evaluation import evaluate_records, unedited_evaluation
+from moecli.engine.adapters import checked_checkpoint, evaluate_edited, load_edited
+from moecli.engine.evaluation import unedited_evaluation
 from moecli.engine.prepare import for_model
 from moecli.model.loading import fingerprint, load_model
 from moecli.model.sources import Progress
@@ -40,11 +40,8 @@ def evaluate_model(model_path: str | Path, records: list[EditRecord], *, data: s
         unedited = unedited_evaluation(loaded.model, loaded.tokenizer, prepared, base_fp, progress=progress,
                                        before=False, **kwargs)
         method = load_edited(loaded, adapter, checkpoint=ckpt)
-        result = evaluate_records(loaded.model, loaded.tokenizer, unedited.records, unedited.baseline,
-                                  progress=progress, **kwargs)
-        routing = routing_diagnosis(method, unedited.records, result.per_edit, eval_batch_size, ckpt.ledger)
-        if routing is not None:
-            result.summary["routing"] = routing
+        result = evaluate_edited(method, unedited.records, unedited.baseline, ledger=ckpt.ledger,
+                                 progress=progress, **kwargs)
         columns = {"edited": result.summary}
     return {
         "command": "evaluate", "moecli_version": __version__, "model": str(loaded.path),

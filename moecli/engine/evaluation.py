@@ -278,7 +278,7 @@ class EvalReport:
 def evaluate_records(
     model, tokenizer, records: Sequence[EditRecord], baseline: Baseline | None = None, *,
     batch_size: int = 64, generation: bool = True, perplexity: bool = False,
-    progress: Progress | None = None, unedited: bool = False,
+    progress: Progress | None = None, unedited: bool = False, unchanged: frozenset[str] = frozenset(),
 ) -> EvalReport:
     """Score every record: Rel on `prompt`, Gen on rephrases, Loc vs `baseline`, Port, Known.
 
@@ -287,7 +287,10 @@ def evaluate_records(
     hallucination protocol, lower is better). `generation=True` adds the free-generation verdicts (module
     docstring) and the older length-bounded `rel_em` / `gen_em`; `loc_free` needs a baseline computed
     with `generation`. `unedited=True` says the model is the one the baseline was computed on (the engine's
-    "before" column): its free locality answers are the baseline's, not generated again.
+    "before" column): its free locality answers are the baseline's, not generated again. Locality prompts in
+    `unchanged` are ones the adapter is known to leave alone (no edit reaches them: `engine.adapters.
+    evaluate_edited`): the edited model's answers to them are the baseline's by construction, so they are
+    counted unchanged without being run, which is most of an evaluation's time (their free generation).
     """
     if baseline is None:
         baseline = compute_baseline(model, tokenizer, records, batch_size, progress, generation=generation)
@@ -306,7 +309,10 @@ def evaluate_records(
         for pp in r.portability:
             pairs.append((pp.prompt, pp.answer))
             slots.append((i, "port", pp.group))
-    scored = score_pairs(model, tokenizer, pairs, batch_size, progress, "evaluating")
+    run = [k for k, (i, kind, _) in enumerate(slots) if kind != "loc" or pairs[k][0] not in unchanged]
+    scored_run = iter(score_pairs(model, tokenizer, [pairs[k] for k in run], batch_size, progress, "evaluating"))
+    ran = set(run)
+    scored = [next(scored_run) if k in ran else None for k in range(len(pairs))]
     gen_text: dict[int, str] = {}
     free_text: dict[int, str] = {}
     loc_free_same: dict[int, bool] = {}
@@ -320,8 +326,11 @@ def evaluate_records(
             # the locality prompts alone, in baseline order: the same batches as the baseline's generation
             loc_idx = [k for k, s in enumerate(slots) if s[1] == "loc"]
             before = [a for r in records for a in baseline.loc_free[r.id]]
-            now = before if unedited else free_answers(model, tokenizer, [pairs[k][0] for k in loc_idx],
-                                                       batch_size, progress)
+            asked = [n for n, k in enumerate(loc_idx) if k in ran and not unedited]
+            now = list(before)
+            for n, a in zip(asked, free_answers(model, tokenizer, [pairs[loc_idx[n]][0] for n in asked], batch_size,
+                                                progress)):
+                now[n] = a
             loc_free_same = {k: a == b for k, a, b in zip(loc_idx, now, before)}
 
     per: list[dict] = [defaultdict(list) for _ in records]
@@ -331,7 +340,7 @@ def evaluate_records(
         if kind == "loc":
             before = baseline.loc_preds[records[i].id][loc_pos[i]]
             loc_pos[i] += 1
-            same = sum(a == b for a, b in zip(s.preds, before)) / max(len(before), 1)
+            same = 1.0 if s is None else sum(a == b for a, b in zip(s.preds, before)) / max(len(before), 1)
             d["loc"].append(same)
             d["loc_strict"].append(float(same == 1.0))
             d[f"loc:{group}"].append(same)

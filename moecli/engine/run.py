@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from moecli.data.records import EditRecord
-from moecli.engine.adapters import checked_checkpoint, restore_method, routing_diagnosis, seed_everything
+from moecli.engine.adapters import checked_checkpoint, evaluate_edited, restore_method, seed_everything
 from moecli.engine.checkpoint import (
     Checkpoint,
     checkpoint_exists,
@@ -309,11 +309,8 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         summary: dict = {}
         per_edit: list[dict] = []
         if spec.evaluate:
-            after = evaluate_records(model, tok, records, baseline, batch_size=spec.eval_batch_size,
-                                     generation=spec.generation, perplexity=spec.perplexity, progress=progress)
-            routing = routing_diagnosis(method, records, after.per_edit, spec.eval_batch_size, ledger)
-            if routing is not None:
-                after.summary["routing"] = routing
+            after = evaluate_edited(method, records, baseline, batch_size=spec.eval_batch_size, ledger=ledger,
+                                    generation=spec.generation, perplexity=spec.perplexity, progress=progress)
             summary, per_edit = after.summary, after.per_edit
             timings["evaluate_after"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0

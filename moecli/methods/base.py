@@ -127,6 +127,11 @@ class EditMethod:
         """Whether `routes` tells edits apart (else a None from it means "unknown", not "no edit")."""
         return False
 
+    def leaves_unrouted_alone(self) -> bool:
+        """Whether an input that `routes` sends to no edit gets exactly the unedited model's output (every
+        generated token included), so an evaluation may take the baseline's answers for it unrun."""
+        return False
+
     @classmethod
     def revert_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], ledger: list[dict],
                        rows: list[int]) -> dict[str, torch.Tensor]:

