@@ -420,11 +420,11 @@ def test_generation_em_uses_normalized_match(tok, vocab, monkeypatch: pytest.Mon
         EditRecord(prompt="Shakespeare wrote", target="Hamlet"),
     ]
 
-    def fake_generate(model, tokenizer, pairs, batch_size=32, progress=None):
-        return [" paris" if a == "The Paris!" and p == recs[0].prompt else " nope" for p, a in pairs]
+    def fake_answers(model, tokenizer, pairs, batch_size=32, progress=None):
+        bounded = [" paris" if a == "The Paris!" and p == recs[0].prompt else " nope" for p, a in pairs]
+        return bounded, ["x"] * len(pairs)
 
-    monkeypatch.setattr(ev, "generate_answers", fake_generate)
-    monkeypatch.setattr(ev, "free_answers", lambda model, tokenizer, prompts, *a, **k: ["x"] * len(prompts))
+    monkeypatch.setattr(ev, "_answers", fake_answers)
     report = evaluate_records(oracle(vocab), tok, recs)
     assert report.per_edit[0]["rel_em"] == 1.0
     assert report.per_edit[0]["gen_em"] == 0.0
@@ -452,3 +452,18 @@ def test_normalize_answer(text: str, expected: str) -> None:
 def test_normalize_answer_makes_em_insensitive_to_case_articles_and_punctuation() -> None:
     assert normalize_answer(" the Paris.") == normalize_answer("Paris")
     assert normalize_answer("Paris") != normalize_answer("Parish")
+
+
+def test_length_bounded_answers_are_the_free_answers_first_tokens(tmp_path) -> None:
+    """One free generation gives both answers: the same as decoding as many tokens as the target has."""
+    import moecli.engine.evaluation as ev
+    from moecli.model.loading import load_model
+    from moecli.model.tiny import make_tiny_model
+
+    loaded = load_model(make_tiny_model("llama", tmp_path / "llama"))
+    model, tok = loaded.model, loaded.tokenizer
+    pairs = [("Alice Moreau was born in", "Tokyo"), ("Where was Bruno Keller born?", "the city of Lima and more"),
+             ("x", "y z w"), ("The capital of France is", "Paris")]
+    bounded, free = ev._answers(model, tok, pairs, 2, None)
+    assert bounded == ev.generate_answers(model, tok, pairs, 2)
+    assert free == ev.free_answers(model, tok, [p for p, _ in pairs], 2)

@@ -144,3 +144,44 @@ def test_locality_prompts_no_edit_reaches_are_not_run_and_score_as_if_they_were(
     assert skipping["summary"] == running["summary"]
     assert skipping["summary"]["routing"]["loc_none"] > 0  # some locality prompts were skipped ...
     assert sum(skipped_scored) < sum(scored)  # ... and not run
+
+
+def test_routes_skip_the_forward_of_prompts_naming_no_edited_entity_and_agree_with_it(tiny_dir, tmp_path):
+    from moecli.engine.adapters import load_edited
+    from moecli.model.loading import load_model
+
+    run_edits(_spec(tiny_dir, tmp_path / "run"))
+    method = load_edited(load_model(tiny_dir), tmp_path / "run")
+    prompts = [r.prompt for r in RECORDS] + [f"Where was {n} born?" for n in NAMES[:3]] + \
+        ["The capital of France is", "Nobody Here was born in", f"{NAMES[0]} works as a"]
+    fast = method.routes(prompts)
+    assert method._routed_pass(prompts)  # what routes did before: every prompt through the model
+    slow = [int(r) if r >= 0 else None for r in method.matcher.rows.tolist()]
+    assert fast == slow
+    assert fast[: len(RECORDS)] == list(range(len(RECORDS)))  # every edit prompt reaches its own edit
+    assert fast[len(RECORDS) + 3] is None and fast[len(RECORDS) + 4] is None
+
+
+def test_routes_read_off_the_scoring_pass_are_the_prompts_own(tiny_dir, tmp_path):
+    """The diagnosis takes the rephrasings' routes from the teacher-forced pass: they must be what a forward
+    of the prompt alone gives (`routes`)."""
+    from moecli.engine.adapters import evaluate_edited, load_edited
+    from moecli.engine.evaluation import compute_baseline
+    from moecli.model.loading import load_model
+
+    run_edits(_spec(tiny_dir, tmp_path / "run"))
+    loaded = load_model(tiny_dir)
+    records = [EditRecord(r.prompt, r.target, subject=r.subject, locality=r.locality,
+                          rephrases=[*r.rephrases, f"{r.subject}'s birthplace is", "Nobody Here was born in"])
+               for r in RECORDS]
+    baseline = compute_baseline(loaded.model, loaded.tokenizer, records)
+    method = load_edited(loaded, tmp_path / "run")
+    report = evaluate_edited(method, records, baseline, generation=False)
+
+    def label(route, own):
+        return "none" if route is None else "own" if route == own else "other"
+
+    for own, (r, row) in enumerate(zip(records, report.per_edit)):
+        assert row["route_rel"] == label(method.routes([r.prompt])[0], own)
+        assert row["route_gen"] == [label(x, own) for x in method.routes(r.rephrases)]
+    assert "own" in {x for row in report.per_edit for x in row["route_gen"]}

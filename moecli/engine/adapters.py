@@ -193,40 +193,56 @@ def evaluate_edited(method: EditMethod, records: list[EditRecord], baseline: Bas
                     ledger: list[dict] | None = None, **kwargs) -> EvalReport:
     """`evaluate_records` on the edited model, with the routing diagnosis in the summary.
 
-    The routes come first: a locality prompt that no edit reaches, for a method whose unreached inputs get
-    exactly the base model's output (`EditMethod.leaves_unrouted_alone`), is not run again (its answers are
-    the baseline's), and the diagnosis reads the same routes."""
+    The locality prompts' routes come first: one that no edit reaches, for a method whose unreached inputs
+    get exactly the base model's output (`EditMethod.leaves_unrouted_alone`), is not run again (its answers
+    are the baseline's). The other prompts' routes are read off the teacher-forced pass that scores them
+    (a teacher-forced input routes on its prompt, as generation does), so no prompt is run only to route."""
     loaded = method.loaded
-    routes = _routes(method, records, batch_size) if method.knows_routes() else None
+    if not method.knows_routes():
+        return evaluate_records(loaded.model, loaded.tokenizer, records, baseline, batch_size=batch_size, **kwargs)
+    prompts, slots = _inputs(records)
+    route_of: dict[str, int | None] = {}
+    _route(method, [p for p, (_, kind, _) in zip(prompts, slots) if kind == "loc"], batch_size, route_of)
     unchanged: frozenset[str] = frozenset()
-    if routes is not None and method.leaves_unrouted_alone():
-        unchanged = frozenset(p for p, (_, kind, _), route in zip(*routes) if kind == "loc" and route is None)
+    if method.leaves_unrouted_alone():
+        unchanged = frozenset(p for p, (_, kind, _) in zip(prompts, slots) if kind == "loc" and route_of[p] is None)
+
+    def scored(batch_prompts: list[str]) -> None:
+        route_of.update(zip(batch_prompts, method.last_routes(len(batch_prompts))))
+
+    method.last_routes(0)  # forget what an earlier forward left
     result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, batch_size=batch_size,
-                              unchanged=unchanged, **kwargs)
-    if routes is not None:
-        result.summary["routing"] = routing_diagnosis(records, result.per_edit, routes, ledger)
+                              unchanged=unchanged, on_scored=scored, **kwargs)
+    _route(method, prompts, batch_size, route_of)  # any prompt the scoring did not run (none, as a rule)
+    result.summary["routing"] = routing_diagnosis(records, result.per_edit, (slots, [route_of[p] for p in prompts]),
+                                                  ledger)
     return result
 
 
-def _routes(method: EditMethod, records: list[EditRecord], batch_size: int
-            ) -> tuple[list[str], list[tuple[int, str, str | None]], list[int | None]]:
-    """(prompts, their slots (record, kind, locality group), the edit each reaches) for every evaluated input."""
+def _inputs(records: list[EditRecord]) -> tuple[list[str], list[tuple[int, str, str | None]]]:
+    """Every evaluated prompt and its slot (record, kind, locality group)."""
     prompts: list[str] = []
     slots: list[tuple[int, str, str | None]] = []
     for i, r in enumerate(records):
         prompts += [r.prompt, *r.rephrases, *(lp.prompt for lp in r.locality)]
         slots += [(i, "rel", None), *[(i, "gen", None)] * len(r.rephrases)]
         slots += [(i, "loc", lp.group) for lp in r.locality]
-    routes: list[int | None] = []
-    for start in range(0, len(prompts), batch_size):
-        routes += method.routes(prompts[start:start + batch_size])
-    return prompts, slots, routes
+    return prompts, slots
+
+
+def _route(method: EditMethod, prompts: list[str], batch_size: int, route_of: dict[str, int | None]) -> None:
+    """Add the routes of `prompts` not yet in `route_of` (a prompt routes the same wherever it is asked)."""
+    todo = list(dict.fromkeys(p for p in prompts if p not in route_of))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        route_of.update(zip(chunk, method.routes(chunk)))
 
 
 def routing_diagnosis(records: list[EditRecord], per_edit: list[dict],
-                      routes: tuple[list[str], list[tuple[int, str, str | None]], list[int | None]],
+                      routes: tuple[list[tuple[int, str, str | None]], list[int | None]],
                       ledger: list[dict] | None = None) -> dict:
-    """Where each evaluated input went (`routes`, from `_routes`): its own edit, another edit, or none.
+    """Where each evaluated input went (`routes`: the slots of `_inputs` and the edit each reached, None
+    for none): its own edit, another edit, or none.
 
     Why: a lost rephrasing is either a routing miss or an expert that does not transfer, and a changed
     locality answer either a wrong route or an expert acting where it was not asked to; the per-edit rows
@@ -239,7 +255,7 @@ def routing_diagnosis(records: list[EditRecord], per_edit: list[dict],
     if ledger is not None:
         index = {e.get("id"): n for n, e in enumerate(ledger)}
         own_index = [index.get(r.id) for r in records]
-    _, slots, routes = routes
+    slots, routes = routes
     where: dict[tuple[int, str], list[str]] = {}
     by_group: dict[str, list[str]] = {}
     for (i, kind, group), route in zip(slots, routes):

@@ -74,11 +74,12 @@ def _model_device(model) -> torch.device:
 @torch.no_grad()
 def score_pairs(
     model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
-    progress: Progress | None = None, stage: str = "scoring",
+    progress: Progress | None = None, stage: str = "scoring", on_batch: Callable[[list[str]], None] | None = None,
 ) -> list[Scored]:
     """Teacher-force every pair once; return argmax predictions and NLL on the answer tokens.
 
-    Pairs are sorted by length before batching so little compute goes to padding.
+    Pairs are sorted by length before batching so little compute goes to padding. `on_batch(prompts)` after
+    each batch's forward, with that batch's prompts in row order.
     """
     encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
@@ -89,6 +90,8 @@ def score_pairs(
         idx = order[start : start + batch_size]
         batch = collate([encoded[i] for i in idx], pad).to(device)
         logits, answers, rows = answer_logits(model, batch)
+        if on_batch:
+            on_batch([pairs[i][0] for i in idx])
         preds = logits.argmax(-1)
         nll = torch.nn.functional.cross_entropy(logits.float(), answers, reduction="none")
         for row, i in enumerate(idx):
@@ -191,6 +194,22 @@ def generate_answers(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
+def _answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, progress: Progress | None
+             ) -> tuple[list[str], list[str]]:
+    """(length-bounded answers, free answers) of the pairs, from one free generation: greedy decoding is the
+    same whatever the bound, so the length-bounded answer is the free one's first tokens (the batches are
+    the same); only a target longer than the free bound is decoded again."""
+    lengths = [len(encode_pair(tokenizer, p, a).answer_ids) for p, a in pairs]
+    ids = generate_ids(model, tokenizer, [p for p, _ in pairs], [FREE_NEW_TOKENS] * len(pairs), batch_size,
+                       progress, stop_ids=stop_token_ids(tokenizer, model))
+    free = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    bounded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths)]
+    long = [k for k, n in enumerate(lengths) if n > FREE_NEW_TOKENS]
+    for k, text in zip(long, generate_answers(model, tokenizer, [pairs[k] for k in long], batch_size, progress)):
+        bounded[k] = text
+    return bounded, free
+
+
 BASE_ANSWER_TOKENS = 3
 """Tokens of the unedited model's own answer that stand in for a locality answer nobody gave."""
 
@@ -279,6 +298,7 @@ def evaluate_records(
     model, tokenizer, records: Sequence[EditRecord], baseline: Baseline | None = None, *,
     batch_size: int = 64, generation: bool = True, perplexity: bool = False,
     progress: Progress | None = None, unedited: bool = False, unchanged: frozenset[str] = frozenset(),
+    on_scored: Callable[[list[str]], None] | None = None,
 ) -> EvalReport:
     """Score every record: Rel on `prompt`, Gen on rephrases, Loc vs `baseline`, Port, Known.
 
@@ -291,6 +311,7 @@ def evaluate_records(
     `unchanged` are ones the adapter is known to leave alone (no edit reaches them: `engine.adapters.
     evaluate_edited`): the edited model's answers to them are the baseline's by construction, so they are
     counted unchanged without being run, which is most of an evaluation's time (their free generation).
+    `on_scored(prompts)` is called after each teacher-forced batch (the edited model's routes are read then).
     """
     if baseline is None:
         baseline = compute_baseline(model, tokenizer, records, batch_size, progress, generation=generation)
@@ -310,7 +331,8 @@ def evaluate_records(
             pairs.append((pp.prompt, pp.answer))
             slots.append((i, "port", pp.group))
     run = [k for k, (i, kind, _) in enumerate(slots) if kind != "loc" or pairs[k][0] not in unchanged]
-    scored_run = iter(score_pairs(model, tokenizer, [pairs[k] for k in run], batch_size, progress, "evaluating"))
+    scored_run = iter(score_pairs(model, tokenizer, [pairs[k] for k in run], batch_size, progress, "evaluating",
+                                  on_batch=on_scored))
     ran = set(run)
     scored = [next(scored_run) if k in ran else None for k in range(len(pairs))]
     gen_text: dict[int, str] = {}
@@ -318,10 +340,8 @@ def evaluate_records(
     loc_free_same: dict[int, bool] = {}
     if generation:
         gen_idx = [k for k, s in enumerate(slots) if s[1] in ("rel", "gen")]
-        texts = generate_answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress)
-        gen_text = dict(zip(gen_idx, texts))
-        free_text = dict(zip(gen_idx, free_answers(model, tokenizer, [pairs[k][0] for k in gen_idx], batch_size,
-                                                   progress)))
+        gen_text, free_text = _answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress)
+        gen_text, free_text = dict(zip(gen_idx, gen_text)), dict(zip(gen_idx, free_text))
         if baseline.loc_free is not None:
             # the locality prompts alone, in baseline order: the same batches as the baseline's generation
             loc_idx = [k for k, s in enumerate(slots) if s[1] == "loc"]

@@ -127,6 +127,11 @@ class EditMethod:
         """Whether `routes` tells edits apart (else a None from it means "unknown", not "no edit")."""
         return False
 
+    def last_routes(self, n: int) -> list[int | None]:
+        """The routes (as `routes` gives them) of the `n` rows of the last forward, then forgotten; None for
+        every row when the method cannot tell, or nothing was routed since last asked."""
+        return [None] * n
+
     def leaves_unrouted_alone(self) -> bool:
         """Whether an input that `routes` sends to no edit gets exactly the unedited model's output (every
         generated token included), so an evaluation may take the baseline's answers for it unrun."""

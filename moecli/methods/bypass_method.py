@@ -239,10 +239,24 @@ class BypassMethod(EditMethod):
         """The edit each prompt's key match picks (the matcher stores edits in ledger order)."""
         if self.matcher is None or not len(self.matcher):
             return [None] * len(prompts)
-        if not self._routed_pass(prompts):
-            return [None] * len(prompts)
-        rows = self.matcher.rows
-        return [int(r) if r >= 0 else None for r in rows.tolist()] if rows is not None else [None] * len(prompts)
+        ask = list(range(len(prompts)))
+        if self.matcher.null_unmatched:  # a prompt naming no edited entity reaches none: no forward needed
+            tok = self.loaded.tokenizer
+            batch = collate([prompt_only(tok, p) for p in prompts], pad_id_of(tok)).to(self.loaded.device)
+            self.context.compute(self.loaded.model.get_input_embeddings(), batch.input_ids, batch.attention_mask)
+            ask = [i for i, m in enumerate(self.context.matched.tolist()) if m]
+        routes: list[int | None] = [None] * len(prompts)
+        if ask and self._routed_pass([prompts[i] for i in ask]) and self.matcher.rows is not None:
+            for i, r in zip(ask, self.matcher.rows.tolist()):
+                routes[i] = int(r) if r >= 0 else None
+        return routes
+
+    def last_routes(self, n: int) -> list[int | None]:
+        routed, rows = self.bypass.last_routes is not None, self.matcher.rows if self.matcher is not None else None
+        self.bypass.last_routes = None
+        if not routed or rows is None or len(rows) != n:
+            return [None] * n
+        return [int(r) if r >= 0 else None for r in rows.tolist()]
 
     def _routed_pass(self, prompts: list[str]) -> bool:
         """A forward of the edited model on `prompts` (no logits needed), leaving the routers' decisions;
