@@ -127,8 +127,8 @@ def _segments(marks: list[dict], mark: int) -> list[dict]:
 
 
 
-def _median(fn) -> float:
-    return timed(fn, reps=3, stat="median")
+def _best(fn) -> float:
+    return timed(fn, reps=5, stat="min")
 
 
 def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dict:
@@ -152,14 +152,17 @@ def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dic
             enc = tok(half[:10], return_tensors="pt", padding=True, padding_side="left")
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
 
-    bare = {"half": _median(lambda: forward(half)), "none": _median(lambda: forward(other)), "gen": _median(generate)}
+    def times() -> dict:
+        return {"half": _best(lambda: forward(half)), "none": _best(lambda: forward(other)), "gen": _best(generate)}
+
+    bare = times()
     method = load_edited(loaded, adapter)
     try:
         routes = method.routes(other)
-        ours = {"half": _median(lambda: forward(half)), "none": _median(lambda: forward(other)),
-                "gen": _median(generate)}
+        ours = times()
     finally:
         method.remove()
+    bare = {k: min(v, w) for (k, v), w in zip(bare.items(), times().values())}  # bare before and after: best
     return {"forward_half_ratio": ours["half"] / bare["half"], "forward_none_ratio": ours["none"] / bare["none"],
             "generate_tokens_per_s_ratio": bare["gen"] / ours["gen"],
             "none_prompts_routed": sum(r is not None for r in routes), "prompts": len(half)}
@@ -194,6 +197,8 @@ def measure(args) -> None:
             result["overhead"][key] = _overhead(loaded, work / "marks" / key, edited, other)
             write_json(out_file, result)
             print(f"overhead at {key}: {result['overhead'][key]}", flush=True)
+    if args.no_quality:
+        return
     first, last = marks[0]["edits"], marks[-1]["edits"]
     step = max(1, last // args.sample)
     jobs = {f"first{first}@{first}": (records[:first], first), f"first{first}@{last}": (records[:first], last),
@@ -365,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(REPO / "runs" / "stream-10000"))
     parser.add_argument("--results", default=str(OUT))
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
+    parser.add_argument("--no-quality", action="store_true", help="measure: segments and overhead only")
     parser.add_argument("--reps", type=int, default=7, help="saves: saves timed per stream length and mode")
     parser.add_argument("--tmp", default=None, help="saves: where to write (default: the system's temp dir)")
     parser.add_argument("--before", default="a086a07", help="speedup: the earlier commit (default: the code the "
