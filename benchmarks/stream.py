@@ -109,15 +109,22 @@ def edit(args) -> None:
     run_edits(spec, progress, resume=resume)
 
 
-def _segments(marks: list[dict], mark: int) -> list[dict]:
-    """Per-edit edit time of each segment of `mark` edits (from the checkpoints' cumulative edit time), its
-    ratio to the first segment's, adapter size and peak RSS at the segment's end."""
-    rows, prev = [], {"edits": 0, "edit_seconds": 0.0}
+def _segments(marks: list[dict], ledger: list[dict]) -> list[dict]:
+    """Per-edit edit time of each segment between marks (from the checkpoints' cumulative edit time), its
+    ratio to the first segment's, optimiser steps per edit (the part of the cost no other job's load
+    changes, from the ledger), adapter size and peak RSS at the segment's end."""
+    steps_of = {e["batch"]: e.get("train_steps", 0) for e in ledger}
+    size_of: dict[int, int] = {}
+    for e in ledger:
+        size_of[e["batch"]] = size_of.get(e["batch"], 0) + 1
+    rows, prev = [], {"edits": 0, "edit_seconds": 0.0, "batches": 0}
     for m in sorted(marks, key=lambda m: m["edits"]):
         n = m["edits"] - prev["edits"]
         per_edit = (m["edit_seconds"] - prev["edit_seconds"]) / n if n else None
-        rows.append({"edits": m["edits"], "s_per_edit": per_edit, "adapter_mb": m["adapter_bytes"] / 2**20,
-                     "peak_rss_mb": m["peak_rss_mb"]})
+        batches = range(prev.get("batches", 0), m["batches"])
+        steps = sum(steps_of.get(b, 0) for b in batches) / max(1, sum(size_of.get(b, 0) for b in batches))
+        rows.append({"edits": m["edits"], "s_per_edit": per_edit, "steps_per_edit": steps,
+                     "adapter_mb": m["adapter_bytes"] / 2**20, "peak_rss_mb": m["peak_rss_mb"]})
         prev = m
     first = rows[0]["s_per_edit"] if rows else None
     for r in rows:
@@ -182,7 +189,9 @@ def measure(args) -> None:
         raise SystemExit(f"no marks in {args.results}: run `stream.py edit` first")
     out_file = Path(args.results) / "stream.json"
     result = _load(out_file) or {"meta": state["meta"], "overhead": {}, "quality": {}}
-    result["segments"] = _segments(marks, args.mark)
+    from moecli.engine.checkpoint import load_checkpoint
+
+    result["segments"] = _segments(marks, load_checkpoint(work / "marks" / str(marks[-1]["edits"])).ledger)
     write_json(out_file, result)
     model_path = resolve_model(args.model)
     records = _records(args)
