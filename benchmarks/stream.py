@@ -144,17 +144,20 @@ def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dic
     import torch
 
     from moecli.engine.adapters import load_edited
+    from moecli.routing import sentence
 
     tok, model = loaded.tokenizer, loaded.model
     half = edited[: len(edited) // 2] + other[: len(other) // 2]
 
     def forward(prompts: list[str]) -> None:
+        sentence._memo.clear()  # new prompts, as a deployed model meets them: no MiniLM embedding is reused
         with torch.no_grad():
             for i in range(0, len(prompts), 10):
                 enc = tok(prompts[i : i + 10], return_tensors="pt", padding=True)
                 model(**enc)
 
     def generate() -> None:
+        sentence._memo.clear()
         with torch.no_grad():
             enc = tok(half[:10], return_tensors="pt", padding=True, padding_side="left")
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
