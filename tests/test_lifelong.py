@@ -185,3 +185,19 @@ def test_routes_read_off_the_scoring_pass_are_the_prompts_own(tiny_dir, tmp_path
         assert row["route_rel"] == label(method.routes([r.prompt])[0], own)
         assert row["route_gen"] == [label(x, own) for x in method.routes(r.rephrases)]
     assert "own" in {x for row in report.per_edit for x in row["route_gen"]}
+
+
+def test_a_later_edit_of_the_same_prompt_supersedes_the_earlier_one(tiny_dir, tmp_path):
+    """CounterFact edits some prompts twice ("The twin city of Tirana is" Shanghai, later Hamburg): the later
+    batch must train (its prompt reaching its own new expert) and the model answer the later target."""
+    first = RECORDS[:2]
+    again = [EditRecord(RECORDS[0].prompt, "Lima", subject=RECORDS[0].subject, locality=RECORDS[0].locality),
+             RECORDS[2]]
+    spec = _spec(tiny_dir, tmp_path / "run")
+    spec.records = [*first, *again]
+    report = run_edits(spec)
+    ledger = load_checkpoint(tmp_path / "run" / "adapter").ledger
+    assert all(e["train_all_correct"] for e in ledger)
+    assert ledger[2]["train_steps"] < FAST["max_steps"]
+    by_target = {row["target"]: row for row in report["per_edit"] if row["prompt"] == RECORDS[0].prompt}
+    assert by_target["Lima"]["rel"] == 1.0 and by_target["Tokyo"]["rel"] < 1.0

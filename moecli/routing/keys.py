@@ -126,7 +126,7 @@ class KeyMatcher:
         for i, row in enumerate(hashes.tolist()):
             for h in row:
                 if h:  # 0: not known (an adapter saved before prompts were kept)
-                    self._row_of_prompt.setdefault(h, first + i)
+                    self._row_of_prompt[h] = first + i  # a later edit of the same prompt supersedes it
 
     def pair_similarity(self, q_a: torch.Tensor, s_a: torch.Tensor | None, q_b: torch.Tensor,
                         s_b: torch.Tensor | None) -> torch.Tensor:
