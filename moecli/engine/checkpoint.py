@@ -270,11 +270,11 @@ def load_checkpoint(path: str | Path, option: str = "--adapter") -> Checkpoint:
     path = resolve_adapter_dir(path, option)
     for attempt in range(3):
         where = _recover(path)
-        before = _dir_identity(where)
+        before = shards.dir_id(where)
         try:
             return _load_dir(path, where, option)
         except (UserError, FileNotFoundError) as exc:
-            if _dir_identity(where) == before:
+            if shards.dir_id(where) == before:
                 if isinstance(exc, FileNotFoundError):
                     name = Path(exc.filename or "?").name
                     raise UserError(f"{option} {path}: missing {name}{DAMAGED_HINT}") from None
@@ -285,14 +285,6 @@ def load_checkpoint(path: str | Path, option: str = "--adapter") -> Checkpoint:
                 ) from None
             time.sleep(0.05)
     raise AssertionError("unreachable")
-
-
-def _dir_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def _load_dir(path: Path, where: Path, option: str) -> Checkpoint:
