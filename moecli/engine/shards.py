@@ -17,10 +17,11 @@ times. A tensor that changes at every save (a shared router) sits alone in `adap
 so it never drags a large shard into a rewrite.
 
 What "unchanged" means: the process that wrote the previous checkpoint of a directory remembers, for
-each stored piece, the tensor it wrote and that tensor's version counter (PyTorch bumps it on every
-in-place change, through any view). A tensor is unchanged when it is the very tensor written, at the
-same version, or when its rows equal the stored pieces (`torch.equal`: a memory comparison, much
-cheaper than a write). A new process (a resumed run) remembers nothing: its first save writes all.
+each stored piece, a tensor holding its rows (a view into the newest tensor of that name) and that
+tensor's version counter (PyTorch bumps it on every in-place change, through any view). A tensor is
+unchanged when it is that very tensor, at the same version, or when its rows equal the stored pieces
+(`torch.equal`: a memory comparison, much cheaper than a write). A new process (a resumed run)
+remembers nothing: its first save writes all.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def is_shard_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class _Piece:
-    """Rows [start, stop) of tensor `name`, stored under `key`; `tensor` is what was written (held, so
-    its memory cannot be reused by another tensor while we compare against it)."""
+    """Rows [start, stop) of tensor `name`, stored under `key`; `tensor` holds exactly those rows (a view
+    into the newest tensor of that name, held so that its memory cannot be reused by another tensor while
+    we compare against it)."""
 
     name: str
     key: str

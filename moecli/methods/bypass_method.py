@@ -246,9 +246,9 @@ class BypassMethod(EditMethod):
             self.context.compute(self.loaded.model.get_input_embeddings(), batch.input_ids, batch.attention_mask)
             ask = [i for i, m in enumerate(self.context.matched.tolist()) if m]
         routes: list[int | None] = [None] * len(prompts)
-        if ask and self._routed_pass([prompts[i] for i in ask]) and self.matcher.rows is not None:
-            for i, r in zip(ask, self.matcher.rows.tolist()):
-                routes[i] = int(r) if r >= 0 else None
+        if ask and self._routed_pass([prompts[i] for i in ask]):
+            for i, r in zip(ask, self.last_routes(len(ask))):
+                routes[i] = r
         return routes
 
     def last_routes(self, n: int) -> list[int | None]:

@@ -31,8 +31,9 @@ ROUTERS = ("knn", "kv")
 class LEMoEConfig(BypassConfig):
     """LEMoE options; the `lemoe-paper` recipe sets the paper's (kv router, dense experts, lr 2e-4)."""
 
-    lr: float = option(2e-2, "learning rate of the edit training; [choice] 0.02: on the train splits it took "
-                             "fewer steps than 0.01 and carried more rephrasings (benchmarks/results/auto_key.md)")
+    lr: float = option(2e-2, "learning rate of the edit training; LEMoE's default 0.02 [choice]: on the train "
+                             "splits it took fewer steps than 0.01 and carried more rephrasings "
+                             "(benchmarks/results/auto_key.md)")
 
     router: str = option("knn", "knn (moecli: each edit's key points to its batch's expert, nothing learned, so "
                                 "earlier routes never drift) | kv (the paper's learned key-value anchor router)")

@@ -23,6 +23,7 @@ CHUNK = 64  # sentences per forward pass
 MEMO = 8192  # embeddings kept by (device, text): an edit's training step routes the same prompts every time
 MAX_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
 DIM = 384
+_memo: dict[tuple[str, str], torch.Tensor] = {}  # (device, text) -> embedding, at most MEMO entries
 
 
 def available() -> bool:
@@ -78,9 +79,6 @@ def embed_texts(texts: Sequence[str], device: torch.device | str = "cpu",
         _memo.update({(str(device), t): row for t, row in zip(texts, out.clone())})
         return out
     return _embed(texts, device, progress)
-
-
-_memo: dict[tuple[str, str], torch.Tensor] = {}
 
 
 def _embed(texts: Sequence[str], device: torch.device | str, progress) -> torch.Tensor:
