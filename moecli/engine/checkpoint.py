@@ -62,6 +62,16 @@ DAMAGED_HINT = "; the checkpoint is damaged: restore it from a copy or redo the 
 """Appended to every message about a missing or corrupt checkpoint file: what the user can do."""
 
 
+class NonFiniteTensor(ValueError):
+    """A tensor about to be written holds inf or NaN (a diverged training): the save is abandoned, the previous
+    checkpoint stays. Checked on what a save writes, which with shards is what changed since the previous save:
+    what was already written was checked then, so the check costs the batch, not the whole adapter."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"non-finite values in tensor {name!r}")
+        self.name = name
+
+
 @dataclass
 class Checkpoint:
     """Everything an adapter checkpoint holds, independent of the editing method.
@@ -185,6 +195,8 @@ def _write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
     seen_storages: set[int] = set()
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteTensor(shards.tensor_name(name))
         ptr = t.untyped_storage().data_ptr()
         if t.numel() and ptr in seen_storages:
             t = t.clone()

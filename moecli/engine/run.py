@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -27,6 +27,7 @@ from moecli.data.records import EditRecord
 from moecli.engine.adapters import checked_checkpoint, evaluate_edited, restore_method, seed_everything
 from moecli.engine.checkpoint import (
     Checkpoint,
+    NonFiniteTensor,
     checkpoint_exists,
     resolve_adapter_dir,
     save_checkpoint,
@@ -111,9 +112,6 @@ def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict]
           n_batches: int, timings: dict, retention: list[dict], offset: int = 0,
           history: list[dict] | None = None) -> Path:
     config, tensors, files = method.export_state()
-    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:  # checked on what would be written: the tensors every method exports
-        diverged(f"weight {bad}", offset + position - 1, spec.out_dir)
     manifest = {
         "format_version": 1,
         "moecli_version": __version__,
@@ -127,6 +125,8 @@ def _save(spec: RunSpec, method: EditMethod, loaded_fp: dict, ledger: list[dict]
     }
     try:
         return save_checkpoint(spec.out_dir / "adapter", Checkpoint(config, tensors, manifest, ledger, files))
+    except NonFiniteTensor as exc:  # checked on what is written: the tensors every method exports
+        diverged(f"weight {exc.name}", offset + position - 1, spec.out_dir)
     except OSError as exc:  # a full disk, a quota, a read-only mount: the previous checkpoint is intact
         fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         raise RunError(
@@ -165,7 +165,7 @@ def check_finite(stats: dict, batch: int, out_dir: Path) -> None:
         diverged(f"loss {loss}", batch, out_dir)
 
 
-def diverged(what: str, batch: int, out_dir: Path) -> None:
+def diverged(what: str, batch: int, out_dir: Path) -> NoReturn:
     raise RunError(f"training diverged in batch {batch}: non-finite {what}; nothing of that batch is saved, "
                    f"{saved_so_far(out_dir)}; lower --lr and start again")
 

@@ -230,6 +230,11 @@ def read(where: Path, names: list[str], fail) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def tensor_name(key: str) -> str:
+    """The tensor a stored key holds rows of (`name@rows:<start>` → `name`)."""
+    return key.partition(_ROWS)[0]
+
+
 def check_name(name: str) -> None:
     if _ROWS in name:
         raise ValueError(f"tensor name {name!r} contains {_ROWS!r}, which marks stored row pieces")

@@ -56,6 +56,7 @@ class AnchorTrie:
     def __init__(self) -> None:
         self.root: dict = {}
         self.sequences: list[list[int]] = []  # every matchable variant
+        self._canon_index: list[int] = []  # per variant, its canonical's index (what `to_json` writes at each save)
         self.canonical: list[list[int]] = []  # one per subject
         self._canon_of: dict[tuple[int, ...], int] = {}
         self._variants_of: dict[int, list[list[int]]] = {}  # canonical index → its variants
@@ -81,6 +82,7 @@ class AnchorTrie:
             node = node.setdefault(t, {})
         node[-1] = self._canon_of[key]
         self.sequences.append(ids)
+        self._canon_index.append(node[-1])
 
     def add_subject(self, tokenizer, subject: str) -> None:
         """Register a subject as it tokenizes at the start of a text and after a space, and with its first
@@ -126,14 +128,8 @@ class AnchorTrie:
 
     def to_json(self) -> dict:
         return {"canonical": self.canonical,
-                "variants": [[seq, self._find_exact(seq)] for seq in self.sequences],
+                "variants": [list(v) for v in zip(self.sequences, self._canon_index)],
                 "exact": [[h, *v] for h, v in self.exact.items()]}
-
-    def _find_exact(self, seq: list[int]) -> int:
-        node = self.root
-        for t in seq:
-            node = node[t]
-        return node[-1]
 
     @classmethod
     def from_json(cls, data: dict) -> AnchorTrie:

@@ -251,12 +251,13 @@ class KeyMatcher:
 
         files = {"anchors.faiss": self.store.to_bytes(),
                  "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
-        tensors = {"matcher.queries": self.queries.clone(), "matcher.raw_queries": self.raw_queries.clone(),
-                   "matcher.thresholds": self.thresholds.clone(),
-                   "matcher.neg_queries": self.neg_queries.clone(), "matcher.neg_owner": self.neg_owner.clone(),
-                   "matcher.prompt_hashes": self.prompt_hashes.clone()}
+        # The live tensors, not copies: `add` replaces them (torch.cat) rather than growing them in place, so a
+        # checkpoint's shards can tell an unchanged table by its identity and skip comparing it row by row.
+        tensors = {"matcher.queries": self.queries, "matcher.raw_queries": self.raw_queries,
+                   "matcher.thresholds": self.thresholds, "matcher.neg_queries": self.neg_queries,
+                   "matcher.neg_owner": self.neg_owner, "matcher.prompt_hashes": self.prompt_hashes}
         if self.feature == "output":
-            tensors.update({"matcher.sig_ids": self.sig_ids.clone(), "matcher.sig_vals": self.sig_vals.clone()})
+            tensors.update({"matcher.sig_ids": self.sig_ids, "matcher.sig_vals": self.sig_vals})
         return tensors, files
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
