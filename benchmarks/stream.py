@@ -38,7 +38,6 @@ from common import (  # noqa: E402
     meta,
     peak_rss_mb,
     portable,
-    timed,
     write_json,
 )
 
@@ -134,13 +133,15 @@ def _segments(marks: list[dict], ledger: list[dict]) -> list[dict]:
 
 
 
-def _best(fn) -> float:
-    return timed(fn, reps=5, stat="min")
-
-
-def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dict:
+def _overhead(loaded, adapter: Path, edited: list[str], other: list[str], rounds: int = 5) -> dict:
     """Forward time with the adapter over the bare model's, on prompts half of which name an edited entity
-    and on prompts naming none; generation tokens/s with the adapter over without (16 new tokens each)."""
+    and on prompts naming none; generation tokens/s with the adapter over without (16 new tokens each).
+
+    Bare and adapted runs alternate, `rounds` times (the adapter injected and removed each round), and each
+    figure is the median of the rounds' ratios: a job elsewhere on the machine that speeds up or slows down
+    during the measurement weighs on both sides of a ratio alike, instead of on one side of a best-of-n."""
+    import statistics
+
     import torch
 
     from moecli.engine.adapters import load_edited
@@ -162,20 +163,32 @@ def _overhead(loaded, adapter: Path, edited: list[str], other: list[str]) -> dic
             enc = tok(half[:10], return_tensors="pt", padding=True, padding_side="left")
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
 
-    def times() -> dict:
-        return {"half": _best(lambda: forward(half)), "none": _best(lambda: forward(other)), "gen": _best(generate)}
+    def clock(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
 
-    bare = times()
-    method = load_edited(loaded, adapter)
-    try:
-        routes = method.routes(other)
-        ours = times()
-    finally:
-        method.remove()
-    bare = {k: min(v, w) for (k, v), w in zip(bare.items(), times().values())}  # bare before and after: best
-    return {"forward_half_ratio": ours["half"] / bare["half"], "forward_none_ratio": ours["none"] / bare["none"],
-            "generate_tokens_per_s_ratio": bare["gen"] / ours["gen"],
-            "none_prompts_routed": sum(r is not None for r in routes), "prompts": len(half)}
+    def times() -> dict:
+        return {"half": clock(lambda: forward(half)), "none": clock(lambda: forward(other)), "gen": clock(generate)}
+
+    times()  # warm-up: first calls allocate
+    ratios: dict[str, list[float]] = {"half": [], "none": [], "gen": []}
+    routed = 0
+    for _ in range(rounds):
+        bare = times()
+        method = load_edited(loaded, adapter)
+        try:
+            routed = sum(r is not None for r in method.routes(other))
+            ours = times()
+        finally:
+            method.remove()
+        for k in ratios:
+            ratios[k].append(ours[k] / bare[k])
+    return {"forward_half_ratio": statistics.median(ratios["half"]),
+            "forward_none_ratio": statistics.median(ratios["none"]),
+            "generate_tokens_per_s_ratio": 1 / statistics.median(ratios["gen"]),
+            "none_prompts_routed": routed, "prompts": len(half), "rounds": rounds,
+            "ratios": {k: [round(r, 4) for r in v] for k, v in ratios.items()}}
 
 
 def measure(args) -> None:

@@ -420,7 +420,7 @@ def test_generation_em_uses_normalized_match(tok, vocab, monkeypatch: pytest.Mon
         EditRecord(prompt="Shakespeare wrote", target="Hamlet"),
     ]
 
-    def fake_answers(model, tokenizer, pairs, batch_size=32, progress=None):
+    def fake_answers(model, tokenizer, pairs, batch_size=32, progress=None, groups=None):
         bounded = [" paris" if a == "The Paris!" and p == recs[0].prompt else " nope" for p, a in pairs]
         return bounded, ["x"] * len(pairs)
 

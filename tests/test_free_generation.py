@@ -165,3 +165,26 @@ def test_an_editing_command_reports_the_free_metrics(tiny_dir, tmp_path, capsys)
     off = json.loads(out)
     assert off["rel"] == 1.0 and off["rel_free_exact"] == 0.0
     assert json.loads((tmp_path / "off" / "report.json").read_text())["config"]["eos_target"] is False
+
+
+def test_generation_batches_group_their_rows_first(tiny_dir):
+    """`groups` batches prompts within their group (routed rows apart from the rest, so a batch of rows that
+    stop after the answer is not held to the token bound by one that runs on); the answers do not change."""
+    loaded = load_model(tiny_dir)
+    prompts = ["The capital of France is", "Shakespeare wrote", "Water boils at", "The Eiffel Tower is in"]
+    from moecli.engine.evaluation import encode_prompt, generate_ids
+
+    batches: list[list[int]] = []
+    real = loaded.model.generate
+
+    def generate(*args, **kwargs):
+        batches.append(kwargs["attention_mask"].sum(-1).tolist())
+        return real(*args, **kwargs)
+
+    loaded.model.generate = generate
+    stops = stop_token_ids(loaded.tokenizer, loaded.model)
+    grouped = generate_ids(loaded.model, loaded.tokenizer, prompts, [4] * 4, batch_size=2, stop_ids=stops,
+                           groups=[1, 0, 1, 0])
+    lengths = [len(encode_prompt(loaded.tokenizer, p)) for p in prompts]
+    assert [sorted(b) for b in batches] == [sorted([lengths[1], lengths[3]]), sorted([lengths[0], lengths[2]])]
+    assert grouped == [generate_ids(loaded.model, loaded.tokenizer, [p], [4], stop_ids=stops)[0] for p in prompts]

@@ -211,8 +211,11 @@ def evaluate_edited(method: EditMethod, records: list[EditRecord], baseline: Bas
         route_of.update(zip(batch_prompts, method.last_routes(len(batch_prompts))))
 
     method.last_routes(0)  # forget what an earlier forward left
+    # routed prompts are generated apart from the rest: an edit trained to stop after its answer ends its rows
+    # in a few tokens, while a row no edit reaches runs on to the bound and would hold its batch there
     result = evaluate_records(loaded.model, loaded.tokenizer, records, baseline, batch_size=batch_size,
-                              unchanged=unchanged, on_scored=scored, **kwargs)
+                              unchanged=unchanged, on_scored=scored,
+                              group_of=lambda p: 0 if route_of.get(p) is not None else 1, **kwargs)
     _route(method, prompts, batch_size, route_of)  # any prompt the scoring did not run (none, as a rule)
     result.summary["routing"] = routing_diagnosis(records, result.per_edit, (slots, [route_of[p] for p in prompts]),
                                                   ledger)

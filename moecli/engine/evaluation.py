@@ -131,7 +131,8 @@ def free_verdicts(answer: str, target: str) -> tuple[bool, bool]:
 @torch.no_grad()
 def generate_ids(
     model, tokenizer, prompts: Sequence[str], new_tokens: Sequence[int], batch_size: int = 32,
-    progress: Progress | None = None, stop_ids: Sequence[int] | None = None, **generate_kwargs,
+    progress: Progress | None = None, stop_ids: Sequence[int] | None = None, groups: Sequence[int] | None = None,
+    **generate_kwargs,
 ) -> list[list[int]]:
     """Decode up to `new_tokens[i]` tokens after each prompt (greedy unless `generate_kwargs` say
     otherwise); returns each prompt's new token ids.
@@ -139,13 +140,17 @@ def generate_ids(
     Prompts are left-padded here (whatever the tokenizer's side) because generation appends on the
     right, and batched by length so little compute goes to padding. `stop_ids`: a row ends at the first
     of these tokens (`generate` stops a batch once every row has one) and is returned without it; None
-    leaves the stop to the model's generation config, and the ids as generated.
+    leaves the stop to the model's generation config, and the ids as generated. `groups`: prompts are
+    batched within their group first (then by length): a batch runs until its last row stops, so rows
+    expected to stop early (prompts an edit reaches, trained to end after the answer) go together rather
+    than each batch waiting on the one row that runs to the bound.
     """
     device = _model_device(model)
     pad = pad_id_of(tokenizer)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    group = groups if groups is not None else [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (group[i], len(encoded[i])))
     options = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
     stops = set(stop_ids or ())
     if stops:
@@ -194,14 +199,14 @@ def generate_answers(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
-def _answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, progress: Progress | None
-             ) -> tuple[list[str], list[str]]:
+def _answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, progress: Progress | None,
+             groups: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
     """(length-bounded answers, free answers) of the pairs, from one free generation: greedy decoding is the
     same whatever the bound, so the length-bounded answer is the free one's first tokens (the batches are
     the same); only a target longer than the free bound is decoded again."""
     lengths = [len(encode_pair(tokenizer, p, a).answer_ids) for p, a in pairs]
     ids = generate_ids(model, tokenizer, [p for p, _ in pairs], [FREE_NEW_TOKENS] * len(pairs), batch_size,
-                       progress, stop_ids=stop_token_ids(tokenizer, model))
+                       progress, stop_ids=stop_token_ids(tokenizer, model), groups=groups)
     free = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     bounded = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, lengths)]
     long = [k for k, n in enumerate(lengths) if n > FREE_NEW_TOKENS]
@@ -298,7 +303,7 @@ def evaluate_records(
     model, tokenizer, records: Sequence[EditRecord], baseline: Baseline | None = None, *,
     batch_size: int = 64, generation: bool = True, perplexity: bool = False,
     progress: Progress | None = None, unedited: bool = False, unchanged: frozenset[str] = frozenset(),
-    on_scored: Callable[[list[str]], None] | None = None,
+    on_scored: Callable[[list[str]], None] | None = None, group_of: Callable[[str], int] | None = None,
 ) -> EvalReport:
     """Score every record: Rel on `prompt`, Gen on rephrases, Loc vs `baseline`, Port, Known.
 
@@ -312,6 +317,8 @@ def evaluate_records(
     evaluate_edited`): the edited model's answers to them are the baseline's by construction, so they are
     counted unchanged without being run, which is most of an evaluation's time (their free generation).
     `on_scored(prompts)` is called after each teacher-forced batch (the edited model's routes are read then).
+    `group_of(prompt)`, asked after the teacher-forced pass: the generation batch group of a Rel/Gen prompt
+    (`generate_ids`' `groups`).
     """
     if baseline is None:
         baseline = compute_baseline(model, tokenizer, records, batch_size, progress, generation=generation)
@@ -340,7 +347,8 @@ def evaluate_records(
     loc_free_same: dict[int, bool] = {}
     if generation:
         gen_idx = [k for k, s in enumerate(slots) if s[1] in ("rel", "gen")]
-        gen_text, free_text = _answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress)
+        groups = [group_of(pairs[k][0]) for k in gen_idx] if group_of is not None else None
+        gen_text, free_text = _answers(model, tokenizer, [pairs[k] for k in gen_idx], batch_size, progress, groups)
         gen_text, free_text = dict(zip(gen_idx, gen_text)), dict(zip(gen_idx, free_text))
         if baseline.loc_free is not None:
             # the locality prompts alone, in baseline order: the same batches as the baseline's generation
