@@ -27,3 +27,12 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     if not message:
         return type(exc).__name__
     return f"{type(exc).__name__}: {message}" if with_type else message
+
+
+class NonFiniteTensor(ValueError):
+    """A tensor to be written holds inf or NaN (a diverged training): the save is abandoned. Checked on what
+    a save writes (with shards, what changed): the rest was checked when written, so it costs the batch."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"non-finite values in tensor {name!r}")
+        self.name = name

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from moecli.engine import shards
 from moecli.engine.lock import pid_alive
-from moecli.errors import UserError
+from moecli.errors import NonFiniteTensor, UserError
 from moecli.fsutil import _json_default, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 2
@@ -60,16 +60,6 @@ Reserved: written by `save_checkpoint`, checked and removed by `load_checkpoint`
 
 DAMAGED_HINT = "; the checkpoint is damaged: restore it from a copy or redo the edits"
 """Appended to every message about a missing or corrupt checkpoint file: what the user can do."""
-
-
-class NonFiniteTensor(ValueError):
-    """A tensor about to be written holds inf or NaN (a diverged training): the save is abandoned, the previous
-    checkpoint stays. Checked on what a save writes, which with shards is what changed since the previous save:
-    what was already written was checked then, so the check costs the batch, not the whole adapter."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"non-finite values in tensor {name!r}")
-        self.name = name
 
 
 @dataclass

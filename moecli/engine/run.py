@@ -27,7 +27,6 @@ from moecli.data.records import EditRecord
 from moecli.engine.adapters import checked_checkpoint, evaluate_edited, restore_method, seed_everything
 from moecli.engine.checkpoint import (
     Checkpoint,
-    NonFiniteTensor,
     checkpoint_exists,
     resolve_adapter_dir,
     save_checkpoint,
@@ -35,7 +34,7 @@ from moecli.engine.checkpoint import (
 from moecli.engine.evaluation import evaluate_records, unedited_evaluation
 from moecli.engine.lock import RunLock
 from moecli.engine.prepare import for_model
-from moecli.errors import RunError, UserError
+from moecli.errors import NonFiniteTensor, RunError, UserError
 from moecli.fsutil import atomic_write_json
 from moecli.methods import get_method
 from moecli.methods.base import EditMethod, MethodConfig, config_from_dict
