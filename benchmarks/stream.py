@@ -133,13 +133,14 @@ def _segments(marks: list[dict], ledger: list[dict]) -> list[dict]:
 
 
 
-def _overhead(loaded, adapter: Path, edited: list[str], other: list[str], rounds: int = 5) -> dict:
+def _overhead(loaded, adapter: Path, edited: list[str], other: list[str], rounds: int = 7) -> dict:
     """Forward time with the adapter over the bare model's, on prompts half of which name an edited entity
     and on prompts naming none; generation tokens/s with the adapter over without (16 new tokens each).
 
-    Bare and adapted runs alternate, `rounds` times (the adapter injected and removed each round), and each
-    figure is the median of the rounds' ratios: a job elsewhere on the machine that speeds up or slows down
-    during the measurement weighs on both sides of a ratio alike, instead of on one side of a best-of-n."""
+    Bare and adapted runs alternate, `rounds` times (the adapter injected and removed each round, which side
+    goes first alternating too), and each figure is the median of the rounds' ratios: a job elsewhere on the
+    machine that speeds up or slows down during the measurement weighs on both sides of a ratio alike,
+    instead of on one side of a best-of-n."""
     import statistics
 
     import torch
@@ -174,14 +175,15 @@ def _overhead(loaded, adapter: Path, edited: list[str], other: list[str], rounds
     times()  # warm-up: first calls allocate
     ratios: dict[str, list[float]] = {"half": [], "none": [], "gen": []}
     routed = 0
-    for _ in range(rounds):
-        bare = times()
+    for n in range(rounds):
+        bare = times() if n % 2 == 0 else None
         method = load_edited(loaded, adapter)
         try:
             routed = sum(r is not None for r in method.routes(other))
             ours = times()
         finally:
             method.remove()
+        bare = bare or times()
         for k in ratios:
             ratios[k].append(ours[k] / bare[k])
     return {"forward_half_ratio": statistics.median(ratios["half"]),
@@ -219,7 +221,7 @@ def measure(args) -> None:
         key = str(m["edits"])
         if key not in result["overhead"]:
             edited = [r.prompt for r in records[: m["edits"]]][-100:]
-            result["overhead"][key] = _overhead(loaded, work / "marks" / key, edited, other)
+            result["overhead"][key] = _overhead(loaded, work / "marks" / key, edited, other, args.rounds)
             write_json(out_file, result)
             print(f"overhead at {key}: {result['overhead'][key]}", flush=True)
     if args.no_quality:
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(OUT))
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
     parser.add_argument("--no-quality", action="store_true", help="measure: segments and overhead only")
+    parser.add_argument("--rounds", type=int, default=7, help="measure: bare/adapted rounds of the overhead")
     parser.add_argument("--reps", type=int, default=7, help="saves: saves timed per stream length and mode")
     parser.add_argument("--tmp", default=None, help="saves: where to write (default: the system's temp dir)")
     parser.add_argument("--before", default="a086a07", help="speedup: the earlier commit (default: the code the "
