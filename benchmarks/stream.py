@@ -193,6 +193,17 @@ def _overhead(loaded, adapter: Path, edited: list[str], other: list[str], rounds
             "ratios": {k: [round(r, 4) for r in v] for k, v in ratios.items()}}
 
 
+def _naming_no_edit(prompts: list[str], subjects: set[str]) -> list[str]:
+    """The prompts that name none of `subjects` (no run of whole words is one): train prompts about other
+    subjects can still mention an edited one ("... in France"), and those are prompts an edit may reach."""
+    def named(prompt: str) -> bool:
+        words = prompt.replace(",", " ").replace("'s ", " ").split()
+        return any(" ".join(words[i:j]) in subjects for i in range(len(words))
+                   for j in range(i + 1, min(i + 9, len(words)) + 1))
+
+    return [p for p in prompts if not named(p)]
+
+
 def measure(args) -> None:
     """Figures of every mark the stream has passed; each is written as soon as it is measured."""
     from moecli.data.readers import read_records
@@ -214,8 +225,8 @@ def measure(args) -> None:
     model_path = resolve_model(args.model)
     records = _records(args)
     stream_ids = {r.id for r in records}
-    other = [r.prompt for r in read_records(DATA_DIR / "counterfact_train.json", limit=400).records
-             if r.id not in stream_ids][:100]
+    other = _naming_no_edit([r.prompt for r in read_records(DATA_DIR / "counterfact_train.json", limit=1000).records
+                             if r.id not in stream_ids], {r.subject for r in records if r.subject})[:100]
     loaded = load_model(model_path)
     for m in marks:
         key = str(m["edits"])

@@ -241,15 +241,20 @@ class BypassMethod(EditMethod):
             return [None] * len(prompts)
         ask = list(range(len(prompts)))
         if self.matcher.null_unmatched:  # a prompt naming no edited entity reaches none: no forward needed
-            tok = self.loaded.tokenizer
-            batch = collate([prompt_only(tok, p) for p in prompts], pad_id_of(tok)).to(self.loaded.device)
-            self.context.compute(self.loaded.model.get_input_embeddings(), batch.input_ids, batch.attention_mask)
-            ask = [i for i, m in enumerate(self.context.matched.tolist()) if m]
+            ask = [i for i, m in enumerate(self.names_an_edited_entity(prompts)) if m]
         routes: list[int | None] = [None] * len(prompts)
         if ask and self._routed_pass([prompts[i] for i in ask]):
             for i, r in zip(ask, self.last_routes(len(ask))):
                 routes[i] = r
         return routes
+
+    def names_an_edited_entity(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt names an edited entity (the anchor test, from the token ids alone): one that does
+        not gets no expert and no key match when unmatched inputs take the null route."""
+        tok = self.loaded.tokenizer
+        batch = collate([prompt_only(tok, p) for p in prompts], pad_id_of(tok)).to(self.loaded.device)
+        self.context.compute(self.loaded.model.get_input_embeddings(), batch.input_ids, batch.attention_mask)
+        return [bool(m) for m in self.context.matched.tolist()]
 
     def last_routes(self, n: int) -> list[int | None]:
         routed, rows = self.bypass.last_routes is not None, self.matcher.rows if self.matcher is not None else None
