@@ -361,8 +361,8 @@ print(json.dumps(row))
 def speedup(args) -> None:
     """LEMoE's defaults, b = 10, the same edits, by this checkout and by `--before` (a git worktree), both
     processes at once with one thread each, so that whatever else loads the machine weighs on both alike.
-    This checkout then evaluates its adapter (`--same-subject 3`, free generation) twice: the first run fills
-    the unedited model's cache, the second is the one a user repeats."""
+    This checkout then evaluates its adapter (`--same-subject 3`, free generation) twice, unless `--no-eval`:
+    the first run fills the unedited model's cache, the second is the one a user repeats."""
     import subprocess
     import tempfile
 
@@ -372,7 +372,8 @@ def speedup(args) -> None:
                        capture_output=True)
         try:
             procs = {label: subprocess.Popen([sys.executable, "-c", _EDIT_ONLY, str(root), str(DATA_DIR / args.data),
-                                              str(args.speedup_n), str(Path(tmp) / f"run-{n}"), str(int(n == 0))],
+                                              str(args.speedup_n), str(Path(tmp) / f"run-{n}"),
+                                              str(int(n == 0 and not args.no_eval))],
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for n, (label, root) in enumerate((("this checkout", REPO), (f"before ({args.before})", tree)))}
             rows = {}
@@ -386,7 +387,8 @@ def speedup(args) -> None:
     now, old = rows["this checkout"], rows[f"before ({args.before})"]
     for r in rows.values():
         r["s_per_edit"] = r["edit_s"] / args.speedup_n
-    now["eval_over_edit"] = now["eval_warm_s"] / now["edit_s"]
+    if "eval_warm_s" in now:
+        now["eval_over_edit"] = now["eval_warm_s"] / now["edit_s"]
     result = {"meta": meta(False, {"model": args.model, "data": f"{args.data} first {args.speedup_n}",
                                    "method": "lemoe (each code's defaults)", "batch_size": 10,
                                    "before": args.before}),
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", default="a086a07", help="speedup: the earlier commit (default: the code the "
                                                              "10K-stream issue was measured against)")
     parser.add_argument("--speedup-n", type=int, default=1000, help="speedup: edits")
+    parser.add_argument("--no-eval", action="store_true", help="speedup: editing only (measure times the "
+                                                                 "evaluations of the stream's first 1,000 edits)")
     args = parser.parse_args(argv)
     {"edit": edit, "measure": measure, "saves": saves, "speedup": speedup}[args.phase](args)
 
