@@ -360,7 +360,8 @@ print(json.dumps(row))
 
 def speedup(args) -> None:
     """LEMoE's defaults, b = 10, the same edits, by this checkout and by `--before` (a git worktree), both
-    processes at once with one thread each, so that whatever else loads the machine weighs on both alike.
+    processes at once with one thread each, so that whatever else loads the machine weighs on both alike (and
+    the arm that ends first runs again, unmeasured, while the other finishes).
     This checkout then evaluates its adapter (`--same-subject 3`, free generation) twice, unless `--no-eval`:
     the first run fills the unedited model's cache, the second is the one a user repeats."""
     import subprocess
@@ -370,12 +371,23 @@ def speedup(args) -> None:
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
+        def start(root: Path, out: str, evaluate: bool) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-c", _EDIT_ONLY, str(root), str(DATA_DIR / args.data),
+                                     str(args.speedup_n), str(Path(tmp) / out), str(int(evaluate))],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        ballast: subprocess.Popen | None = None
         try:
-            procs = {label: subprocess.Popen([sys.executable, "-c", _EDIT_ONLY, str(root), str(DATA_DIR / args.data),
-                                              str(args.speedup_n), str(Path(tmp) / f"run-{n}"),
-                                              str(int(n == 0 and not args.no_eval))],
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for n, (label, root) in enumerate((("this checkout", REPO), (f"before ({args.before})", tree)))}
+            arms = {"this checkout": REPO, f"before ({args.before})": tree}
+            procs = {label: start(root, f"run-{n}", n == 0 and not args.no_eval)
+                     for n, (label, root) in enumerate(arms.items())}
+            while all(p.poll() is None for p in procs.values()):
+                time.sleep(2)
+            # The arm that ends first is started again, unmeasured, until the other ends: the slower arm then runs
+            # beside the same load to its end, not alone on a machine the faster arm has left to it.
+            first = next(label for label, p in procs.items() if p.poll() is not None)
+            if any(p.poll() is None for p in procs.values()):
+                ballast = start(arms[first], "ballast", False)
             rows = {}
             for label, proc in procs.items():
                 out, err = proc.communicate()
@@ -383,6 +395,9 @@ def speedup(args) -> None:
                     raise SystemExit(f"{label}: failed: {err.strip().splitlines()[-1:]}")
                 rows[label] = json.loads(out.strip().splitlines()[-1])
         finally:
+            if ballast is not None:
+                ballast.kill()
+                ballast.communicate()
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     now, old = rows["this checkout"], rows[f"before ({args.before})"]
     for r in rows.values():
