@@ -15,7 +15,9 @@ checkpoint in `marks/<edits>/` (a checkpoint is never changed in place, so the l
 size, peak RSS; with the model loaded, for each mark adapter, forward time against the bare model on
 prompts of which half name an edited entity and on prompts naming none, generation tokens/s; and quality
 (teacher-forced and free generation, `--same-subject 3`) of the first 1,000 edits at the first mark and
-at the last, and of a sample spread over the whole stream at the last mark. Each figure is written to
+at the last (again at the last with each judged by the newest target the stream gives its prompt: 15 of the
+first 1,000 CounterFact prompts are edited again later, with another target), and of a sample spread over
+the whole stream at the last mark. Each figure is written to
 `benchmarks/results/stream/stream.json` as soon as it is measured; a figure already there is kept.
 """
 
@@ -204,6 +206,16 @@ def _naming_no_edit(prompts: list[str], subjects: set[str]) -> list[str]:
     return [p for p in prompts if not named(p)]
 
 
+def _newest_targets(records: list, stream: list) -> tuple[list, int]:
+    """`records` each judged by the newest target `stream` gives its prompt (a fact corrected twice must answer
+    the second correction), and how many targets that changed."""
+    from dataclasses import replace
+
+    newest = {r.prompt: r.target for r in stream}  # a later record overwrites an earlier one
+    out = [replace(r, target=newest[r.prompt]) if newest.get(r.prompt, r.target) != r.target else r for r in records]
+    return out, sum(a is not b for a, b in zip(out, records))
+
+
 def measure(args) -> None:
     """Figures of every mark the stream has passed; each is written as soon as it is measured."""
     from moecli.data.readers import read_records
@@ -239,17 +251,23 @@ def measure(args) -> None:
         return
     first, last = marks[0]["edits"], marks[-1]["edits"]
     step = max(1, last // args.sample)
+    newest, superseded = _newest_targets(records[:first], records[:last])
     jobs = {f"first{first}@{first}": (records[:first], first), f"first{first}@{last}": (records[:first], last),
-            f"spread{args.sample}@{last}": (records[:last:step][: args.sample], last)}
+            f"spread{args.sample}@{last}": (records[:last:step][: args.sample], last),
+            f"first{first}@{last} newest": (newest, last)}
     for key, (part, at) in jobs.items():
         if key in result["quality"]:
             continue
+        if key.endswith(" newest") and not superseded:
+            continue  # no prompt of the first edits was edited again: the figure is the one above
         report = evaluate_model(model_path, part, data=f"{args.data} ({key})", data_format="counterfact",
                                 adapter=work / "marks" / str(at), generation=True)
         s = report["summary"]
         result["quality"][key] = {k: s.get(k) for k in ("rel", "gen", "loc", "rel_free_exact", "gen_free_exact",
                                                         "loc_by_group", "loc_free", "routing")}
         result["quality"][key]["seconds"] = report["timings"]["total"]
+        if key.endswith(" newest"):
+            result["quality"][key]["targets_superseded"] = superseded
         write_json(out_file, result)
         print(f"quality {key}: {result['quality'][key]}", flush=True)
 

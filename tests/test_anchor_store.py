@@ -1,9 +1,11 @@
-"""The FAISS anchor store: exact lookups, the auto switch to HNSW, and a round trip through bytes."""
+"""The FAISS anchor store: exact lookups, the auto switch to HNSW, and a round trip through the tensors a
+checkpoint stores (and through the serialised index older adapters hold)."""
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
+import torch
 
 from moecli.routing.anchors import AnchorStore
 
@@ -31,9 +33,33 @@ def test_auto_store_switches_to_hnsw_past_the_limit_and_keeps_every_key(monkeypa
     assert hasattr(store.index, "hnsw") and len(store) == 300
     _, ids = store.search(keys, 1)
     assert (ids[:, 0] == np.arange(300)).mean() >= 0.99  # exact duplicates are found by the graph
-    again = AnchorStore.from_bytes(store.to_bytes(), store.values)
-    assert (again.search(keys, 1)[1] == ids).all()
-    assert again.index.hnsw.efSearch == AnchorStore.HNSW_EF_SEARCH
+    saved = {k: v.clone() for k, v in store.tensors("m.").items()}
+    again = AnchorStore.from_tensors(saved["m.anchors"], saved["m.anchor_values"])  # the index is rebuilt
+    assert hasattr(again.index, "hnsw") and again.index.hnsw.efSearch == AnchorStore.HNSW_EF_SEARCH
+    assert (again.search(keys, 1)[1][:, 0] == np.arange(300)).mean() >= 0.99
+
+
+def test_store_round_trips_through_its_tensors_and_grows_by_new_rows_only():
+    keys = _keys(60)
+    store = AnchorStore(32, "flat")
+    store.add(keys[:40], np.arange(40) // 10)
+    before = store.tensors("m.")
+    store.add(keys[40:], [4] * 20)
+    after = store.tensors("m.")
+    # what was stored is untouched, so a checkpoint writes only the new rows (`engine.shards`)
+    assert torch.equal(after["m.anchors"][:40], before["m.anchors"]) and len(after["m.anchors"]) == 60
+    again = AnchorStore.from_tensors(after["m.anchors"], after["m.anchor_values"], "flat")
+    sims, ids = again.search(keys, 1)
+    assert np.allclose(sims[:, 0], 1.0, atol=1e-5) and (ids[:, 0] == np.minimum(np.arange(60) // 10, 4)).all()
+
+
+def test_store_of_an_adapter_saved_as_a_faiss_index_still_loads():
+    keys = _keys(30)
+    store = AnchorStore(32, "flat")
+    store.add(keys, np.arange(30) % 3)
+    blob = faiss.serialize_index(store.index).tobytes()
+    again = AnchorStore.from_faiss(blob, (np.arange(30) % 3).tolist(), "flat")
+    assert torch.equal(again.keys, store.keys) and (again.search(keys, 1)[1][:, 0] == np.arange(30) % 3).all()
 
 
 def test_empty_store_returns_the_null_route():

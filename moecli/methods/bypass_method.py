@@ -448,7 +448,7 @@ class BypassMethod(EditMethod):
             "method": self.name, **asdict(self.config), "layer": self.layer, "target_module": self.target_name,
             "d_in": self.d_in, "d_out": self.d_out, "n_experts": len(self.bypass.experts),
         }
-        files = {"anchors.json": json.dumps(self.context.trie.to_json()).encode()}
+        files = {"anchors.json": self.context.trie.to_bytes()}
         if self.matcher is not None:
             more_tensors, more_files = self.matcher.state()
             tensors.update(more_tensors)

@@ -10,7 +10,10 @@ generation all call the same `AnchorContext.compute`, so an input reaches the sa
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+
+import torch
 
 
 def prompt_hash(ids: list[int]) -> int:
@@ -56,12 +59,13 @@ class AnchorTrie:
     def __init__(self) -> None:
         self.root: dict = {}
         self.sequences: list[list[int]] = []  # every matchable variant
-        self._canon_index: list[int] = []  # per variant, its canonical's index (what `to_json` writes at each save)
+        self._canon_index: list[int] = []  # per variant, its canonical's index
         self.canonical: list[list[int]] = []  # one per subject
         self._canon_of: dict[tuple[int, ...], int] = {}
         self._variants_of: dict[int, list[list[int]]] = {}  # canonical index → its variants
         self._known: set[tuple[int, ...]] = set()  # `sequences`, for a constant-time membership test
         self.exact: dict[int, tuple[int, int, int]] = {}  # prompt hash → (start, end or -1 for none, canonical)
+        self._encoded: dict[str, list[str]] = {"canonical": [], "variants": []}  # see `to_bytes`
 
     def add(self, ids: list[int], canon: list[int] | None = None) -> None:
         """Register a token sequence whose anchor is `canon` (default: itself)."""
@@ -126,10 +130,19 @@ class AnchorTrie:
                 return hit
         return None
 
-    def to_json(self) -> dict:
-        return {"canonical": self.canonical,
-                "variants": [list(v) for v in zip(self.sequences, self._canon_index)],
-                "exact": [[h, *v] for h, v in self.exact.items()]}
+    def to_bytes(self) -> bytes:
+        """The trie as `from_json` reads it: canonical sequences, variants with their canonical's index, exact
+        prompts. The canonical and variant lists only grow, so the text of their items is kept
+        and a save encodes only the new ones: a stream saves after every batch, and encoding the whole trie
+        took 0.04-0.14 s per save at 10,000 edits."""
+        enc = self._encoded
+        canonical, variants = enc["canonical"], enc["variants"]
+        canonical += [json.dumps(c) for c in self.canonical[len(canonical):]]
+        variants += [json.dumps([v, c]) for v, c in zip(self.sequences[len(variants):],
+                                                        self._canon_index[len(variants):])]
+        exact = json.dumps([[h, *v] for h, v in self.exact.items()])
+        return (f'{{"canonical": [{", ".join(canonical)}], "variants": [{", ".join(variants)}], '
+                f'"exact": {exact}}}').encode()
 
     @classmethod
     def from_json(cls, data: dict) -> AnchorTrie:
@@ -160,9 +173,11 @@ class AnchorStore:
             raise ValueError(f"unknown anchor index kind {kind!r} (flat, hnsw, auto)")
         self.dim, self.kind = dim, kind
         self.index = self._hnsw(dim) if kind == "hnsw" else self._flat(dim)
-        import numpy as np
-
-        self.values = np.zeros(0, dtype=np.int64)
+        # The keys are also held as tensors, which is what a checkpoint stores: as grown tables, only the new
+        # rows are written at each save (`engine.shards`), where the serialised index was rewritten whole
+        # (23 MB per save at 10,000 SmolLM2 edits). The index is rebuilt from them at load.
+        self.keys = torch.zeros(0, dim)
+        self.values = torch.zeros(0, dtype=torch.long)
 
     @staticmethod
     def _flat(dim: int):
@@ -183,9 +198,8 @@ class AnchorStore:
         import faiss
 
         if self.kind == "auto" and len(self) > self.HNSW_ABOVE and isinstance(self.index, faiss.IndexFlat):
-            keys = self.index.reconstruct_n(0, len(self))
             self.index = self._hnsw(self.dim)
-            self.index.add(keys)
+            self.index.add(self.keys.numpy())
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -199,10 +213,10 @@ class AnchorStore:
 
     def add(self, keys, values) -> None:
         """Add keys [n, dim] (any scale; normalised here) routing to expert ids `values` [n]."""
-        import numpy as np
-
-        self.index.add(self._normalise(keys))
-        self.values = np.concatenate([self.values, np.asarray(values, dtype=np.int64)])
+        keys = self._normalise(keys)
+        self.index.add(keys)
+        self.keys = torch.cat([self.keys, torch.from_numpy(keys)])  # a new tensor: see `KeyMatcher.state`
+        self.values = torch.cat([self.values, torch.as_tensor(values, dtype=torch.long).reshape(-1)])
         self._maybe_switch()
 
     def search(self, queries, k: int = 1):
@@ -213,23 +227,29 @@ class AnchorStore:
         if len(self) == 0:
             return np.full((len(q), k), -1.0, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
         sims, pos = self.index.search(q, k)
-        ids = np.where(pos >= 0, self.values[np.clip(pos, 0, None)], -1)
+        ids = np.where(pos >= 0, self.values.numpy()[np.clip(pos, 0, None)], -1)
         return sims, ids
 
-    def to_bytes(self) -> bytes:
-        import faiss
-
-        return faiss.serialize_index(self.index).tobytes()
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the normalised keys and their expert ids (the live tables, not copies)."""
+        return {f"{prefix}anchors": self.keys, f"{prefix}anchor_values": self.values}
 
     @classmethod
-    def from_bytes(cls, data: bytes, values, kind: str = "auto") -> AnchorStore:
+    def from_tensors(cls, keys: torch.Tensor, values: torch.Tensor, kind: str = "auto") -> AnchorStore:
+        """The store `tensors` saved, its index rebuilt (the keys are stored normalised: added as they are)."""
+        store = cls(keys.shape[1], kind)
+        store.keys = keys.float().contiguous()
+        store.values = values.long().reshape(-1)
+        store.index.add(store.keys.numpy())
+        store._maybe_switch()
+        return store
+
+    @classmethod
+    def from_faiss(cls, data: bytes, values, kind: str = "auto") -> AnchorStore:
+        """The store of an adapter saved when the keys were stored as a serialised FAISS index."""
         import faiss
         import numpy as np
 
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        store = cls(index.d, kind)
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = cls.HNSW_EF_SEARCH
-        store.index = index
-        store.values = np.asarray(values, dtype=np.int64)
-        return store
+        return cls.from_tensors(torch.from_numpy(index.reconstruct_n(0, index.ntotal)).reshape(-1, index.d),
+                                torch.as_tensor(np.asarray(values, dtype=np.int64)), kind)

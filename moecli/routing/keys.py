@@ -247,18 +247,15 @@ class KeyMatcher:
         return own >= rival.max(-1).values - 1e-4
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
-        import json
-
-        files = {"anchors.faiss": self.store.to_bytes(),
-                 "anchor_values.json": json.dumps(self.store.values.tolist()).encode()}
         # The live tensors, not copies: `add` replaces them (torch.cat) rather than growing them in place, so a
         # checkpoint's shards can tell an unchanged table by its identity and skip comparing it row by row.
-        tensors = {"matcher.queries": self.queries, "matcher.raw_queries": self.raw_queries,
-                   "matcher.thresholds": self.thresholds, "matcher.neg_queries": self.neg_queries,
-                   "matcher.neg_owner": self.neg_owner, "matcher.prompt_hashes": self.prompt_hashes}
+        tensors = {**self.store.tensors("matcher."), "matcher.queries": self.queries,
+                   "matcher.raw_queries": self.raw_queries, "matcher.thresholds": self.thresholds,
+                   "matcher.neg_queries": self.neg_queries, "matcher.neg_owner": self.neg_owner,
+                   "matcher.prompt_hashes": self.prompt_hashes}
         if self.feature == "output":
             tensors.update({"matcher.sig_ids": self.sig_ids, "matcher.sig_vals": self.sig_vals})
-        return tensors, files
+        return tensors, {}
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
         import json
@@ -266,10 +263,16 @@ class KeyMatcher:
         from moecli.errors import UserError
         from moecli.routing.anchors import AnchorStore
 
-        if "anchors.faiss" not in files or "matcher.queries" not in tensors:
-            raise UserError("adapter: missing the anchor store (anchors.faiss / matcher.queries)")
-        values = json.loads(files.get("anchor_values.json", b"[]"))
-        self.store = AnchorStore.from_bytes(files["anchors.faiss"], values, self.store.kind)
+        if "matcher.anchors" in tensors and "matcher.anchor_values" in tensors:
+            self.store = AnchorStore.from_tensors(tensors["matcher.anchors"], tensors["matcher.anchor_values"],
+                                                  self.store.kind)
+        elif "anchors.faiss" in files:  # an adapter saved before the keys were tensors
+            values = json.loads(files.get("anchor_values.json", b"[]"))
+            self.store = AnchorStore.from_faiss(files["anchors.faiss"], values, self.store.kind)
+        else:
+            raise UserError("adapter: missing the anchor store (matcher.anchors)")
+        if "matcher.queries" not in tensors:
+            raise UserError("adapter: missing the key matcher's questions (matcher.queries)")
         self.queries = tensors["matcher.queries"].float().cpu()
         self.raw_queries = tensors.get("matcher.raw_queries", self.queries).float().cpu()
         default = torch.full((len(self.queries),), float(self.query_threshold))
