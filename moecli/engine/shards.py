@@ -177,6 +177,7 @@ def plan(tensors: dict[str, torch.Tensor], previous: Layout | None
         s = clean.pop()
         fresh += [kept_by_key[k] for k in s.keys]
         pending += s.size
+    fresh = _joined(fresh, tensors)
     pieces: dict[str, list[_Piece]] = {name: [] for name in tensors}
     for p in [*(kept_by_key[k] for s in clean for k in s.keys), *fresh, *changed]:
         pieces[p.name].append(p)
@@ -184,6 +185,31 @@ def plan(tensors: dict[str, torch.Tensor], previous: Layout | None
         ps.sort(key=lambda p: p.start)
     layout = Layout(pieces=pieces, next_seq=previous.next_seq if previous else 1)
     return clean, fresh, changed, layout
+
+
+def _joined(fresh: list[_Piece], tensors: dict[str, torch.Tensor]) -> list[_Piece]:
+    """`fresh` with the pieces of a tensor that follow one another in its rows joined into one (what they hold
+    are rows of that tensor as it is now). Without this a grown table kept one piece per save that grew it, and
+    the comparison of a save went over all of them (5,850 pieces per save at 10,000 edits, 0.13 s); joined, a
+    table has at most one piece per shard."""
+    by_name: dict[str, list[_Piece]] = {}
+    for p in fresh:
+        by_name.setdefault(p.name, []).append(p)
+    out: list[_Piece] = []
+    for name, ps in by_name.items():
+        ps.sort(key=lambda p: p.start)
+        runs = [[ps[0]]]
+        for p in ps[1:]:
+            (runs[-1].append(p) if p.start == runs[-1][-1].stop else runs.append([p]))
+        t = tensors[name].detach()
+        for run in runs:
+            if len(run) == 1:
+                out.append(run[0])
+                continue
+            start, stop = run[0].start, run[-1].stop
+            out.append(_Piece(name, name if start == 0 else f"{name}{_ROWS}{start}", start, stop, t[start:stop],
+                              t._version))
+    return out
 
 
 def write(tmp: Path, source: Path, tensors: dict[str, torch.Tensor], previous: Layout | None,

@@ -156,6 +156,7 @@ class BypassMethod(EditMethod):
         self.bypass = MoEBypass(target, self.d_in, self.d_out, router, self.context, self.bypass_options(),
                                 self.generator)
         self.bypass.eval()  # inference behaviour (no gate noise) unless the training loop says otherwise
+        self.freeze([self.bypass])  # each batch unfreezes what it trains (`trainable`)
         self.injection = Injection(model, self.target_name, self.bypass)
 
     def _use_question(self, encoder: QuestionEncoder) -> None:

@@ -66,6 +66,7 @@ class AnchorTrie:
         self._known: set[tuple[int, ...]] = set()  # `sequences`, for a constant-time membership test
         self.exact: dict[int, tuple[int, int, int]] = {}  # prompt hash → (start, end or -1 for none, canonical)
         self._encoded: dict[str, list[str]] = {"canonical": [], "variants": []}  # see `to_bytes`
+        self._exact_text: dict[int, str] = {}  # `exact`'s entries as `to_bytes` writes them
 
     def add(self, ids: list[int], canon: list[int] | None = None) -> None:
         """Register a token sequence whose anchor is `canon` (default: itself)."""
@@ -108,7 +109,11 @@ class AnchorTrie:
         for seq in self._variants_of.get(canon, []):
             own.add(seq)
         hit = own.find(ids)  # the record names its subject so: no `continues_name` test
-        self.exact[prompt_hash(ids)] = (hit[0], hit[1], canon) if hit is not None else (0, -1, canon)
+        self._set_exact(prompt_hash(ids), (hit[0], hit[1], canon) if hit is not None else (0, -1, canon))
+
+    def _set_exact(self, h: int, value: tuple[int, int, int]) -> None:
+        self.exact[h] = value
+        self._exact_text[h] = json.dumps([h, *value])
 
     def find(self, ids: list[int], decode: Callable[[list[int]], str] | None = None) -> tuple[int, int, int] | None:
         """The leftmost, then longest, known anchor span `(start, end, canonical index)`, or None.
@@ -133,23 +138,23 @@ class AnchorTrie:
     def to_bytes(self) -> bytes:
         """The trie as `from_json` reads it: canonical sequences, variants with their canonical's index, exact
         prompts. The canonical and variant lists only grow, so the text of their items is kept
-        and a save encodes only the new ones: a stream saves after every batch, and encoding the whole trie
-        took 0.04-0.14 s per save at 10,000 edits."""
+        and a save encodes only the new ones (an exact prompt's text is made when it is set): a stream saves after
+        every batch, and encoding the whole trie took 0.04-0.14 s per save at 10,000 edits."""
         enc = self._encoded
         canonical, variants = enc["canonical"], enc["variants"]
         canonical += [json.dumps(c) for c in self.canonical[len(canonical):]]
         variants += [json.dumps([v, c]) for v, c in zip(self.sequences[len(variants):],
                                                         self._canon_index[len(variants):])]
-        exact = json.dumps([[h, *v] for h, v in self.exact.items()])
         return (f'{{"canonical": [{", ".join(canonical)}], "variants": [{", ".join(variants)}], '
-                f'"exact": {exact}}}').encode()
+                f'"exact": [{", ".join(self._exact_text.values())}]}}').encode()
 
     @classmethod
     def from_json(cls, data: dict) -> AnchorTrie:
         trie = cls()
         for seq, canon_idx in data.get("variants", []):
             trie.add(seq, data["canonical"][canon_idx])
-        trie.exact = {int(h): (int(a), int(b), int(c)) for h, a, b, c in data.get("exact", [])}
+        for h, a, b, c in data.get("exact", []):
+            trie._set_exact(int(h), (int(a), int(b), int(c)))
         return trie
 
     def __len__(self) -> int:
