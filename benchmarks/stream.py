@@ -4,6 +4,7 @@
     python benchmarks/stream.py measure   # figures of the marks the stream has passed (resumable too)
     python benchmarks/stream.py saves     # checkpoint save time against stream length, whole vs incremental
     python benchmarks/stream.py speedup   # edit time of this checkout against an earlier commit, same edits
+    python benchmarks/stream.py compare --other DIR   # the same edits held at every mark as stream DIR?
 
 `edit` runs the engine's `run_edits` with `evaluate=False` (editing and a checkpoint per batch, as
 `moecli lifelong` does, without evaluating 10,000 records at the end), in `runs/stream-<n>/run`
@@ -339,6 +340,46 @@ def saves(args) -> None:
                                                    "rows": rows})
 
 
+def _edits_held(ckpt) -> dict:
+    """What a stream checkpoint holds, format aside: its tensors, the anchor keys and their experts (tensors now,
+    a serialised FAISS index in checkpoints written before 54647c6), the trie and the ledger without timings."""
+    from moecli.routing.anchors import AnchorStore
+
+    tensors = {k: t for k, t in ckpt.tensors.items() if k not in ("matcher.anchors", "matcher.anchor_values")}
+    if "matcher.anchors" in ckpt.tensors:
+        store = AnchorStore.from_tensors(ckpt.tensors["matcher.anchors"], ckpt.tensors["matcher.anchor_values"])
+    else:
+        store = AnchorStore.from_faiss(ckpt.files["anchors.faiss"], json.loads(ckpt.files["anchor_values.json"]))
+    tensors["anchor keys"], tensors["anchor experts"] = store.keys, store.values
+    ledger = [{k: v for k, v in e.items() if k != "train_seconds"} for e in ckpt.ledger]
+    return {"tensors": tensors, "trie": json.loads(ckpt.files["anchors.json"]), "ledger": ledger}
+
+
+def compare(args) -> None:
+    """Whether two streams' checkpoints hold the same edits at every mark both have (every tensor bit for bit,
+    the anchor store, the trie, the ledger but for its timings): when they do, a change that was meant to
+    change how a checkpoint is kept, not what it holds, did only that, and the quality measured on one stream
+    stands for the other."""
+    import torch
+
+    from moecli.engine.checkpoint import load_checkpoint
+
+    rows = []
+    ours, theirs = Path(args.work) / "marks", Path(args.other) / "marks"
+    for mark in sorted(int(d.name) for d in ours.iterdir() if (theirs / d.name).is_dir()):
+        a = _edits_held(load_checkpoint(ours / str(mark)))
+        b = _edits_held(load_checkpoint(theirs / str(mark)))
+        differ = sorted(set(a["tensors"]) ^ set(b["tensors"])) + [
+            k for k in a["tensors"] if k in b["tensors"] and not torch.equal(a["tensors"][k], b["tensors"][k])]
+        rows.append({"edits": mark, "tensors": len(a["tensors"]), "tensors_differing": differ[:10],
+                     "trie_same": a["trie"] == b["trie"], "ledger_same": a["ledger"] == b["ledger"]})
+        print(rows[-1], flush=True)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.results) / "compare.json", {"meta": meta(False, {"work": portable(args.work),
+                                                                          "other": portable(args.other)}),
+                                                     "marks": rows})
+
+
 _EDIT_ONLY = """
 import json, sys, time
 from pathlib import Path
@@ -433,7 +474,7 @@ def speedup(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["edit", "measure", "saves", "speedup"])
+    parser.add_argument("phase", choices=["edit", "measure", "saves", "speedup", "compare"])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--data", default="counterfact_edit.json")
     parser.add_argument("--n", type=int, default=10_000)
@@ -442,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="lemoe")
     parser.add_argument("--work", default=str(REPO / "runs" / "stream-10000"))
     parser.add_argument("--results", default=str(OUT))
+    parser.add_argument("--other", help="compare: the other stream's work dir (its `marks/`)")
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
     parser.add_argument("--no-quality", action="store_true", help="measure: segments and overhead only")
     parser.add_argument("--rounds", type=int, default=7, help="measure: bare/adapted rounds of the overhead")
@@ -453,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-eval", action="store_true", help="speedup: editing only (measure times the "
                                                                  "evaluations of the stream's first 1,000 edits)")
     args = parser.parse_args(argv)
-    {"edit": edit, "measure": measure, "saves": saves, "speedup": speedup}[args.phase](args)
+    {"edit": edit, "measure": measure, "saves": saves, "speedup": speedup, "compare": compare}[args.phase](args)
 
 
 if __name__ == "__main__":
