@@ -241,9 +241,10 @@ def measure(args) -> None:
     other = _naming_no_edit([r.prompt for r in read_records(DATA_DIR / "counterfact_train.json", limit=1000).records
                              if r.id not in stream_ids], {r.subject for r in records if r.subject})[:100]
     loaded = load_model(model_path)
+    only = {int(x) for x in args.overhead_marks.split(",")} if args.overhead_marks else None
     for m in marks:
         key = str(m["edits"])
-        if key not in result["overhead"]:
+        if key not in result["overhead"] and (only is None or m["edits"] in only):
             edited = [r.prompt for r in records[: m["edits"]]][-100:]
             result["overhead"][key] = _overhead(loaded, work / "marks" / key, edited, other, args.rounds)
             write_json(out_file, result)
@@ -487,6 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int, default=1000, help="measure: records of the spread sample")
     parser.add_argument("--no-quality", action="store_true", help="measure: segments and overhead only")
     parser.add_argument("--rounds", type=int, default=7, help="measure: bare/adapted rounds of the overhead")
+    parser.add_argument("--overhead-marks", default="", help="measure: the marks whose overhead to measure, e.g. "
+                                                             "10000 (default: every mark)")
     parser.add_argument("--reps", type=int, default=7, help="saves: saves timed per stream length and mode")
     parser.add_argument("--tmp", default=None, help="saves: where to write (default: the system's temp dir)")
     parser.add_argument("--before", default="a086a07", help="speedup: the earlier commit (default: the code the "
