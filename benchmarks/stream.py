@@ -347,10 +347,7 @@ def _edits_held(ckpt) -> dict:
     from moecli.routing.anchors import AnchorStore
 
     tensors = {k: t for k, t in ckpt.tensors.items() if k not in ("matcher.anchors", "matcher.anchor_values")}
-    if "matcher.anchors" in ckpt.tensors:
-        store = AnchorStore.from_tensors(ckpt.tensors["matcher.anchors"], ckpt.tensors["matcher.anchor_values"])
-    else:
-        store = AnchorStore.from_faiss(ckpt.files["anchors.faiss"], json.loads(ckpt.files["anchor_values.json"]))
+    store = AnchorStore.from_checkpoint(ckpt.tensors, ckpt.files, "matcher.")
     tensors["anchor keys"], tensors["anchor experts"] = store.keys, store.values
     ledger = [{k: v for k, v in e.items() if k != "train_seconds"} for e in ckpt.ledger]
     return {"tensors": tensors, "trie": json.loads(ckpt.files["anchors.json"]), "ledger": ledger}

@@ -250,6 +250,17 @@ class AnchorStore:
         return store
 
     @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], files: dict[str, bytes], prefix: str,
+                        kind: str = "auto") -> AnchorStore | None:
+        """The store a checkpoint holds: its `tensors` (under `prefix`), else the serialised FAISS index of an
+        adapter saved before the keys were tensors; None when it holds neither."""
+        if f"{prefix}anchors" in tensors and f"{prefix}anchor_values" in tensors:
+            return cls.from_tensors(tensors[f"{prefix}anchors"], tensors[f"{prefix}anchor_values"], kind)
+        if "anchors.faiss" in files:
+            return cls.from_faiss(files["anchors.faiss"], json.loads(files.get("anchor_values.json", b"[]")), kind)
+        return None
+
+    @classmethod
     def from_faiss(cls, data: bytes, values, kind: str = "auto") -> AnchorStore:
         """The store of an adapter saved when the keys were stored as a serialised FAISS index."""
         import faiss

@@ -258,19 +258,14 @@ class KeyMatcher:
         return tensors, {}
 
     def load(self, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
-        import json
 
         from moecli.errors import UserError
         from moecli.routing.anchors import AnchorStore
 
-        if "matcher.anchors" in tensors and "matcher.anchor_values" in tensors:
-            self.store = AnchorStore.from_tensors(tensors["matcher.anchors"], tensors["matcher.anchor_values"],
-                                                  self.store.kind)
-        elif "anchors.faiss" in files:  # an adapter saved before the keys were tensors
-            values = json.loads(files.get("anchor_values.json", b"[]"))
-            self.store = AnchorStore.from_faiss(files["anchors.faiss"], values, self.store.kind)
-        else:
+        store = AnchorStore.from_checkpoint(tensors, files, "matcher.", self.store.kind)
+        if store is None:
             raise UserError("adapter: missing the anchor store (matcher.anchors)")
+        self.store = store
         if "matcher.queries" not in tensors:
             raise UserError("adapter: missing the key matcher's questions (matcher.queries)")
         self.queries = tensors["matcher.queries"].float().cpu()
