@@ -200,7 +200,10 @@ def _joined(fresh: list[_Piece], tensors: dict[str, torch.Tensor]) -> list[_Piec
         ps.sort(key=lambda p: p.start)
         runs = [[ps[0]]]
         for p in ps[1:]:
-            (runs[-1].append(p) if p.start == runs[-1][-1].stop else runs.append([p]))
+            if p.start == runs[-1][-1].stop:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
         t = tensors[name].detach()
         for run in runs:
             if len(run) == 1:
