@@ -276,7 +276,8 @@ def measure(args) -> None:
 
 def _stream_state(edits: int, d_ff: int = 1536, d_model: int = 576, rank: int = 16, d_code: int = 128):
     """Tensors and files shaped as a SmolLM2 LEMoE checkpoint after `edits` edits in batches of 10 (the
-    shapes and per-edit file sizes of the stream's 4,000-edit mark), and a function adding one batch."""
+    shapes and per-edit file sizes of the stream's 4,000-edit mark; the anchor keys a table since 54647c6, where
+    they were a FAISS file rewritten whole), and a function adding one batch."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -285,18 +286,19 @@ def _stream_state(edits: int, d_ff: int = 1536, d_model: int = 576, rank: int = 
         experts[f"experts.{b}.A"] = torch.randn(d_ff, rank, generator=g)
         experts[f"experts.{b}.B"] = torch.randn(rank, d_model, generator=g)
     table = {"raw_queries": torch.randn(edits, d_ff, generator=g), "queries": torch.randn(edits, d_code, generator=g),
-             "thresholds": torch.rand(edits, generator=g), "prompt_hashes": torch.zeros(edits, 2, dtype=torch.long)}
+             "thresholds": torch.rand(edits, generator=g), "prompt_hashes": torch.zeros(edits, 2, dtype=torch.long),
+             "anchors": torch.randn(edits, d_model, generator=g), "anchor_values": torch.zeros(edits, dtype=torch.long)}
     question = torch.randn(d_code, 2 * d_model + d_ff, generator=g)
-    per_edit_file_bytes = {"anchors.faiss": 2300, "anchors.json": 163}
+    per_edit_file_bytes = {"anchors.json": 163}
 
     def add_batch() -> tuple[dict, dict]:
         b = len(experts) // 2
         experts[f"experts.{b}.A"] = torch.randn(d_ff, rank, generator=g)
         experts[f"experts.{b}.B"] = torch.randn(rank, d_model, generator=g)
-        for k, t in table.items():  # the key matcher grows by torch.cat, and state() hands out clones
+        for k, t in table.items():  # the key matcher grows by torch.cat, and state() hands out the live tables
             table[k] = torch.cat([t, torch.zeros(10, *t.shape[1:], dtype=t.dtype)])
         n = len(table["queries"])
-        tensors = {**experts, **{f"matcher.{k}": t.clone() for k, t in table.items()}, "question.weight": question}
+        tensors = {**experts, **{f"matcher.{k}": t for k, t in table.items()}, "question.weight": question}
         return tensors, {name: os.urandom(size * n) for name, size in per_edit_file_bytes.items()}
 
     return add_batch
