@@ -91,6 +91,7 @@ class BypassOptions:
     experts: int = 0  # experts made with the bypass (more come from `add_expert`)
     matcher: KeyMatcher | None = None  # the method's key matcher (key substitution, the output signature)
     key_substitution: bool = False  # with a matcher: see `_substitute_keys_impl`
+    state_substitution: bool = False  # with a matcher: see `Injection._substitute_state`
     scope: KeyMatcher | None = None  # inputs it matches to no edit get no expert at all
     # the router sends every input that names no edited entity to no expert: a forward in which no input
     # names one then returns the base output at once
@@ -115,6 +116,7 @@ class MoEBypass(nn.Module):
         self.scope = options.scope
         self.matcher = options.matcher
         self.key_substitution = options.key_substitution
+        self.state_substitution = options.state_substitution
         self.unmatched_get_nothing = options.unmatched_get_nothing
         self.last_routes: torch.Tensor | None = None  # [B, T, k] expert ids of the last forward
         for _ in range(options.experts):
@@ -258,10 +260,12 @@ class Injection:
         self._job: tuple | None = None
         self._below = _layers_below(model, bypass)  # (decoder layers, index of the bypass's layer) or None
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._prefix_hook = None
+        self._prefix_hook = self._state_hook = None
         if self._below is not None:
             layers, depth = self._below
             self._prefix_hook = layers[depth - 1].register_forward_hook(self._after_prefix)
+            if getattr(bypass, "state_substitution", False):
+                self._state_hook = layers[depth].register_forward_hook(self._substitute_state)
         self._own_generate = model.__dict__.get("generate")  # an instance attribute we replace, if any
         self._generate = model.generate
         if callable(self._generate):
@@ -339,6 +343,32 @@ class Injection:
             return
         ctx.signature = self._signature(*self._job, prefix_output=output)
 
+    def _substitute_state(self, module: nn.Module, args: tuple, output):
+        """[choice] After the bypass's decoder layer, at the last prompt token of an input matched to an edit,
+        put the state that edit's own prompt left there (`KeyMatcher.states`). Why: key substitution gives a
+        rephrasing the expert output its edit was trained with, but the layers above read it added to the
+        rephrasing's own residual, and there a tenth of the reached rephrasings turned into another edit's
+        answer; with the whole state the last token carries what the edit prompt carried, and the layers above
+        still read the rephrasing's other tokens."""
+        ctx, matcher = self.bypass.context, self.bypass.matcher
+        if (self._inner or not self.bypass.enabled or matcher is None or not len(matcher.states)
+                or ctx.continuation or ctx.prompt_last is None):
+            return None
+        rows = matcher.matched_rows(ctx)
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        if rows is None or h.dim() != 3 or len(rows) != h.shape[0]:
+            return None
+        rows = rows.cpu()
+        known = (rows >= 0) & (rows < len(matcher.states))
+        states = matcher.states[rows.clamp(min=0, max=len(matcher.states) - 1)]
+        last = (ctx.prompt_last.cpu() - torch.as_tensor(ctx.offset).cpu()).reshape(-1).expand(len(rows))
+        hit = torch.nonzero(known & (states.abs().sum(-1) > 0) & (last >= 0) & (last < h.shape[1])).flatten()
+        if len(hit) == 0:
+            return None
+        h = h.clone()
+        h[hit.to(h.device), last[hit].to(h.device)] = states[hit].to(h.device, h.dtype)
+        return (h, *output[1:]) if isinstance(output, (tuple, list)) else h
+
     @torch.no_grad()
     def _signature(self, input_ids: torch.Tensor, kwargs: dict, only_matched: bool,
                    prefix_output=None) -> torch.Tensor | None:
@@ -388,8 +418,9 @@ class Injection:
     def remove(self) -> nn.Module:
         """Undo the injection; returns the original target module."""
         self._hook.remove()
-        if self._prefix_hook is not None:
-            self._prefix_hook.remove()
+        for hook in (self._prefix_hook, self._state_hook):
+            if hook is not None:
+                hook.remove()
         if self.model.__dict__.get("generate") == self.generate:
             if self._own_generate is not None:
                 self.model.generate = self._own_generate

@@ -21,10 +21,15 @@ from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
+from moecli.model.batching import collate, forward, pad_id_of, prompt_only
 from moecli.routing.context import record_anchor_vectors
 from moecli.routing.routers import KNNRouter, KVAnchorRouter
 
 ROUTERS = ("knn", "kv")
+
+
+class _Stop(Exception):
+    """Ends a forward once the edited layer has run."""
 
 
 @dataclass
@@ -42,6 +47,9 @@ class LEMoEConfig(BypassConfig):
     null_route: bool = option(True, "[choice] inputs naming no edited entity get no expert")
     router_hidden: int = option(64, "kv: width of W_down")
     key_dim: int = option(64, "kv: width of the keys")
+    state_substitution: bool = option(
+        False, "[choice] knn: a matched input's last prompt token also leaves the edited layer with the state the "
+               "edit's own prompt left there, so the layers above read what they read when it was trained")
     route_loss_weight: float = option(1.0, "kv [choice]: weight of the cross-entropy pushing batch t's inputs to "
                                            "expert t")
 
@@ -70,7 +78,8 @@ class LEMoE(BypassMethod):
         return self.config.router == "knn" and self.config.null_route and self.matcher is not None
 
     def bypass_options(self) -> BypassOptions:
-        return replace(super().bypass_options(), unmatched_get_nothing=self.config.null_route)
+        return replace(super().bypass_options(), unmatched_get_nothing=self.config.null_route,
+                       state_substitution=self.config.state_substitution and self.matcher is not None)
 
     def _anchors(self, texts: list[str]) -> torch.Tensor:
         emb = self.loaded.model.get_input_embeddings()
@@ -118,9 +127,36 @@ class LEMoE(BypassMethod):
             # 10 ms at 1,000 experts)
             for p in params:
                 p.requires_grad_(False)
+        self.record_states(records)
         self._last_expert = expert_id
         return {"steps": stats.steps, "loss": stats.loss, "all_correct": stats.all_correct,
                 "seconds": stats.seconds, "expert": expert_id}
+
+    @torch.no_grad()
+    def record_states(self, records: list[EditRecord]) -> None:
+        """With `state_substitution`, keep what each of `records` (the matcher's newest rows, trained) leaves at its
+        last prompt token after the edited decoder layer (`KeyMatcher.states`); the layers above are not run."""
+        below = self.injection._below
+        if not self.bypass.state_substitution or below is None or not records:
+            return
+        layers, depth = below
+        tok = self.loaded.tokenizer
+        batch = collate([prompt_only(tok, r.prompt) for r in records], pad_id_of(tok)).to(self.loaded.device)
+        grabbed: list[torch.Tensor] = []
+
+        def grab(module, args, output):
+            grabbed.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _Stop
+
+        hook = layers[depth].register_forward_hook(grab)
+        try:
+            forward(self.loaded.model, batch)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=grabbed[0].device)
+        self.matcher.set_states(len(self.matcher) - len(records), grabbed[0][torch.arange(len(records)), last])
 
     def expert_of(self, record_index_in_batch: int) -> int | None:
         return getattr(self, "_last_expert", None)

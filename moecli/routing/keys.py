@@ -67,6 +67,9 @@ class KeyMatcher:
         # that is an edit's own prompt matches that edit, whatever the anchor search and the key say
         self.prompt_hashes = torch.zeros(0, 2, dtype=torch.long)
         self._row_of_prompt: dict[int, int] = {}
+        # per stored edit: what its own prompt leaves at the last prompt token after the bypass's decoder layer,
+        # edit applied ([n, d_model]; a zero row: none recorded), for `state_substitution`
+        self.states = torch.zeros(0, 0)
         self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.candidate_values: torch.Tensor | None = None  # [B, K] values of all edits the last `match` accepted
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
@@ -107,6 +110,19 @@ class KeyMatcher:
         self.store.add(anchors.detach().float().cpu().numpy(), values)
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, (queries if raw is None else raw).detach().float().cpu()])
+
+    def set_states(self, first: int, states: torch.Tensor) -> None:
+        """Record the states [k, d_model] of rows `first` … `first + k − 1` (rows without one stay zero)."""
+        states = states.detach().float().cpu()
+        table = torch.zeros(len(self.queries), states.shape[1])
+        if self.states.shape[1] == states.shape[1]:
+            table[: len(self.states)] = self.states[: len(table)]
+        table[first: first + len(states)] = states
+        self.states = table  # a new tensor, as `add` makes: the shards tell a grown table by its identity
+
+    def matched_rows(self, ctx: AnchorContext) -> torch.Tensor | None:
+        """The rows [B] the match of the forward under way chose (−1: none), or None when no match ran in it."""
+        return self.rows if self._cached_serial == ctx.serial else None
 
     @contextmanager
     def pinned(self, rows_of: dict[int, int]) -> Iterator[None]:
@@ -253,6 +269,8 @@ class KeyMatcher:
                    "matcher.raw_queries": self.raw_queries, "matcher.thresholds": self.thresholds,
                    "matcher.neg_queries": self.neg_queries, "matcher.neg_owner": self.neg_owner,
                    "matcher.prompt_hashes": self.prompt_hashes}
+        if len(self.states):
+            tensors["matcher.states"] = self.states
         if self.feature == "output":
             tensors.update({"matcher.sig_ids": self.sig_ids, "matcher.sig_vals": self.sig_vals})
         return tensors, {}
@@ -277,6 +295,7 @@ class KeyMatcher:
         self.prompt_hashes, self._row_of_prompt = torch.zeros(0, 2, dtype=torch.long), {}
         self._add_prompts(tensors.get("matcher.prompt_hashes",
                                       torch.zeros(len(self.queries), 2, dtype=torch.long)).long().cpu())
+        self.states = tensors.get("matcher.states", torch.zeros(0, 0)).float().cpu()
         if self.feature == "output":
             if "matcher.sig_ids" not in tensors:
                 raise UserError("adapter: missing the edits' output signatures (matcher.sig_ids)")
