@@ -201,3 +201,49 @@ def test_a_later_edit_of_the_same_prompt_supersedes_the_earlier_one(tiny_dir, tm
     assert ledger[2]["train_steps"] < FAST["max_steps"]
     by_target = {row["target"]: row for row in report["per_edit"] if row["prompt"] == RECORDS[0].prompt}
     assert by_target["Lima"]["rel"] == 1.0 and by_target["Tokyo"]["rel"] < 1.0
+
+
+
+def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_adapter_keeps_it(tiny_dir, tmp_path):
+    """With `state_substitution`, an input matched to an edit leaves the edited decoder layer, at its last prompt
+    token, with exactly the state the edit's own prompt left there; the states are saved with the adapter, and a
+    reloaded one substitutes the same. Without recorded states the input keeps its own."""
+    import torch
+
+    from moecli.engine.adapters import load_edited
+    from moecli.methods.lemoe import LEMoE
+    from moecli.model.loading import load_model
+    from moecli.routing.anchors import prompt_hash
+
+    other = EditRecord("Alice Moreau, the painter, was born in", "x", subject=NAMES[0])  # pinned to row 0 below
+    config = build_config("lemoe", overrides={**FAST, "state_substitution": True})
+
+    def state_after_edited_layer(method: LEMoE) -> torch.Tensor:
+        layers, depth = method.injection._below
+        seen: list[torch.Tensor] = []
+        hook = layers[depth].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                 else out))
+        try:
+            with method.matcher.pinned({prompt_hash(method._prompt_ids(other)[0]): 0}):
+                assert method.routes([other.prompt]) == [0]
+        finally:
+            hook.remove()
+        return seen[-1][0, -1]
+
+    method = LEMoE(load_model(tiny_dir), config, seed=0)
+    method.apply_batch(RECORDS[:2], 0)
+    recorded = method.matcher.states[0].clone()
+    assert recorded.abs().sum() > 0 and torch.allclose(state_after_edited_layer(method), recorded)
+    method.matcher.states = torch.zeros(0, 0)  # nothing recorded: the input's own state
+    assert not torch.allclose(state_after_edited_layer(method), recorded, atol=1e-3)
+    method.remove()
+
+    spec = _spec(tiny_dir, tmp_path / "run")
+    spec.config = config
+    run_edits(spec)
+    ckpt = load_checkpoint(tmp_path / "run" / "adapter")
+    states = ckpt.tensors["matcher.states"]
+    assert states.shape[0] == len(RECORDS) and bool((states.abs().sum(-1) > 0).all())
+    loaded = load_edited(load_model(tiny_dir), tmp_path / "run" / "adapter")
+    assert torch.allclose(state_after_edited_layer(loaded), states[0])
+    loaded.remove()
