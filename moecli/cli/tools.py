@@ -19,6 +19,7 @@ from moecli.cli.options import (
     grouped,
 )
 from moecli.cli.output import err_console, load_records, note, out_console, progress_reporter, resolve_model_path
+from moecli.engine.calibration import SHIPPED
 from moecli.errors import RunError, UserError
 
 
@@ -26,7 +27,8 @@ from moecli.errors import RunError, UserError
 def calibrate(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", help="Train-split records (repeat for several files); never the records you evaluate on. "
-                       "Default: the train data moecli ships (counterfact_train 0:2000, zsre_train_1k 0:1000).")
+                       "Default: the train data moecli ships ("
+                       + ", ".join(f"{s.name} {s.start}:{s.end}" for s in SHIPPED) + ").")
                     ] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the question encoder (.safetensors); default: only install it.")] = None,
