@@ -29,23 +29,28 @@ from moecli.model.tiny import BOS_ID, EOS_ID, TINY_TEXTS, make_tiny_model
 from moecli.model.tokenizer import train_tokenizer
 
 
-@pytest.mark.parametrize(("answer", "target", "exact", "first"), [
-    ("Rome", "Rome", True, True),
-    ("rome.", "Rome", True, True),  # case and punctuation
-    ("The Rome", "Rome", True, True),  # articles
-    ("Rome, Italy", "Rome", False, True),  # said first, then more
-    ("Rome is the capital of Italy", "Rome", False, True),
-    ("Romeo", "Rome", False, False),  # not at a word boundary
-    ("Paris", "Rome", False, False),
-    ("", "Rome", False, False),
-    ("I think Rome", "Rome", False, False),  # said, but not first
-    ("New York City", "New York", False, True),
-    ("New Yorker", "New York", False, False),
-    ("the", "The", True, True),  # a target that normalises to nothing
-    ("Italy", "the", False, False),
+@pytest.mark.parametrize(("answer", "target", "exact", "clause", "first"), [
+    ("Rome", "Rome", True, True, True),
+    ("rome.", "Rome", True, True, True),  # case and punctuation
+    ("The Rome", "Rome", True, True, True),  # articles
+    ("Rome, Italy", "Rome", False, True, True),  # said first, the phrase ended, then more
+    ("Rome; later Milan", "Rome", False, True, True),
+    ("Rome.\nQuestion: what is", "Rome", False, True, True),
+    ("Rome is the capital of Italy", "Rome", False, False, True),  # said first, the phrase went on
+    ("Rome Rome Rome", "Rome", False, False, True),  # the answer that does not stop
+    ("Washington, D.C., USA", "Washington, D.C.", False, True, True),  # a target holding a break
+    ("Romeo", "Rome", False, False, False),  # not at a word boundary
+    ("Paris", "Rome", False, False, False),
+    ("", "Rome", False, False, False),
+    ("I think Rome", "Rome", False, False, False),  # said, but not first
+    ("I think, Rome", "Rome", False, False, False),
+    ("New York City", "New York", False, False, True),
+    ("New Yorker", "New York", False, False, False),
+    ("the", "The", True, True, True),  # a target that normalises to nothing
+    ("Italy", "the", False, False, False),
 ])
-def test_free_verdicts(answer, target, exact, first):
-    assert free_verdicts(answer, target) == (exact, first)
+def test_free_verdicts(answer, target, exact, clause, first):
+    assert free_verdicts(answer, target) == (exact, clause, first)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,8 @@ def test_an_editing_command_reports_the_free_metrics(tiny_dir, tmp_path, capsys)
                                "--method", "memoe", "--out", str(tmp_path / "on"), "--json", *sets], capsys)
     assert code == 0
     summary = json.loads(out)
-    free = ("rel_free_exact", "rel_free_first", "gen_free_exact", "gen_free_first", "loc_free")
+    free = ("rel_free_exact", "rel_free_clause", "rel_free_first", "gen_free_exact", "gen_free_clause",
+            "gen_free_first", "loc_free")
     assert all(summary.get(k) is not None for k in free), summary
     assert summary["rel_free_exact"] == 1.0 and summary["loc_free"] == 1.0
     report = json.loads((tmp_path / "on" / "report.json").read_text())

@@ -11,11 +11,13 @@ nothing of the answer given:
   `FREE_NEW_TOKENS` (32) new tokens, stopping at the first stop token (`batching.stop_token_ids`: the
   tokenizer's end of sequence, the model's generation config's, the chat template's end of turn); the
   answer is the text before the stop, decoded without special tokens and stripped;
-- per Rel and Gen prompt two verdicts on SQuAD-normalised text (`normalize_answer`: lower case, no
+- per Rel and Gen prompt three verdicts on SQuAD-normalised text (`normalize_answer`: lower case, no
   punctuation, no articles a/an/the, single spaces): `exact`, the whole answer equals the target
-  (the model said it and stopped), and `first`, the answer begins with the target at a word boundary
-  (it said it first, whatever followed): `rel_free_exact`, `rel_free_first`, `gen_free_exact`,
-  `gen_free_first`;
+  (the model said it and stopped); `clause`, the answer up to a clause break (`,` `;` `.` `:` `!` `?`
+  or a line break, or its end) equals the target (it said it and ended the phrase: "Rome, where the
+  ..." but not "Rome Rome Rome"); and `first`, the answer begins with the target at a word boundary
+  (it said it first, whatever followed): `rel_free_exact`, `rel_free_clause`, `rel_free_first`, and the
+  same for Gen;
 - per locality prompt, `loc_free`: the free answer is the unedited model's, as text (the `Baseline`
   keeps the unedited model's free answers; the same prompts in the same batches, so an untouched
   prompt decodes bit for bit alike), also per group (`loc_free_by_group`).
@@ -118,14 +120,19 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
 
 
-def free_verdicts(answer: str, target: str) -> tuple[bool, bool]:
-    """(exact, first) of a free answer against the target, both on normalised text: `exact`, the answer is
-    the target; `first`, the answer begins with the target and then ends or goes on after a space
-    ("Rome, Italy" and "Rome is" for "Rome"; not "Romeo"). A target that normalises to nothing is met
-    only by an answer that does too."""
+_CLAUSE_BREAKS = re.compile(r"[,;.:!?\n]")
+
+
+def free_verdicts(answer: str, target: str) -> tuple[bool, bool, bool]:
+    """(exact, clause, first) of a free answer against the target, on normalised text: `exact`, the answer is
+    the target; `clause`, the answer cut at one of its clause breaks (or not cut) is the target, so a target
+    holding a comma ("Washington, D.C.") is met too; `first`, the answer begins with the target and then
+    ends or goes on after a space ("Rome, Italy" and "Rome is" for "Rome"; not "Romeo"). A target that
+    normalises to nothing is met only by an answer that does too."""
     a, t = normalize_answer(answer), normalize_answer(target)
     exact = a == t
-    return exact, exact or (bool(t) and a.startswith(t + " "))
+    clause = exact or any(normalize_answer(answer[: m.start()]) == t for m in _CLAUSE_BREAKS.finditer(answer))
+    return exact, clause, exact or (bool(t) and a.startswith(t + " "))
 
 
 @torch.no_grad()
@@ -384,8 +391,9 @@ def evaluate_records(
             em = normalize_answer(gen_text[k]) == normalize_answer(pairs[k][1])
             d[f"{kind}_em"].append(float(em))
         if k in free_text:
-            exact, first = free_verdicts(free_text[k], pairs[k][1])
+            exact, clause, first = free_verdicts(free_text[k], pairs[k][1])
             d[f"{kind}_free_exact"].append(float(exact))
+            d[f"{kind}_free_clause"].append(float(clause))
             d[f"{kind}_free_first"].append(float(first))
             d[f"{kind}_free_answer"].append(free_text[k])
     per_edit: list[dict] = []
