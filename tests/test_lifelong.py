@@ -204,46 +204,63 @@ def test_a_later_edit_of_the_same_prompt_supersedes_the_earlier_one(tiny_dir, tm
 
 
 
+
 def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_adapter_keeps_it(tiny_dir, tmp_path):
-    """With `state_substitution`, an input matched to an edit leaves the edited decoder layer, at its last prompt
-    token, with exactly the state the edit's own prompt left there; the states are saved with the adapter, and a
-    reloaded one substitutes the same. Without recorded states the input keeps its own."""
+    """With `state_substitution`, an input matched to an edit leaves the edited decoder layer with exactly the
+    states the edit's own prompt and target left there: at its last prompt token and at each later position
+    holding the target so far (teacher-forced here), not at one holding another token. The states are saved
+    with the adapter, and a reloaded one substitutes the same. Without recorded states the input keeps its own."""
     import torch
 
     from moecli.engine.adapters import load_edited
     from moecli.methods.lemoe import LEMoE
+    from moecli.model.batching import collate, encode_pair, forward, pad_id_of
     from moecli.model.loading import load_model
     from moecli.routing.anchors import prompt_hash
 
     other = EditRecord("Alice Moreau, the painter, was born in", "x", subject=NAMES[0])  # pinned to row 0 below
-    config = build_config("lemoe", overrides={**FAST, "state_substitution": True})
+    config = build_config("lemoe", overrides={**FAST, "state_substitution": True, "eos_target": True})
 
-    def state_after_edited_layer(method: LEMoE) -> torch.Tensor:
+    def after_edited_layer(method: LEMoE, answer: str) -> tuple[torch.Tensor, int]:
+        """The edited layer's output [T, d] for `other` + `answer` fed at once, and the last prompt column."""
         layers, depth = method.injection._below
         seen: list[torch.Tensor] = []
         hook = layers[depth].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
                                                                                  else out))
+        pair = encode_pair(method.loaded.tokenizer, other.prompt, answer)
         try:
-            with method.matcher.pinned({prompt_hash(method._prompt_ids(other)[0]): 0}):
-                assert method.routes([other.prompt]) == [0]
+            with method.matcher.pinned({prompt_hash(method._prompt_ids(other)[0]): 0}), torch.no_grad():
+                forward(method.loaded.model, collate([pair], pad_id_of(method.loaded.tokenizer)))
         finally:
             hook.remove()
-        return seen[-1][0, -1]
+        return seen[-1][0], pair.answer_start - 1
+
+    def run(matcher) -> torch.Tensor:  # the states recorded for row 0: last prompt token, then target tokens
+        first, count = int(matcher.state_first[0]), int(matcher.state_count[0])
+        return matcher.states[first: first + count]
 
     method = LEMoE(load_model(tiny_dir), config, seed=0)
     method.apply_batch(RECORDS[:2], 0)
-    recorded = method.matcher.states[0].clone()
-    assert recorded.abs().sum() > 0 and torch.allclose(state_after_edited_layer(method), recorded)
-    method.matcher.states = torch.zeros(0, 0)  # nothing recorded: the input's own state
-    assert not torch.allclose(state_after_edited_layer(method), recorded, atol=1e-3)
+    recorded = run(method.matcher)
+    n_target = len(encode_pair(method.loaded.tokenizer, RECORDS[0].prompt, RECORDS[0].target).answer_ids)
+    assert len(recorded) == n_target + 1 and bool((recorded.abs().sum(-1) > 0).all())  # + the end of sequence
+    got, last = after_edited_layer(method, RECORDS[0].target)
+    assert torch.allclose(got[last: last + n_target], recorded[:n_target])
+    wrong, _ = after_edited_layer(method, "Paris")  # another answer: only the last prompt token is the edit's
+    assert torch.allclose(wrong[last], recorded[0]) and not torch.allclose(wrong[last + 1], recorded[1], atol=1e-3)
+    method.matcher.states = torch.zeros(0, 0)  # nothing recorded: the input's own states
+    own, _ = after_edited_layer(method, RECORDS[0].target)
+    assert not torch.allclose(own[last], recorded[0], atol=1e-3)
     method.remove()
 
     spec = _spec(tiny_dir, tmp_path / "run")
     spec.config = config
     run_edits(spec)
-    ckpt = load_checkpoint(tmp_path / "run" / "adapter")
-    states = ckpt.tensors["matcher.states"]
-    assert states.shape[0] == len(RECORDS) and bool((states.abs().sum(-1) > 0).all())
+    tensors = load_checkpoint(tmp_path / "run" / "adapter").tensors
+    assert tensors["matcher.state_first"].tolist() == (torch.cumsum(tensors["matcher.state_count"], 0)
+                                                       - tensors["matcher.state_count"]).tolist()
+    assert len(tensors["matcher.state_count"]) == len(RECORDS) and bool((tensors["matcher.state_count"] > 1).all())
     loaded = load_edited(load_model(tiny_dir), tmp_path / "run" / "adapter")
-    assert torch.allclose(state_after_edited_layer(loaded), states[0])
+    got, last = after_edited_layer(loaded, RECORDS[0].target)
+    assert torch.allclose(got[last], run(loaded.matcher)[0])
     loaded.remove()

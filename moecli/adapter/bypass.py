@@ -258,6 +258,7 @@ class Injection:
         self._sig_cache: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         self._generation: _Generation | None = None
         self._job: tuple | None = None
+        self._ids: torch.Tensor | None = None
         self._below = _layers_below(model, bypass)  # (decoder layers, index of the bypass's layer) or None
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._prefix_hook = self._state_hook = None
@@ -301,6 +302,7 @@ class Injection:
         if self._inner:
             return  # the base pass below, run from inside this hook
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = input_ids  # this forward's own tokens (a generation step's too), for `_substitute_state`
         if input_ids is None:
             return
         ctx = self.bypass.context
@@ -344,29 +346,14 @@ class Injection:
         ctx.signature = self._signature(*self._job, prefix_output=output)
 
     def _substitute_state(self, module: nn.Module, args: tuple, output):
-        """[choice] After the bypass's decoder layer, at the last prompt token of an input matched to an edit,
-        put the state that edit's own prompt left there (`KeyMatcher.states`). Why: key substitution gives a
-        rephrasing the expert output its edit was trained with, but the layers above read it added to the
-        rephrasing's own residual, and there a tenth of the reached rephrasings turned into another edit's
-        answer; with the whole state the last token carries what the edit prompt carried, and the layers above
-        still read the rephrasing's other tokens."""
-        ctx, matcher = self.bypass.context, self.bypass.matcher
-        if (self._inner or not self.bypass.enabled or matcher is None or not len(matcher.states)
-                or ctx.continuation or ctx.prompt_last is None):
+        """After the bypass's decoder layer: `KeyMatcher.substitute_states` on its output."""
+        matcher = self.bypass.matcher
+        if self._inner or not self.bypass.enabled or matcher is None or not len(matcher.states):
             return None
-        rows = matcher.matched_rows(ctx)
         h = output[0] if isinstance(output, (tuple, list)) else output
-        if rows is None or h.dim() != 3 or len(rows) != h.shape[0]:
+        h = matcher.substitute_states(h, self.bypass.context, self._ids)
+        if h is None:
             return None
-        rows = rows.cpu()
-        known = (rows >= 0) & (rows < len(matcher.states))
-        states = matcher.states[rows.clamp(min=0, max=len(matcher.states) - 1)]
-        last = (ctx.prompt_last.cpu() - torch.as_tensor(ctx.offset).cpu()).reshape(-1).expand(len(rows))
-        hit = torch.nonzero(known & (states.abs().sum(-1) > 0) & (last >= 0) & (last < h.shape[1])).flatten()
-        if len(hit) == 0:
-            return None
-        h = h.clone()
-        h[hit.to(h.device), last[hit].to(h.device)] = states[hit].to(h.device, h.dtype)
         return (h, *output[1:]) if isinstance(output, (tuple, list)) else h
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from moecli.data.records import EditRecord
 from moecli.errors import UserError
 from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
-from moecli.model.batching import collate, forward, pad_id_of, prompt_only
+from moecli.model.batching import collate, encode_pair, forward, pad_id_of
 from moecli.routing.context import record_anchor_vectors
 from moecli.routing.routers import KNNRouter, KVAnchorRouter
 
@@ -134,14 +134,16 @@ class LEMoE(BypassMethod):
 
     @torch.no_grad()
     def record_states(self, records: list[EditRecord]) -> None:
-        """With `state_substitution`, keep what each of `records` (the matcher's newest rows, trained) leaves at its
-        last prompt token after the edited decoder layer (`KeyMatcher.states`); the layers above are not run."""
+        """With `state_substitution`, keep what each of `records` (the matcher's newest rows, trained) leaves after
+        the edited decoder layer at the positions that predict its target, prompt and target encoded as
+        training encodes them (`KeyMatcher.states`); the layers above are not run."""
         below = self.injection._below
         if not self.bypass.state_substitution or below is None or not records:
             return
         layers, depth = below
         tok = self.loaded.tokenizer
-        batch = collate([prompt_only(tok, r.prompt) for r in records], pad_id_of(tok)).to(self.loaded.device)
+        pairs = [encode_pair(tok, r.prompt, r.target, end=self.config.eos_target) for r in records]
+        batch = collate(pairs, pad_id_of(tok)).to(self.loaded.device)
         grabbed: list[torch.Tensor] = []
 
         def grab(module, args, output):
@@ -155,8 +157,12 @@ class LEMoE(BypassMethod):
             pass
         finally:
             hook.remove()
-        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=grabbed[0].device)
-        self.matcher.set_states(len(self.matcher) - len(records), grabbed[0][torch.arange(len(records)), last])
+        runs = []
+        for row, pair in enumerate(pairs):  # the last prompt token, then each target token but the last
+            cols = list(range(pair.answer_start - 1, len(pair.ids) - 1))
+            tokens = torch.tensor([-1, *pair.ids[pair.answer_start: len(pair.ids) - 1]])
+            runs.append((grabbed[0][row, cols], tokens))
+        self.matcher.set_states(len(self.matcher) - len(records), runs)
 
     def expert_of(self, record_index_in_batch: int) -> int | None:
         return getattr(self, "_last_expert", None)

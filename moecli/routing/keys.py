@@ -67,9 +67,14 @@ class KeyMatcher:
         # that is an edit's own prompt matches that edit, whatever the anchor search and the key say
         self.prompt_hashes = torch.zeros(0, 2, dtype=torch.long)
         self._row_of_prompt: dict[int, int] = {}
-        # per stored edit: what its own prompt leaves at the last prompt token after the bypass's decoder layer,
-        # edit applied ([n, d_model]; a zero row: none recorded), for `state_substitution`
+        # `state_substitution`: what each edit's own prompt and target left after the bypass's decoder layer, edit
+        # applied, at the positions that predict the target (the last prompt token, then each target token):
+        # an edit's states are a run of rows [m, d_model], with the token each position holds [m] (−1: the
+        # prompt's last, whatever it is); per edit its run's first row (−1: none recorded) and length [n]
         self.states = torch.zeros(0, 0)
+        self.state_tokens = torch.zeros(0, dtype=torch.long)
+        self.state_first = torch.zeros(0, dtype=torch.long)
+        self.state_count = torch.zeros(0, dtype=torch.long)
         self.rows: torch.Tensor | None = None  # [B] matched row of the last `match`, −1 for none
         self.candidate_values: torch.Tensor | None = None  # [B, K] values of all edits the last `match` accepted
         self.anchor_threshold, self.query_threshold = anchor_threshold, query_threshold
@@ -111,18 +116,60 @@ class KeyMatcher:
         self.queries = torch.cat([self.queries, F.normalize(queries.detach().float().cpu(), dim=-1)])
         self.raw_queries = torch.cat([self.raw_queries, (queries if raw is None else raw).detach().float().cpu()])
 
-    def set_states(self, first: int, states: torch.Tensor) -> None:
-        """Record the states [k, d_model] of rows `first` … `first + k − 1` (rows without one stay zero)."""
-        states = states.detach().float().cpu()
-        table = torch.zeros(len(self.queries), states.shape[1])
-        if self.states.shape[1] == states.shape[1]:
-            table[: len(self.states)] = self.states[: len(table)]
-        table[first: first + len(states)] = states
-        self.states = table  # a new tensor, as `add` makes: the shards tell a grown table by its identity
+    def set_states(self, first: int, runs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Record the runs (states [c, d_model], tokens [c]) of rows `first` … `first + len(runs) − 1`."""
+        n, before = len(self.queries), len(self.states)
+        starts = torch.full((n,), -1, dtype=torch.long)
+        counts = torch.zeros(n, dtype=torch.long)
+        starts[: len(self.state_first)] = self.state_first[:n]
+        counts[: len(self.state_count)] = self.state_count[:n]
+        lengths = torch.tensor([len(t) for _, t in runs], dtype=torch.long)
+        starts[first: first + len(runs)] = before + torch.cumsum(lengths, 0) - lengths
+        counts[first: first + len(runs)] = lengths
+        new = torch.cat([st.detach().float().cpu() for st, _ in runs])
+        # new tensors, as `add` makes: the shards tell a grown table by its identity
+        self.states = torch.cat([self.states, new]) if before else new
+        self.state_tokens = torch.cat([self.state_tokens, torch.cat([t.long().cpu() for _, t in runs])])
+        self.state_first, self.state_count = starts, counts
 
     def matched_rows(self, ctx: AnchorContext) -> torch.Tensor | None:
         """The rows [B] the match of the forward under way chose (−1: none), or None when no match ran in it."""
         return self.rows if self._cached_serial == ctx.serial else None
+
+    def substitute_states(self, h: torch.Tensor, ctx: AnchorContext, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """[choice] `h` [B, T, d] (the output of the bypass's decoder layer, the forward's tokens `ids` [B, T]) with,
+        for each input matched to an edit, the state that edit's own prompt and target left at its last prompt
+        token and at each later position that holds the edit's target so far; None when nothing is put.
+
+        Why: key substitution gives a rephrasing the expert output its edit was trained with, but the layers
+        above read it added to the rephrasing's own residual, and there a tenth of the reached CounterFact
+        rephrasings turned into another edit's answer (`state_substitution`); with the whole state each
+        answer position carries what it carried in training, while the layers above still read the
+        rephrasing's other tokens."""
+        rows = self.matched_rows(ctx)
+        if (rows is None or ids is None or ctx.prompt_last is None or h.dim() != 3 or len(rows) != h.shape[0]
+                or ids.shape != h.shape[:2]):
+            return None
+        rows = rows.cpu()
+        known = (rows >= 0) & (rows < len(self.state_first))
+        if not bool(known.any()):
+            return None
+        start = (ctx.prompt_last.cpu() - torch.as_tensor(ctx.offset).cpu()).reshape(-1).expand(len(rows)).tolist()
+        ids = ids.cpu()
+        where, which = [], []
+        for b in torch.nonzero(known).flatten().tolist():
+            first, count = int(self.state_first[rows[b]]), int(self.state_count[rows[b]])
+            for j in range(count if first >= 0 else 0):
+                col = start[b] + j
+                if 0 <= col < h.shape[1] and (j == 0 or int(ids[b, col]) == int(self.state_tokens[first + j])):
+                    where.append((b, col))
+                    which.append(first + j)
+        if not where:
+            return None
+        h = h.clone()
+        at = torch.tensor(where, device=h.device)
+        h[at[:, 0], at[:, 1]] = self.states[torch.tensor(which)].to(h.device, h.dtype)
+        return h
 
     @contextmanager
     def pinned(self, rows_of: dict[int, int]) -> Iterator[None]:
@@ -270,7 +317,8 @@ class KeyMatcher:
                    "matcher.neg_queries": self.neg_queries, "matcher.neg_owner": self.neg_owner,
                    "matcher.prompt_hashes": self.prompt_hashes}
         if len(self.states):
-            tensors["matcher.states"] = self.states
+            tensors.update({"matcher.states": self.states, "matcher.state_tokens": self.state_tokens,
+                            "matcher.state_first": self.state_first, "matcher.state_count": self.state_count})
         if self.feature == "output":
             tensors.update({"matcher.sig_ids": self.sig_ids, "matcher.sig_vals": self.sig_vals})
         return tensors, {}
@@ -296,6 +344,9 @@ class KeyMatcher:
         self._add_prompts(tensors.get("matcher.prompt_hashes",
                                       torch.zeros(len(self.queries), 2, dtype=torch.long)).long().cpu())
         self.states = tensors.get("matcher.states", torch.zeros(0, 0)).float().cpu()
+        self.state_tokens = tensors.get("matcher.state_tokens", torch.zeros(0, dtype=torch.long)).long().cpu()
+        self.state_first = tensors.get("matcher.state_first", torch.zeros(0, dtype=torch.long)).long().cpu()
+        self.state_count = tensors.get("matcher.state_count", torch.zeros(0, dtype=torch.long)).long().cpu()
         if self.feature == "output":
             if "matcher.sig_ids" not in tensors:
                 raise UserError("adapter: missing the edits' output signatures (matcher.sig_ids)")
