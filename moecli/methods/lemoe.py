@@ -48,8 +48,10 @@ class LEMoEConfig(BypassConfig):
     router_hidden: int = option(64, "kv: width of W_down")
     key_dim: int = option(64, "kv: width of the keys")
     state_substitution: bool = option(
-        False, "[choice] knn: a matched input's last prompt token also leaves the edited layer with the state the "
-               "edit's own prompt left there, so the layers above read what they read when it was trained")
+        True, "[choice] knn: an input matched to an edit leaves the edited layer with the states the edit's own "
+              "prompt and target left there (its last prompt token, then each position holding the target so "
+              "far), so the layers above read what they read in training; on the train splits Gen when reached "
+              "0.675 -> 1.000 on Gemma 3 270M (benchmarks/results/state_substitution.md)")
     route_loss_weight: float = option(1.0, "kv [choice]: weight of the cross-entropy pushing batch t's inputs to "
                                            "expert t")
 
