@@ -87,6 +87,28 @@ def test_first_run_calibrates_a_key_and_the_next_reuses_it(world, tmp_path, smal
     assert again["config"]["question_encoder"] == key["path"]
 
 
+def test_an_automatic_key_from_older_defaults_is_set_aside_and_a_users_key_is_kept(world, tmp_path, small_world_key,
+                                                                                     monkeypatch, capsys):
+    """After an upgrade changes the default calibration data, the key the automatic path made from the old defaults
+    no longer shadows a better one: it is renamed `*.outdated` and the run calibrates again (or takes the shipped
+    key); a key the user made with `moecli calibrate` stays the model's key whatever the defaults."""
+    run, _ = _edit(world, tmp_path / "a", capsys)
+    path = Path(run["question_key"]["path"])
+    monkeypatch.setattr(calibration, "SHIPPED", (Source("world", str(world / "train.jsonl.gz"), 0, 36),))
+    again, _ = _edit(world, tmp_path / "b", capsys)
+    key = again["question_key"]
+    assert key["source"] == "calibrated-now" and key["path"] == str(path) and len(small_world_key) == 2
+    assert key["outdated_key_set_aside"] == str(path.with_suffix(".outdated")) and path.with_suffix(".outdated").is_file()
+    third, _ = _edit(world, tmp_path / "c", capsys)
+    assert third["question_key"] == {"source": "cache", "path": str(path)} and len(small_world_key) == 2
+
+    code, _, err = run_moecli(["calibrate", "--records", "0:40"], capsys)  # the user's own, installed
+    assert code == 0, err
+    monkeypatch.setattr(calibration, "SHIPPED", (Source("world", str(world / "train.jsonl.gz"), 0, 32),))
+    fourth, _ = _edit(world, tmp_path / "d", capsys)
+    assert fourth["question_key"] == {"source": "cache", "path": str(path)} and len(small_world_key) == 2
+
+
 def test_auto_calibrate_false_skips_it(world, tmp_path, small_world_key, capsys):
     run, err = _edit(world, tmp_path / "a", capsys, "--set", "auto_calibrate=false")
     assert run["question_key"] == {"source": "none", "reason": "auto_calibrate is off"}
