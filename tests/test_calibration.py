@@ -98,7 +98,8 @@ def test_an_automatic_key_from_older_defaults_is_set_aside_and_a_users_key_is_ke
     again, _ = _edit(world, tmp_path / "b", capsys)
     key = again["question_key"]
     assert key["source"] == "calibrated-now" and key["path"] == str(path) and len(small_world_key) == 2
-    assert key["outdated_key_set_aside"] == str(path.with_suffix(".outdated")) and path.with_suffix(".outdated").is_file()
+    aside = path.with_suffix(".outdated")
+    assert key["outdated_key_set_aside"] == str(aside) and aside.is_file()
     third, _ = _edit(world, tmp_path / "c", capsys)
     assert third["question_key"] == {"source": "cache", "path": str(path)} and len(small_world_key) == 2
 

@@ -205,11 +205,13 @@ def test_a_later_edit_of_the_same_prompt_supersedes_the_earlier_one(tiny_dir, tm
 
 
 
+
 def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_adapter_keeps_it(tiny_dir, tmp_path):
     """With `state_substitution`, an input matched to an edit leaves the edited decoder layer with exactly the
-    states the edit's own prompt and target left there: at its last prompt token and at each later position
-    holding the target so far (teacher-forced here), not at one holding another token. The states are saved
-    with the adapter, and a reloaded one substitutes the same. Without recorded states the input keeps its own."""
+    states the edit's own prompt and target left there, edit applied: at its last prompt token and at each later
+    position holding the target so far (teacher-forced here), not at one holding another token. The states are
+    saved with the adapter, and a reloaded one substitutes the same. Without recorded states the input keeps
+    its own."""
     import torch
 
     from moecli.engine.adapters import load_edited
@@ -218,18 +220,24 @@ def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_
     from moecli.model.loading import load_model
     from moecli.routing.anchors import prompt_hash
 
+    edit = RECORDS[0]
     other = EditRecord("Alice Moreau, the painter, was born in", "x", subject=NAMES[0])  # pinned to row 0 below
     config = build_config("lemoe", overrides={**FAST, "state_substitution": True, "eos_target": True})
 
-    def after_edited_layer(method: LEMoE, answer: str) -> tuple[torch.Tensor, int]:
-        """The edited layer's output [T, d] for `other` + `answer` fed at once, and the last prompt column."""
+    def after_edited_layer(method: LEMoE, asked: EditRecord, answer: str) -> tuple[torch.Tensor, int]:
+        """The edited layer's output [T, d] for `asked.prompt` + `answer` fed at once (the input pinned to row 0,
+        the answer-signature pass inside it left out), and the last prompt column."""
         layers, depth = method.injection._below
         seen: list[torch.Tensor] = []
-        hook = layers[depth].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
-                                                                                 else out))
-        pair = encode_pair(method.loaded.tokenizer, other.prompt, answer)
+
+        def keep(module, args, out):
+            if not method.injection._inner:
+                seen.append(out[0] if isinstance(out, tuple) else out)
+
+        hook = layers[depth].register_forward_hook(keep)
+        pair = encode_pair(method.loaded.tokenizer, asked.prompt, answer)
         try:
-            with method.matcher.pinned({prompt_hash(method._prompt_ids(other)[0]): 0}), torch.no_grad():
+            with method.matcher.pinned({prompt_hash(method._prompt_ids(asked)[0]): 0}), torch.no_grad():
                 forward(method.loaded.model, collate([pair], pad_id_of(method.loaded.tokenizer)))
         finally:
             hook.remove()
@@ -241,16 +249,20 @@ def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_
 
     method = LEMoE(load_model(tiny_dir), config, seed=0)
     method.apply_batch(RECORDS[:2], 0)
+    method.injection._sig_cache.clear()  # recorded again with the answer signature computed inside the forward
+    method.record_states(RECORDS[:2])  # (a bypass-off pass of the same layer), as when training fed other rows
     recorded = run(method.matcher)
-    n_target = len(encode_pair(method.loaded.tokenizer, RECORDS[0].prompt, RECORDS[0].target).answer_ids)
-    assert len(recorded) == n_target + 1 and bool((recorded.abs().sum(-1) > 0).all())  # + the end of sequence
-    got, last = after_edited_layer(method, RECORDS[0].target)
+    n_target = len(encode_pair(method.loaded.tokenizer, edit.prompt, edit.target).answer_ids)
+    assert len(recorded) == n_target + 1  # and the position that predicts the end of sequence
+    got, last = after_edited_layer(method, other, edit.target)
     assert torch.allclose(got[last: last + n_target], recorded[:n_target])
-    wrong, _ = after_edited_layer(method, "Paris")  # another answer: only the last prompt token is the edit's
+    wrong, _ = after_edited_layer(method, other, "Paris")  # another answer: only the last prompt token is the edit's
     assert torch.allclose(wrong[last], recorded[0]) and not torch.allclose(wrong[last + 1], recorded[1], atol=1e-3)
-    method.matcher.states = torch.zeros(0, 0)  # nothing recorded: the input's own states
-    own, _ = after_edited_layer(method, RECORDS[0].target)
+    method.matcher.states = torch.zeros(0, 0)  # nothing recorded: the input's own states ...
+    own, _ = after_edited_layer(method, other, edit.target)
     assert not torch.allclose(own[last], recorded[0], atol=1e-3)
+    mine, mine_last = after_edited_layer(method, edit, edit.target)  # ... and the edit's own, edit applied
+    assert torch.allclose(mine[mine_last: mine_last + n_target], recorded[:n_target], atol=1e-5)
     method.remove()
 
     spec = _spec(tiny_dir, tmp_path / "run")
@@ -261,6 +273,6 @@ def test_state_substitution_gives_a_routed_input_the_edit_prompts_state_and_the_
                                                        - tensors["matcher.state_count"]).tolist()
     assert len(tensors["matcher.state_count"]) == len(RECORDS) and bool((tensors["matcher.state_count"] > 1).all())
     loaded = load_edited(load_model(tiny_dir), tmp_path / "run" / "adapter")
-    got, last = after_edited_layer(loaded, RECORDS[0].target)
+    got, last = after_edited_layer(loaded, other, edit.target)
     assert torch.allclose(got[last], run(loaded.matcher)[0])
     loaded.remove()

@@ -149,6 +149,8 @@ class LEMoE(BypassMethod):
         grabbed: list[torch.Tensor] = []
 
         def grab(module, args, output):
+            if self.injection._inner:  # the answer-signature pass inside this forward (bypass off): not ours
+                return
             grabbed.append(output[0] if isinstance(output, (tuple, list)) else output)
             raise _Stop
 
