@@ -24,7 +24,7 @@ LATEST_TORCH ?= torch
 TOOLS := .venv-tools
 DEMO_OUT ?= runs/demo
 
-.PHONY: install install-gemma demo test test-random test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real bench-stream bench-stream-measure clean
+.PHONY: install install-gemma demo test test-random test-latest lock lint bench bench-quick bench-quality bench-speed bench-speed-real bench-stream bench-stream-measure bench-suite clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -101,6 +101,9 @@ bench-speed-real: $(STAMP)
 # edits in benchmarks/results/stream/marks.json, the figures of the marks with bench-stream-measure.
 bench-stream: $(STAMP)
 	$(BIN)/python benchmarks/stream.py edit
+
+bench-suite: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
 
 bench-stream-measure: $(STAMP)
 	$(BIN)/python benchmarks/stream.py measure
