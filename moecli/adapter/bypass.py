@@ -91,7 +91,7 @@ class BypassOptions:
     experts: int = 0  # experts made with the bypass (more come from `add_expert`)
     matcher: KeyMatcher | None = None  # the method's key matcher (key substitution, the output signature)
     key_substitution: bool = False  # with a matcher: see `_substitute_keys_impl`
-    state_substitution: bool = False  # with a matcher: see `Injection._substitute_state`
+    state_substitution: bool = False  # with a matcher: see `KeyMatcher.substitute_states`
     scope: KeyMatcher | None = None  # inputs it matches to no edit get no expert at all
     # the router sends every input that names no edited entity to no expert: a forward in which no input
     # names one then returns the base output at once

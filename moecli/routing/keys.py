@@ -142,10 +142,10 @@ class KeyMatcher:
         token and at each later position that holds the edit's target so far; None when nothing is put.
 
         Why: key substitution gives a rephrasing the expert output its edit was trained with, but the layers
-        above read it added to the rephrasing's own residual, and there a tenth of the reached CounterFact
-        rephrasings turned into another edit's answer (`state_substitution`); with the whole state each
-        answer position carries what it carried in training, while the layers above still read the
-        rephrasing's other tokens."""
+        above read it added to the rephrasing's own residual, and there a third of Gemma 3 270M's reached
+        CounterFact rephrasings (SmolLM2: a tenth) answered something else, often another edit's target
+        (`state_substitution`); with the whole state each answer position carries what it carried in training,
+        while the layers above still read the rephrasing's other tokens."""
         rows = self.matched_rows(ctx)
         if (rows is None or ids is None or ctx.prompt_last is None or h.dim() != 3 or len(rows) != h.shape[0]
                 or ids.shape != h.shape[:2]):
