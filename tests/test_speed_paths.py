@@ -155,7 +155,8 @@ def test_prompt_cache_gives_the_answer_logits_of_a_whole_pass(family, tmp_path):
     if isinstance(window, int) and batch.input_ids.shape[1] > window:  # tiny Gemma 3: a 16-token window
         starts = [min(starts)] * len(starts)  # its masks count columns: every row from one column
     fed = max(int(n) - s for n, s in zip(batch.attention_mask.sum(1), starts))  # the longest row from its start
-    assert widths == [max(starts), fed, fed] and fed < batch.input_ids.shape[1]
+    # filled once, checked once against a whole pass (the whole batch, then the cached path), then fed twice
+    assert widths == [max(starts), batch.input_ids.shape[1], fed, fed, fed] and fed < batch.input_ids.shape[1]
     assert torch.equal(answers, fast_answers)
     assert torch.allclose(whole, fast, atol=1e-4), (whole - fast).abs().max()
 
@@ -206,3 +207,24 @@ def test_same_adapter_with_and_without_the_caches(loaded, method_name):
     assert steps_a == steps_b and routes_a == routes_b
     for k in a:  # fp32 rounding of the two attention layouts, carried through 40 Adam steps
         assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+def test_a_batch_whose_cached_pass_is_not_the_whole_one_is_fed_whole(tmp_path, monkeypatch):
+    """The prompt cache is checked once per batch against a whole pass (on Gemma 3 270M a batch's cached pass
+    was not, and its edits trained on it did not hold); where the two differ the batch is fed whole."""
+    loaded = load_model(make_tiny_model("llama", tmp_path / "llama"))
+    method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2), seed=0)
+    method.register_anchors(MIXED)
+    batch = _mixed_batch(loaded)
+    real = PromptCache._cached_logits
+
+    def off(self, *args):
+        logits, answers = real(self, *args)
+        return logits + 1.0, answers  # a cached pass that is not the whole one
+
+    monkeypatch.setattr(PromptCache, "_cached_logits", off)
+    cache = PromptCache(loaded.model, method.unedited())
+    with torch.no_grad():
+        whole, answers, _ = answer_logits(loaded.model, batch)
+        got, got_answers = cache.answer_logits(0, batch)
+    assert cache.caches[0] is None and torch.equal(got, whole) and torch.equal(got_answers, answers)
