@@ -156,13 +156,12 @@ def auto_key(loaded, config, model_fingerprint: dict | None = None,
     if feature != "auto":
         return {"source": "none", "reason": f"query_feature {feature}"}
     found = find_encoder(loaded.model, model_fingerprint)
-    retired = None
+    aside: dict = {}
     if found is not None and not is_shipped(found) and _outdated(found):
-        retired = str(found.rename(found.with_suffix(".outdated")))
+        aside["outdated_key_set_aside"] = str(found.rename(found.with_suffix(".outdated")))
         found = find_encoder(loaded.model, model_fingerprint)
     if found is not None:
-        return {"source": "shipped" if is_shipped(found) else "cache", "path": str(found),
-                **({"outdated_key_set_aside": retired} if retired else {})}
+        return {"source": "shipped" if is_shipped(found) else "cache", "path": str(found), **aside}
     why = ineligible(loaded, config)
     if why is not None:
         return {"source": "none", "reason": why}
@@ -172,23 +171,16 @@ def auto_key(loaded, config, model_fingerprint: dict | None = None,
     info = encoder.info
     return {"source": "calibrated-now", "path": str(where), "seconds": round(seconds, 1),
             **{k: info[k] for k in ("records", "prompts", "auc", "recall_at_threshold", "false_match_rate",
-                                    "per_source") if k in info},
-            **({"outdated_key_set_aside": retired} if retired else {})}
+                                    "per_source") if k in info}, **aside}
 
 
 def _outdated(path: Path) -> bool:
     """[choice] A key the automatic calibration made from other data than today's defaults (`SHIPPED`: an older
     moecli's) is set aside (renamed `*.outdated`, kept): the shipped key for the model is taken instead if there
     is one, else one is calibrated again. A key a user made with `moecli calibrate` is never replaced."""
-    import json
+    from moecli.routing.question import encoder_info
 
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get("moecli", "{}"))
-    except (OSError, ValueError, SafetensorError):
-        return False
+    info = encoder_info(path) or {}
     return bool(info.get("automatic")) and info.get("sources") != [s.label for s in SHIPPED]
 
 

@@ -144,13 +144,24 @@ def encoder_dirs() -> list[Path]:
     return [cache_root() / QUESTIONS_DIR, ASSETS / QUESTIONS_DIR]
 
 
+def encoder_info(path: str | Path) -> dict | None:
+    """The metadata `calibrate` wrote into a key file (how it was made, what it measured); None when the file
+    cannot be read as one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("moecli", "{}"))
+    except (OSError, ValueError, SafetensorError):
+        return None
+
+
 def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) -> Path | None:
     """The calibrated question encoder made for `model` (same fingerprint), if one is installed or shipped;
     one that reads text is passed over for one that does not when MiniLM is not installed.
 
     Why: `query_feature: auto` (the default) routes by the learned key wherever one exists for the model,
     and by the unedited model's answer otherwise (the only test that needs no calibration)."""
-    from safetensors import SafetensorError, safe_open
 
     from moecli.model.loading import fingerprint, fingerprints_match
     from moecli.routing import sentence
@@ -159,10 +170,8 @@ def find_encoder(model: torch.nn.Module, model_fingerprint: dict | None = None) 
     fallback = None
     for folder in encoder_dirs():
         for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            try:
-                with safe_open(str(path), "pt") as f:
-                    info = json.loads((f.metadata() or {}).get("moecli", "{}"))
-            except (OSError, ValueError, SafetensorError):
+            info = encoder_info(path)
+            if info is None:
                 continue  # a damaged file is not an encoder for anything
             theirs = info.get("fingerprint")
             if isinstance(theirs, dict):
