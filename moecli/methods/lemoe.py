@@ -22,14 +22,11 @@ from moecli.errors import UserError
 from moecli.methods.base import option
 from moecli.methods.bypass_method import BypassConfig, BypassMethod
 from moecli.model.batching import collate, encode_pair, forward, pad_id_of
+from moecli.model.loading import outputs_until
 from moecli.routing.context import record_anchor_vectors
 from moecli.routing.routers import KNNRouter, KVAnchorRouter
 
 ROUTERS = ("knn", "kv")
-
-
-class _Stop(Exception):
-    """Ends a forward once the edited layer has run."""
 
 
 @dataclass
@@ -146,26 +143,14 @@ class LEMoE(BypassMethod):
         tok = self.loaded.tokenizer
         pairs = [encode_pair(tok, r.prompt, r.target, end=self.config.eos_target) for r in records]
         batch = collate(pairs, pad_id_of(tok)).to(self.loaded.device)
-        grabbed: list[torch.Tensor] = []
-
-        def grab(module, args, output):
-            if self.injection._inner:  # the answer-signature pass inside this forward (bypass off): not ours
-                return
-            grabbed.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _Stop
-
-        hook = layers[depth].register_forward_hook(grab)
-        try:
-            forward(self.loaded.model, batch)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
+        # the answer-signature pass inside this forward (bypass off) is not the one to record
+        state = outputs_until(lambda: forward(self.loaded.model, batch), {depth: layers[depth]},
+                              skip=lambda: bool(self.injection._inner))[depth]
         runs = []
         for row, pair in enumerate(pairs):  # the last prompt token, then each target token but the last
             cols = list(range(pair.answer_start - 1, len(pair.ids) - 1))
             tokens = torch.tensor([-1, *pair.ids[pair.answer_start: len(pair.ids) - 1]])
-            runs.append((grabbed[0][row, cols], tokens))
+            runs.append((state[row, cols], tokens))
         self.matcher.set_states(len(self.matcher) - len(records), runs)
 
     def expert_of(self, record_index_in_batch: int) -> int | None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,38 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not matches:
         raise UserError(f"cannot find the decoder layers ('{suffix}') in this {type(model).__name__}")
     return min(matches, key=lambda item: len(item[0]))[1]
+
+
+class _Stop(Exception):
+    """Ends a forward once the modules asked for have run."""
+
+
+def outputs_until(run: Callable[[], object], modules: Mapping[int, torch.nn.Module],
+                  skip: Callable[[], bool] = lambda: False) -> dict[int, torch.Tensor]:
+    """The output of each of `modules` (its first element when a tuple) in the forward `run()` makes, by key;
+    the forward is stopped as soon as the last of them has run, so the layers above cost nothing. A call for
+    which `skip()` is true is not the one asked for (a pass nested inside the forward) and is passed over."""
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def hook(key: int):
+        def grab(_module, _args, output):
+            if skip():
+                return
+            grabbed[key] = output[0] if isinstance(output, (tuple, list)) else output
+            if len(grabbed) == len(modules):
+                raise _Stop
+
+        return grab
+
+    handles = [module.register_forward_hook(hook(key)) for key, module in modules.items()]
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grabbed
 
 
 def num_layers(model: torch.nn.Module) -> int:

@@ -358,44 +358,23 @@ def layer_features(model, tokenizer, prompts: Sequence[str], layers: Sequence[in
     """The outputs of decoder layers `layers` at each prompt's last token, concatenated [N, d_model ·
     len(layers)], prompts run in chunks of similar length; the layers above the highest are not run."""
     from moecli.model.batching import collate, length_groups, pad_id_of, prompt_only
-    from moecli.model.loading import decoder_layers
+    from moecli.model.loading import decoder_layers, outputs_until
 
     items = [prompt_only(tokenizer, p) for p in prompts]
     groups = length_groups(items, batch_size)
     d = model.get_input_embeddings().weight.shape[1]
     out = torch.zeros(len(items), d * len(layers))
-    grabbed: dict[int, torch.Tensor] = {}
-    top = max(layers)
-
-    class _Stop(Exception):
-        pass
-
-    def hook(index: int):
-        def grab(module, args, output):
-            grabbed[index] = output[0] if isinstance(output, (tuple, list)) else output
-            if index == top:
-                raise _Stop
-
-        return grab
-
     blocks = decoder_layers(model)
-    handles = [blocks[i].register_forward_hook(hook(i)) for i in layers]
     device = model.get_input_embeddings().weight.device
-    try:
-        for done, idx in enumerate(groups, 1):
-            batch = collate([items[i] for i in idx], pad_id_of(tokenizer)).to(device)
-            try:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            except _Stop:
-                pass
-            last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=device)
-            rows = torch.arange(len(idx), device=device)
-            out[torch.tensor(idx)] = torch.cat([grabbed[i][rows, last] for i in layers], -1).float().cpu()
-            if progress:
-                progress("features", done, len(groups))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for done, idx in enumerate(groups, 1):
+        batch = collate([items[i] for i in idx], pad_id_of(tokenizer)).to(device)
+        grabbed = outputs_until(lambda b=batch: model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                                      use_cache=False), {i: blocks[i] for i in layers})
+        last = torch.tensor([n - 1 for n in batch.prompt_lengths], device=device)
+        rows = torch.arange(len(idx), device=device)
+        out[torch.tensor(idx)] = torch.cat([grabbed[i][rows, last] for i in layers], -1).float().cpu()
+        if progress:
+            progress("features", done, len(groups))
     return out
 
 
