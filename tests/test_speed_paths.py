@@ -228,3 +228,35 @@ def test_a_batch_whose_cached_pass_is_not_the_whole_one_is_fed_whole(tmp_path, m
         whole, answers, _ = answer_logits(loaded.model, batch)
         got, got_answers = cache.answer_logits(0, batch)
     assert cache.caches[0] is None and torch.equal(got, whole) and torch.equal(got_answers, answers)
+
+
+def test_the_prompt_cache_under_the_frozen_prefix_when_the_cached_columns_are_as_many_as_the_fed_ones(tmp_path):
+    """Training runs both caches at once. A batch whose cache holds as many columns as it then feeds (4 and 4
+    here) has a filling pass and a fed pass of one shape; the frozen layers' replay once gave the fed pass the
+    filling pass's hidden states (on Gemma 3 270M such batches trained to every target and answered as the
+    unedited model). The two are told apart: the batch keeps its cached path, with the whole pass's logits."""
+    from moecli.model.batching import EncodedPair
+
+    loaded = load_model(make_tiny_model("llama", tmp_path / "llama"))
+    method = MEMoE(loaded, MEMoEConfig(layer=2, null_route=False, scope=False, n_experts=2), seed=0)
+    method.register_anchors(MIXED)
+    params = method.trainable([method.bypass.experts, method.bypass.router])
+    with torch.no_grad():
+        for p in method.bypass.experts.parameters():
+            p.normal_(0, 0.1)
+    # rows start at their last prompt token, columns 4 and 2: 4 columns cached, max(8 - 4, 6 - 2) = 4 fed
+    batch = collate([EncodedPair(ids=[5, 9, 14, 20, 27, 33, 38, 41], answer_start=5),
+                     EncodedPair(ids=[7, 12, 18, 25, 30, 36], answer_start=3)], pad_id_of(loaded.tokenizer))
+    prefix = FrozenPrefix(loaded.model, params)
+    assert prefix.depth == 2
+    cache = PromptCache(loaded.model, method.unedited())
+    method.bypass.eval()  # no gate noise: the passes compared must differ only by the caches
+    with torch.no_grad():
+        whole, answers, _ = answer_logits(loaded.model, batch)
+        with prefix:
+            for _ in range(2):  # the second pass replays the frozen layers of the first
+                with prefix.batch(0):
+                    fast, fast_answers = cache.answer_logits(0, batch)
+                assert cache.caches[0] is not None, "the cached path was found inexact"
+                assert torch.equal(answers, fast_answers)
+                assert torch.allclose(whole, fast, atol=1e-4), (whole - fast).abs().max()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecli.model.batching import Batch, answer_logits, collate, encode_pair, forward, logits_at, pad_id_of, prompt_only
-from moecli.model.feed import feeding
+from moecli.model.feed import current_feed, feeding
 from moecli.model.loading import LayerStandIn
 
 Progress = Callable[[str, int, int], None]
@@ -313,11 +313,19 @@ class FrozenPrefix:
         self._originals: list[nn.Module] = []
 
     def key_of(self, hidden) -> tuple | None:
+        """(batch, shape, whether the columns are fed behind a KV cache) of the pass a layer is in.
+
+        Why the third part: the prompt cache runs two passes of one batch that can have the same shape, the
+        one that fills the cache (columns 0 to w) and the one fed behind it (w columns from each row's last
+        prompt token). Keyed by shape alone, the second replayed the first's hidden states: on Gemma 3 270M
+        such batches trained to every target and answered as the unedited model (ZsRE records 90-99)."""
         if self._batch is None:
             return None
         while isinstance(hidden, (tuple, list)):
             hidden = hidden[0]
-        return (self._batch, tuple(hidden.shape)) if torch.is_tensor(hidden) else None
+        if not torch.is_tensor(hidden):
+            return None
+        return (self._batch, tuple(hidden.shape), current_feed().whole is not None)
 
     @contextmanager
     def batch(self, key) -> Iterator[None]:
@@ -385,7 +393,8 @@ class PromptCache:
         """Whether the cached path gives this batch the logits of a whole forward, checked once per batch.
 
         Why: on Gemma 3 270M some batches' cached forward was not the whole one (a ZsRE batch trained to every
-        target the argmax evaluated at Rel 0.17; fed whole, Rel 1.0); a batch where the two differ is fed whole."""
+        target the argmax evaluated at Rel 0.17; fed whole, Rel 1.0). The cause, found since (`FrozenPrefix.
+        key_of`), is fixed; the check stays as the net that caught it: a batch where the two differ is fed whole."""
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()  # no gate noise: the two passes must differ only by the cache
         try:
