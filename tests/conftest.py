@@ -155,10 +155,13 @@ def assert_resume_is_exact(spec, tmp_path: Path, monkeypatch, when: str, n_batch
     full = run_edits(spec(tmp_path / "full"))
     with pytest.raises(KeyboardInterrupt):
         run_edits(spec(tmp_path / "cut"), progress=interrupter(when))
-    position = load_checkpoint(tmp_path / "cut" / "adapter").manifest["stream"]["position"]
+    manifest = load_checkpoint(tmp_path / "cut" / "adapter").manifest
+    position = manifest["stream"]["position"]
     assert position == (2 if when == "after_save" else 1)
     with batches_trained(monkeypatch) as trained:
         resumed = run_edits(load_run_spec(tmp_path / "cut"), resume=True)
     assert trained == list(range(position, n_batches))  # only what the checkpoint lacked, not the stream again
+    # the report's total is the whole run's: the interrupted process's time to its last save, then this one's
+    assert resumed["timings"]["total"] >= manifest["timings"]["total"] + resumed["timings"]["evaluate_after"]
     assert_same_adapter(load_checkpoint(tmp_path / "full" / "adapter"), load_checkpoint(tmp_path / "cut" / "adapter"))
     assert resumed["summary"] == full["summary"]

@@ -263,6 +263,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
         history: list[dict] = []
         sample = _sample(records, spec.eval_sample, spec.seed)
         start = offset = 0  # offset: batches the adapter held before this run (a continued adapter)
+        earlier = 0.0  # seconds the processes before a resumed one spent on this run, up to their last save
         if continue_from is not None:
             method, ckpt = restore_method(loaded, continue_from, base_fp, option, ckpt)
             # A continued adapter keeps its whole ledger and history, so that show, ask (routes are ledger
@@ -276,7 +277,10 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                 start = int(stream.get("position", 0))
                 offset = int(stream.get("batch_offset", 0))
                 retention = list(ckpt.manifest.get("retention", []))
-                timings.update({k: v for k, v in ckpt.manifest.get("timings", {}).items() if k.startswith("edit")})
+                # the interrupted process's part of the run: its edits, its key's calibration, its time so far
+                kept = ckpt.manifest.get("timings", {})
+                timings.update({k: v for k, v in kept.items() if k.startswith("edit") or k == "question_key"})
+                earlier = float(kept.get("total", 0.0))
             else:
                 offset = 1 + max((int(e.get("batch", -1)) for e in ledger), default=-1)
                 history.append(_history_entry(ckpt.manifest, continue_from, len(ledger)))
@@ -301,6 +305,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                 retention.append({"step": b + 1, "n_edited": len(seen), **{k: summ.get(k) for k in
                                                                             ("rel", "gen", "loc", "avg")}})
                 t = time.perf_counter()
+            timings["total"] = earlier + time.perf_counter() - t0
             _save(spec, method, base_fp, ledger, b + 1, len(batches), timings, retention, offset, history)
             if progress:
                 progress("batches", b + 1, len(batches))
@@ -312,7 +317,7 @@ def run_edits(spec: RunSpec, progress: Progress | None = None, resume: bool = Fa
                                     generation=spec.generation, perplexity=spec.perplexity, progress=progress)
             summary, per_edit = after.summary, after.per_edit
             timings["evaluate_after"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
+        timings["total"] = earlier + time.perf_counter() - t0
     columns = {"before": before.summary} if before else {}
     if spec.evaluate:
         columns["after"] = summary
